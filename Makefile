@@ -1,0 +1,31 @@
+# The two commands: `make demo` and `make test`. Both create and fill .venv when missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install models test-cluster bench clean
+
+$(STAMP): pyproject.toml requirements/cpu.lock requirements/constraints-cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU lock: torch is pinned by the constraints file so pip never picks a CUDA build.
+	$(PIP) install -q -c requirements/constraints-cpu.txt -r requirements/cpu.lock
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/rlhi run --config configs/default.yaml --out runs/demo
+
+test: install
+	$(PY) -m pytest -q --durations=15 -m "not cluster"
+	$(PY) -m pytest -q --durations=5 -m cluster
+
+bench: install
+	$(PY) bench/ingest.py --quick
+
+clean:
+	rm -rf runs .pytest_cache
