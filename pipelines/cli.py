@@ -1,0 +1,108 @@
+"""The `rlhi` command line.
+
+    rlhi ingest --input PATH [PATH ...] --out RUN_DIR [--config FILE] [--json]
+    rlhi run --config FILE [--out RUN_DIR] [--json]
+
+Every command prints a human summary; with --json its last stdout line is one JSON object.
+Errors in the configuration or the inputs exit with status 2 and one message naming the
+file, key or row and what to do.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipelines.config import ConfigError, RunConfig, load_config, parse_config
+from pipelines.sources import InputError
+
+
+def _ingest_summary_lines(summary: dict[str, Any]) -> list[str]:
+    reasons = lambda counts: ", ".join(f"{n} {k}" for k, n in counts.items()) or "none"  # noqa: E731
+    per_user = summary["conversations_per_user"]
+    return [
+        f"ingest: {summary['rows_in']} rows in, {summary['kept']} kept, "
+        f"{sum(summary['filtered'].values())} filtered, {sum(summary['rejected'].values())} rejected",
+        f"  filtered: {reasons(summary['filtered'])}",
+        f"  rejected: {reasons(summary['rejected'])}",
+        f"  users: {summary['users']} (conversations per user: min {per_user['min']}, "
+        f"median {per_user['median']}, max {per_user['max']})",
+        f"  redacted: {reasons(summary['redacted'])}",
+        *(f"  skipped bad file: {bad['error']}" for bad in summary["bad_files"]),
+        f"  output: {summary['output']}",
+    ]
+
+
+def run_stages(config: RunConfig) -> dict[str, Any]:
+    """Run the configured stages in order on Ray; returns each stage's summary."""
+    from pipelines.ingest import run_ingest
+    from pipelines.runtime import start_ray
+
+    start_ray(config.resources)
+    results: dict[str, Any] = {}
+    for stage in config.stages:
+        if stage == "ingest":
+            results["ingest"] = run_ingest(config)
+            print("\n".join(_ingest_summary_lines(results["ingest"])))
+    return results
+
+
+def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    base = load_config(args.config) if args.config else RunConfig()
+    ingest = base.ingest.model_dump()
+    ingest["inputs"] = args.input
+    for key in ("format", "user_key"):
+        if getattr(args, key):
+            ingest[key] = getattr(args, key)
+    if args.skip_bad_files:
+        ingest["skip_bad_files"] = True
+    data = base.model_dump() | {"ingest": ingest, "run_dir": args.out, "stages": ["ingest"]}
+    config = parse_config(data, "command line")
+    return run_stages(config)["ingest"]
+
+
+def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {"run_dir": args.out} if args.out else {}
+    config = load_config(args.config, overrides)
+    return {"run_dir": str(Path(config.run_dir).resolve()), "stages": run_stages(config)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhi", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ingest = commands.add_parser("ingest", help="read WildChat Parquet or chat JSONL into a run's conversations table")
+    ingest.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="files, folders or globs (WildChat Parquet in the Hub's schema, or chat JSONL)")
+    ingest.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory; writes RUN_DIR/ingest/")
+    ingest.add_argument("--config", metavar="FILE", help="take filters and settings from this run configuration")
+    ingest.add_argument("--format", choices=["auto", "wildchat", "jsonl"], help="input format (default: by extension)")
+    ingest.add_argument("--user-key", choices=["hashed_ip", "hashed_ip+user_agent", "hashed_ip+user_agent+accept_language"])
+    ingest.add_argument("--skip-bad-files", action="store_true", help="list unreadable files instead of failing")
+    ingest.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    ingest.set_defaults(handler=cmd_ingest)
+
+    run = commands.add_parser("run", help="run the stages of a run configuration")
+    run.add_argument("--config", required=True, metavar="FILE", help="run configuration YAML (e.g. configs/default.yaml)")
+    run.add_argument("--out", metavar="RUN_DIR", help="run directory (overrides run_dir in the config)")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.handler(args)
+    except (ConfigError, InputError) as exc:
+        print(f"rlhi {args.command}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

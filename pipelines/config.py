@@ -1,0 +1,151 @@
+"""The run configuration: one YAML file describes a run, validated when it is loaded.
+
+Every knob is named once here, with its default and what it does. A bad key or value fails
+at load with a message naming the key, the value and what is allowed, e.g.
+
+    configs/my.yaml: ingest.filters.max_chars = -5: Input should be greater than 0
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+USER_KEYS = ("hashed_ip", "hashed_ip+user_agent", "hashed_ip+user_agent+accept_language")
+REDACTION_KINDS = ("email", "phone", "ip_address", "credit_card", "secret")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Filters(_Section):
+    """Ingest filters. Each one is counted with its reason in the stage summary."""
+
+    languages: Literal["all"] | list[str] = "all"
+    """Keep only these values of WildChat's `language` field (e.g. ["English", "French"]);
+    "all" keeps every language. The field is read as given, never re-detected."""
+    drop_toxic: bool = True
+    """Drop conversations flagged toxic: the top-level or any per-turn `toxic`, or any
+    `openai_moderation[].flagged`."""
+    drop_redacted: bool = False
+    """Drop conversations WildChat marked `redacted` (it replaced PII with placeholders)."""
+    min_user_turns: PositiveInt = 1
+    """Drop conversations with fewer user turns."""
+    max_chars: PositiveInt = 200_000
+    """Drop conversations whose turns hold more characters in total."""
+    max_conversations_per_user: PositiveInt = 10_000
+    """Keep at most this many conversations per user (the first in input order). Real
+    WildChat has shared IPs with thousands of conversations."""
+
+
+class IngestConfig(_Section):
+    """Reading WildChat Parquet or chat JSONL into the `conversations` table."""
+
+    inputs: list[str] = Field(default_factory=lambda: ["data/wildchat/train-00000-of-00001.parquet"])
+    """Files, folders or globs; relative paths are read from the working directory."""
+    format: Literal["auto", "wildchat", "jsonl"] = "auto"
+    """"auto" decides per file by extension (.parquet / .jsonl, .json)."""
+    user_key: Literal["hashed_ip", "hashed_ip+user_agent", "hashed_ip+user_agent+accept_language"] = "hashed_ip"
+    """What makes a user: WildChat's `hashed_ip`, optionally with request headers."""
+    filters: Filters = Filters()
+    redact: list[Literal["email", "phone", "ip_address", "credit_card", "secret"]] = list(REDACTION_KINDS)
+    """Kinds of identifiers and secrets replaced in every turn before anything downstream
+    sees it. WildChat's own <PRESIDIO_ANONYMIZED_...> placeholders are left as they are."""
+    skip_bad_files: bool = False
+    """A file that cannot be read fails the stage; true lists it in the summary instead."""
+    rows_per_task: PositiveInt = 2_000
+    """Rows one Ray Data task reads and checks at a time (bounds worker memory)."""
+    workers: PositiveInt | None = None
+    """Ray Data actors doing the work; default: the CPUs Ray has."""
+
+    @field_validator("redact")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        return sorted(set(value), key=REDACTION_KINDS.index)
+
+
+class ResourcesConfig(_Section):
+    """Where the run executes."""
+
+    address: str | None = None
+    """Ray address: None starts a local Ray (or joins the one `ray job submit` provides)."""
+    num_cpus: PositiveInt | None = None
+    """CPUs of a local Ray; None lets Ray count them."""
+    progress_bars: bool = True
+    """Ray Data progress bars on the console."""
+
+
+class RunConfig(_Section):
+    """One run of the pipeline."""
+
+    run_dir: str = "runs/default"
+    """Where every stage writes its tables, manifests and summaries."""
+    seed: int = 0
+    stages: list[Literal["ingest"]] = Field(default_factory=lambda: ["ingest"])
+    """Stages to run, in pipeline order. Later stages arrive with later releases."""
+    ingest: IngestConfig = IngestConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    def section_hash(self, *names: str) -> str:
+        """A hash of the named sections, for stage manifests: a rerun with the same hash
+        and inputs may skip the stage."""
+        data = {name: getattr(self, name).model_dump(mode="json") for name in names}
+        data["seed"] = self.seed
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "<top level>"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(model, error["loc"][:-1])
+        return f"{key}: unknown key; allowed here: {', '.join(allowed)}"
+    value = error.get("input")
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    return f"{key} = {shown}: {error['msg']}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> RunConfig:
+    """Validate a configuration mapping; errors name every bad key at once."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(err, RunConfig) for err in exc.errors()]
+        raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate a run configuration from YAML; `overrides` replace top-level keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such configuration file (try configs/default.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = dict(data or {})
+    data.update(overrides or {})
+    return parse_config(data, str(path))

@@ -1,0 +1,154 @@
+"""Arrow schemas of every table a run writes, declared once and imported everywhere.
+
+Each stage writes Parquet under `<run_dir>/<stage>/<table>/` with exactly these schemas, so
+any table can be read back with pandas, DuckDB or `pyarrow.dataset` and checked against
+them. Column order is part of the contract.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+# One chat message, as TRL's conversational format expects it.
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES = pa.list_(MESSAGE)
+
+# A conversation turn keeps WildChat's per-turn identifier and time for lineage.
+TURN = pa.struct([
+    ("role", pa.string()),
+    ("content", pa.string()),
+    ("timestamp", TIMESTAMP),
+    ("turn_identifier", pa.int64()),
+])
+
+# Follow-up labels (DESIGN.md). The first three carry feedback and feed rewrites.
+FOLLOWUP_LABELS = ("reattempt_feedback", "correction", "complaint",
+                   "clarification", "positive", "new_request")
+FEEDBACK_LABELS = frozenset(FOLLOWUP_LABELS[:3])
+
+# Where each row came from: the input file and the row's index in it (the Parquet row
+# number, or the 0-based line number of a JSONL file).
+_LINEAGE = [("source_file", pa.string()), ("source_index", pa.int64())]
+
+CONVERSATIONS = pa.schema([
+    ("conversation_id", pa.string()),
+    ("user_id", pa.string()),
+    ("conversation_hash", pa.string()),
+    ("timestamp", TIMESTAMP),
+    ("model", pa.string()),
+    ("language", pa.string()),
+    ("system", pa.string()),              # a leading system message (chat JSONL only)
+    ("turns", pa.list_(TURN)),
+    ("n_user_turns", pa.int32()),
+    ("n_chars", pa.int64()),
+    ("toxic", pa.bool_()),                # WildChat's flags, kept when the filter is off
+    ("wildchat_redacted", pa.bool_()),
+    ("redactions", pa.int32()),           # identifiers this project replaced
+    ("country", pa.string()),
+    ("state", pa.string()),
+    ("hashed_ip", pa.string()),
+    ("source_format", pa.string()),       # "wildchat" or "jsonl"
+    *_LINEAGE,
+])
+
+# Every input row that did not become a conversation: filtered (a configured filter said
+# no) or rejected (malformed). No text is copied here: lineage points at the source row.
+REJECT_STATUSES = ("filtered", "rejected")
+REJECTS = pa.schema([
+    *_LINEAGE,
+    ("conversation_hash", pa.string()),
+    ("conversation_id", pa.string()),
+    ("user_id", pa.string()),
+    ("status", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+])
+
+FOLLOWUPS = pa.schema([
+    ("followup_id", pa.string()),
+    ("conversation_id", pa.string()),
+    ("user_id", pa.string()),
+    ("turn_index", pa.int32()),           # index in `turns` of the user's follow-up
+    ("timestamp", TIMESTAMP),
+    ("context", MESSAGES),                # everything before the assistant answer
+    ("answer", pa.string()),              # the assistant answer the user reacts to
+    ("message", pa.string()),             # the user's follow-up
+    ("label", pa.string()),               # null when unclassified
+    ("confidence", pa.float32()),
+    ("backend", pa.string()),
+    ("unclassified_reason", pa.string()),
+])
+
+PERSONAS = pa.schema([
+    ("persona_id", pa.string()),
+    ("user_id", pa.string()),
+    ("as_of", TIMESTAMP),                 # built only from conversations strictly before
+    ("persona", pa.string()),             # "" for a user with no earlier history
+    ("history_conversations", pa.int32()),
+    ("history_tokens", pa.int32()),
+    ("redactions", pa.int32()),
+    ("backend", pa.string()),
+    ("serving", pa.bool_()),              # the per-user persona built from all history
+])
+
+SAMPLES = pa.schema([
+    ("sample_id", pa.string()),
+    ("user_id", pa.string()),
+    ("persona_id", pa.string()),
+    ("conversation_id", pa.string()),
+    ("turn_index", pa.int32()),
+    ("prompt", MESSAGES),
+    ("candidates", pa.list_(pa.string())),
+    ("scores", pa.list_(pa.float32())),
+    ("reward_backend", pa.string()),
+    ("round", pa.int32()),
+])
+
+PAIR_SOURCES = ("rewrite", "reward")
+SPLITS = ("train", "eval")
+# TRL's conversational preference format plus lineage.
+PAIRS = pa.schema([
+    ("pair_id", pa.string()),
+    ("prompt", MESSAGES),                 # base system prompt + persona block + context
+    ("chosen", MESSAGES),
+    ("rejected", MESSAGES),
+    ("user_id", pa.string()),
+    ("split", pa.string()),
+    ("source", pa.string()),
+    ("margin", pa.float32()),
+    ("persona_id", pa.string()),
+    ("conversation_id", pa.string()),
+    ("followup_id", pa.string()),         # rewrite pairs
+    ("sample_id", pa.string()),           # reward pairs
+    ("round", pa.int32()),
+])
+
+TABLES: dict[str, pa.Schema] = {
+    "conversations": CONVERSATIONS,
+    "rejects": REJECTS,
+    "followups": FOLLOWUPS,
+    "personas": PERSONAS,
+    "samples": SAMPLES,
+    "pairs": PAIRS,
+}
+
+
+def conversation_id(user_id: str, conversation_hash: str, first_turn_key: str) -> str:
+    """A stable, unique id for one conversation of one user.
+
+    WildChat's `conversation_hash` is a hash of the text alone, so identical conversations
+    from different users (or the same user twice) share it. Adding the user key and the
+    first turn's identifier (or timestamp) tells them apart and stays stable across reruns.
+    """
+    key = "\x1f".join((user_id, conversation_hash, first_turn_key))
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+def check_schema(table: pa.Table, schema: pa.Schema, name: str) -> None:
+    """Raise if a table does not have exactly the declared schema (names, types, order)."""
+    if not table.schema.equals(schema):
+        raise ValueError(f"table {name!r} does not match pipelines/schema.py:\n"
+                         f"got:      {table.schema}\nexpected: {schema}")

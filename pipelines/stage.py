@@ -1,0 +1,143 @@
+"""The stage contract every stage follows.
+
+A stage writes into a temporary folder beside its final one (`<run_dir>/.<stage>.tmp-*`)
+and renames it into place (`<run_dir>/<stage>/`) only when complete, with `manifest.json`
+written last before the rename. So a folder named after a stage always holds a finished
+stage; a crash leaves only a `.tmp-` folder, removed when the stage next starts.
+
+The manifest records what the output depends on (configuration hash, input fingerprints,
+model ids and weight hashes, code version, seed) and its counts, so a rerun can tell
+whether the stage must run again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+MANIFEST = "manifest.json"
+_PACKAGES = ("actors", "pipelines", "serve")
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Content hashes of input files (a folder counts as all the files under it)."""
+    files: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        files.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+    return [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict[str, str]:
+    """The package version and a hash of the project's own source files.
+
+    Hashing the source (rather than asking git) also works inside a `ray job submit`
+    working directory, which carries no .git folder.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.sha256()
+    for package in _PACKAGES:
+        for path in sorted((_REPO / package).rglob("*.py")):
+            digest.update(str(path.relative_to(_REPO)).encode())
+            digest.update(path.read_bytes())
+    try:
+        package_version = version("rlhi")
+    except PackageNotFoundError:
+        package_version = "unknown"
+    return {"package": package_version, "source_sha256": digest.hexdigest()[:16]}
+
+
+def read_manifest(run_dir: Path | str, stage: str) -> dict[str, Any] | None:
+    """The manifest of a finished stage, or None if the stage has not finished."""
+    path = Path(run_dir) / stage / MANIFEST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+@dataclass
+class StageWriter:
+    """Write one stage's output atomically.
+
+        with StageWriter(run_dir, "ingest") as stage:
+            write tables under stage.tmp
+            stage.commit(config_hash=..., inputs=..., counts=...)
+
+    Leaving the block without `commit` (an exception, a kill) publishes nothing.
+    """
+
+    run_dir: Path
+    name: str
+    tmp: Path = field(init=False)
+    started: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+
+    @property
+    def final(self) -> Path:
+        return self.run_dir / self.name
+
+    def __enter__(self) -> "StageWriter":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.run_dir.glob(f".{self.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = self.run_dir / f".{self.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        self.started = time.time()
+        self._committed = False
+        return self
+
+    def commit(self, *, config_hash: str, inputs: list[dict[str, Any]], counts: dict[str, Any],
+               seed: int, models: list[dict[str, Any]] | None = None,
+               upstream: dict[str, str] | None = None) -> dict[str, Any]:
+        """Write the manifest, then move the finished folder into place."""
+        manifest = {
+            "stage": self.name,
+            "config_hash": config_hash,
+            "inputs": inputs,
+            "upstream": upstream or {},
+            "models": models or [],
+            "code_version": code_version(),
+            "seed": seed,
+            "counts": counts,
+            "started_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
+            "seconds": round(time.time() - self.started, 3),
+            "python": platform.python_version(),
+        }
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        old = None
+        if self.final.exists():
+            old = self.run_dir / f".{self.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._committed = True
+        return manifest
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # A failed stage leaves its tmp folder for inspection; the next start removes it.
+        # A block that ended cleanly without commit is a bug in the stage: say so.
+        if exc_type is None and not self._committed:
+            raise RuntimeError(f"stage {self.name!r} ended without commit(); nothing was published")
