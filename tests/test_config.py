@@ -1,0 +1,59 @@
+"""The run configuration: validated at load, errors name the key, the value and what is allowed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, RunConfig, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "paper-8b.yaml"])
+def test_shipped_configs_validate(name):
+    assert isinstance(load_config(REPO / "configs" / name), RunConfig)
+
+
+def test_the_default_config_matches_the_built_in_defaults_where_it_is_silent():
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    assert cfg.ingest.filters == RunConfig().ingest.filters
+
+
+def test_an_unknown_key_is_named_with_the_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"ingest": {"filters": {"drop_toxc": True}}}, "my.yaml")
+    message = str(err.value)
+    assert "my.yaml" in message and "ingest.filters.drop_toxc" in message
+    assert "drop_toxic" in message  # what is allowed
+
+
+def test_a_bad_value_is_named_with_the_value_and_what_is_allowed():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"ingest": {"user_key": "cookie"}})
+    message = str(err.value)
+    assert "ingest.user_key" in message and '"cookie"' in message and "hashed_ip+user_agent" in message
+
+
+def test_a_negative_limit_is_refused():
+    with pytest.raises(ConfigError, match=r"ingest.filters.max_chars = -5"):
+        parse_config({"ingest": {"filters": {"max_chars": -5}}})
+
+
+def test_a_missing_config_file_says_what_to_try(tmp_path):
+    with pytest.raises(ConfigError, match="configs/default.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_is_reported_with_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("ingest: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(path)
+
+
+def test_the_section_hash_changes_with_a_setting():
+    a = parse_config({})
+    b = parse_config({"ingest": {"filters": {"max_chars": 1000}}})
+    assert a.section_hash("ingest") == parse_config({}).section_hash("ingest")
+    assert a.section_hash("ingest") != b.section_hash("ingest")

@@ -1,0 +1,217 @@
+"""Ingest's per-row rules, as plain functions on records and Arrow tables (no Ray)."""
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pytest
+
+from pipelines.checks import check_records, filter_reason, structure_error, user_id
+from pipelines.config import Filters, IngestConfig
+from pipelines.sources import jsonl_records, wildchat_records
+from tests.wildchat_rows import good_row, sample_rows, sample_schema
+
+
+@pytest.fixture(scope="module")
+def redactor():
+    from pipelines.redact import Redactor
+
+    return Redactor()
+
+
+def records_of(rows, schema=None):
+    table = pa.Table.from_pylist(rows, schema=schema or sample_schema())
+    return list(wildchat_records(table, "input.parquet", 0))
+
+
+def reason_of(row):
+    return (structure_error(records_of([row])[0]) or (None,))[0]
+
+
+def test_a_well_formed_row_passes_every_structure_rule():
+    assert reason_of(good_row()) is None
+
+
+def test_a_null_conversation_is_rejected_as_missing():
+    row = good_row()
+    row["conversation"] = None
+    assert reason_of(row) == "missing_conversation"
+
+
+def test_an_empty_conversation_is_rejected():
+    row = good_row()
+    row["conversation"] = []
+    assert reason_of(row) == "empty_conversation"
+
+
+def test_null_content_is_rejected():
+    row = good_row()
+    row["conversation"][1]["content"] = None
+    assert reason_of(row) == "null_content"
+
+
+def test_whitespace_only_content_is_rejected():
+    row = good_row()
+    row["conversation"][0]["content"] = " \n\t "
+    assert reason_of(row) == "blank_content"
+
+
+def test_an_opening_assistant_turn_is_a_role_order_failure():
+    row = good_row()
+    row["conversation"] = row["conversation"][1:]
+    assert reason_of(row) == "role_order"
+
+
+def test_two_assistant_turns_in_a_row_are_a_role_order_failure():
+    row = good_row()
+    row["conversation"].insert(1, copy.deepcopy(row["conversation"][1]))
+    assert reason_of(row) == "role_order"
+
+
+def test_an_unknown_role_is_rejected():
+    row = good_row()
+    row["conversation"][0]["role"] = "tool"
+    assert reason_of(row) == "bad_role"
+
+
+def test_a_null_language_is_rejected_as_unknown():
+    row = good_row()
+    row["language"] = None
+    assert reason_of(row) == "unknown_language"
+
+
+def test_a_row_without_hashed_ip_has_no_user():
+    row = good_row()
+    row["hashed_ip"] = None
+    assert reason_of(row) == "missing_user"
+
+
+def test_the_bundled_sample_has_three_role_order_failures():
+    reasons = [structure_error(r) for r in records_of(sample_rows())]
+    assert sum(1 for r in reasons if r and r[0] == "role_order") == 3
+    assert sum(1 for r in reasons if r) == 3
+
+
+def test_language_filter_keeps_only_listed_languages():
+    record = records_of([good_row()])[0]
+    assert filter_reason(record, Filters(languages=[record["language"]])) is None
+    assert filter_reason(record, Filters(languages=["Klingon"]))[0] == "language"
+
+
+def test_toxic_filter_sees_per_turn_flags_and_moderation():
+    per_turn = good_row()
+    per_turn["conversation"][1]["toxic"] = True
+    moderated = good_row()
+    moderated["openai_moderation"][0]["flagged"] = True
+    for row in (per_turn, moderated):
+        record = records_of([row])[0]
+        assert filter_reason(record, Filters())[0] == "toxic"
+        assert filter_reason(record, Filters(drop_toxic=False)) is None
+
+
+def test_redacted_filter_is_off_by_default():
+    row = good_row()
+    row["redacted"] = True
+    record = records_of([row])[0]
+    assert filter_reason(record, Filters()) is None
+    assert filter_reason(record, Filters(drop_redacted=True))[0] == "wildchat_redacted"
+
+
+def test_min_user_turns_and_max_chars_filters():
+    record = records_of([good_row()])[0]
+    assert filter_reason(record, Filters(min_user_turns=99))[0] == "min_user_turns"
+    assert filter_reason(record, Filters(max_chars=5))[0] == "too_long"
+
+
+def test_user_keys_split_a_shared_ip_by_headers():
+    a, b = good_row(0), good_row(0)
+    b["header"]["user-agent"] = "another browser"
+    ra, rb = records_of([a, b])
+    assert user_id(ra, "hashed_ip") == user_id(rb, "hashed_ip") == a["hashed_ip"]
+    assert user_id(ra, "hashed_ip+user_agent") != user_id(rb, "hashed_ip+user_agent")
+    c = copy.deepcopy(a)
+    c["header"]["accept-language"] = "fr-FR"
+    rc = records_of([c])[0]
+    assert user_id(ra, "hashed_ip+user_agent") == user_id(rc, "hashed_ip+user_agent")
+    assert user_id(ra, "hashed_ip+user_agent+accept_language") != user_id(rc, "hashed_ip+user_agent+accept_language")
+
+
+def test_identical_conversations_of_two_users_get_different_ids(redactor):
+    a, b = good_row(0), good_row(0)
+    b["hashed_ip"] = "another-user"
+    result = check_records(records_of([a, b]), IngestConfig(), redactor)
+    ids = result.conversations.column("conversation_id").to_pylist()
+    assert result.conversations.num_rows == 2 and len(set(ids)) == 2
+
+
+def test_wildchat_4_8m_rows_with_naive_timestamps_and_extra_turn_fields(redactor):
+    """WildChat-4.8M: timestamps carry no time zone and turns carry extra fields."""
+    base = sample_schema()
+    turn = base.field("conversation").type.value_type
+    turn_fields = [pa.field(f.name, pa.timestamp("us") if f.name == "timestamp" else f.type) for f in turn]
+    turn_fields.append(pa.field("reasoning_content", pa.string()))
+    fields = [pa.field("conversation", pa.list_(pa.struct(turn_fields))) if f.name == "conversation"
+              else pa.field("timestamp", pa.timestamp("us")) if f.name == "timestamp" else f for f in base]
+    row = good_row()
+    row["timestamp"] = datetime(2024, 5, 1, 12, 30)
+    for t in row["conversation"]:
+        t["timestamp"] = datetime(2024, 5, 1, 12, 31)
+        t["reasoning_content"] = "thinking..."
+    result = check_records(records_of([row], pa.schema(fields)), IngestConfig(), redactor)
+    assert result.conversations.num_rows == 1
+    kept = result.conversations.to_pylist()[0]
+    assert kept["timestamp"] == datetime(2024, 5, 1, 12, 30, tzinfo=timezone.utc)
+    assert kept["turns"][0]["timestamp"] == datetime(2024, 5, 1, 12, 31, tzinfo=timezone.utc)
+
+
+def jsonl(*lines: bytes) -> list[dict]:
+    return list(jsonl_records(b"\n".join(lines), "chats.jsonl", 0))
+
+
+def test_jsonl_with_a_leading_system_message_is_kept(redactor):
+    line = (b'{"user_id": "u1", "timestamp": "2024-01-02T03:04:05", "language": "English", "messages": '
+            b'[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},'
+            b' {"role": "assistant", "content": "Hello!"}]}')
+    result = check_records(jsonl(line), IngestConfig(), redactor)
+    kept = result.conversations.to_pylist()[0]
+    assert kept["system"] == "Be brief." and [t["role"] for t in kept["turns"]] == ["user", "assistant"]
+    assert kept["user_id"] == "u1" and kept["timestamp"].tzinfo is not None
+
+
+def test_jsonl_malformed_lines_are_rejected_with_their_reason(redactor):
+    lines = [
+        b'{"user_id": "u1", "timestamp": 1700000000, "messages": [{"role": "user", "content": 42}]}',
+        b'{"user_id": "u1", "timestamp": 1700000000, "messages": [{"role": "user"',
+        b'[1, 2, 3]',
+        b'{"user_id": "u1", "timestamp": "yesterday", "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"timestamp": 1700000000, "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"user_id": "u1", "timestamp": 1700000000}',
+    ]
+    result = check_records(jsonl(*lines), IngestConfig(), redactor)
+    assert result.rows_in == 6 and result.conversations.num_rows == 0
+    reasons = result.rejects.column("reason").to_pylist()
+    assert reasons == ["non_string_content", "invalid_json", "invalid_json", "bad_timestamp",
+                       "missing_user", "missing_conversation"]
+    assert result.rejects.column("source_index").to_pylist() == list(range(6))
+
+
+def test_identifiers_are_redacted_before_anything_downstream(redactor):
+    row = good_row()
+    row["conversation"][0]["content"] = "Mail me at jane.doe@example.org please"
+    result = check_records(records_of([row]), IngestConfig(), redactor)
+    text = result.conversations.to_pylist()[0]["turns"][0]["content"]
+    assert "jane.doe@example.org" not in text
+    assert result.redacted["email"] == 1
+    assert result.conversations.column("redactions").to_pylist() == [1]
+
+
+def test_duplicates_keep_the_first_in_input_order_then_the_cap_applies():
+    from pipelines.ingest import decide_drops
+
+    keys = pa.table({"task_id": [1, 0, 0, 1, 2], "row": [0, 0, 1, 1, 0],
+                     "conversation_id": ["a", "a", "b", "c", "d"], "user_id": ["u", "u", "u", "u", "v"]})
+    drops = decide_drops(keys, cap=2)
+    # Input order: (0,0)=a (0,1)=b (1,0)=a again (1,1)=c (2,0)=d
+    assert drops == {(1, 0): drops[(1, 0)], (1, 1): drops[(1, 1)]}
+    assert drops[(1, 0)][0] == "duplicate" and drops[(1, 1)][0] == "user_cap"
