@@ -1,0 +1,336 @@
+"""Benchmark: the ingest stage on Ray Data against the single-process pyarrow baseline.
+
+    .venv/bin/python bench/ingest.py            # 50,000 and 200,000 conversations
+    .venv/bin/python bench/ingest.py --quick    # 12,500 and 50,000
+    .venv/bin/python bench/ingest.py --sizes 20000 80000 --json --keep --workdir /tmp/b
+
+Top to bottom:
+1. generate a WildChat-schema input per size (bench/wildchat_synth.py: perturbed text,
+   Zipf users, duplicates, toxic rows), or reuse it from --workdir;
+2. per size, run the stage twice, each time in a fresh subprocess so its memory is its own:
+   `single` is `run_ingest(use_ray=False)`, the same checks, duplicates, cap and redaction
+   one task after another in one process; `ray` is `run_ingest(use_ray=True)` on a local
+   Ray with num_cpus=2. The stage is timed inside the subprocess, after imports and Ray
+   start-up (reported apart);
+3. memory: `single` reports its peak RSS; for `ray` this process samples, every 0.5 s, the
+   PSS of the subprocess and all its descendants (GCS, raylet with the object store, the
+   workers), which counts each shared object-store page once, and reports the peak;
+4. fail loudly unless both modes give the same counts, then print a table, the speedup at
+   both sizes and an extrapolation to WildChat-1M from the per-row time at the larger size.
+
+`--json` prints one JSON object as the last line of stdout; `speedup_ratio` is single
+seconds over Ray Data seconds at the larger size, and no other key ends in `_ratio`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+WILDCHAT_1M = 838_000
+FULL_SIZES, QUICK_SIZES = (50_000, 200_000), (12_500, 50_000)
+MODES = ("single", "ray")
+NUM_CPUS = 2
+SAMPLE_EVERY_S = 0.5
+COUNT_KEYS = ("rows_in", "kept", "filtered", "rejected", "users", "redacted")
+
+
+# --- inside the measured subprocess ------------------------------------------------------
+
+def tree_pss_mb(pid: int) -> tuple[float, dict[str, float]]:
+    """PSS of a process and all its descendants in MB, and the same split by process name
+    (Ray names its workers after what they run, e.g. "ray::MapWorker(CheckWorker)")."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0, {}
+    by_name: dict[str, float] = {}
+    for proc in procs:
+        try:
+            name = "driver" if proc.pid == pid else proc.name()
+            by_name[name] = by_name.get(name, 0.0) + proc.memory_full_info().pss / 2**20
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return sum(by_name.values()), by_name
+
+
+def _timed(phases: dict[str, float], name: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
+def child(mode: str, input_dir: str, run_dir: str, result_path: str) -> None:
+    """Run the stage once and write what was measured to `result_path` (JSON)."""
+    import pipelines.ingest as ingest
+    from pipelines.config import parse_config
+    from pipelines.runtime import start_ray
+
+    config = parse_config({"run_dir": run_dir, "ingest": {"inputs": [input_dir]},
+                           "resources": {"num_cpus": NUM_CPUS, "progress_bars": False}})
+    result: dict[str, Any] = {"mode": mode}
+    if mode == "ray":
+        start = time.perf_counter()
+        start_ray(config.resources)
+        result["ray_start_s"] = time.perf_counter() - start
+        result["ray_idle_mb"] = tree_pss_mb(os.getpid())[0]
+    # Phase timings, by wrapping the stage's own steps (nothing in pipelines/ changes).
+    phases: dict[str, float] = {}
+    for name in ("plan", "check_with_ray", "check_in_process", "finalize", "summarize"):
+        setattr(ingest, name, _timed(phases, name.replace("_with_ray", "").replace("_in_process", ""),
+                                     getattr(ingest, name)))
+    result["stage_started"] = time.time()
+    start = time.perf_counter()
+    summary = ingest.run_ingest(config, use_ray=(mode == "ray"))
+    result["stage_s"] = time.perf_counter() - start
+    result["stage_ended"] = time.time()
+    result["phases_s"] = {name: round(seconds, 2) for name, seconds in phases.items()}
+    result["counts"] = {key: summary[key] for key in COUNT_KEYS}
+    result["conversations_per_user"] = summary["conversations_per_user"]
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if mode == "ray":
+        import ray
+
+        ray.shutdown()
+    Path(result_path).write_text(json.dumps(result))
+
+
+# --- in the benchmark process ------------------------------------------------------------
+
+def measure(mode: str, input_dir: Path, workdir: Path, size: int) -> dict[str, Any]:
+    """Run one mode in a fresh subprocess, sampling its process tree's memory and CPU."""
+    run_dir, result_path = workdir / f"run-{mode}-{size}", workdir / f"result-{mode}-{size}.json"
+    log_path = workdir / f"log-{mode}-{size}.txt"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    result_path.unlink(missing_ok=True)
+    command = [sys.executable, __file__, "--child", mode, str(input_dir), str(run_dir), str(result_path)]
+    wait_for_quiet()
+    busy_before, own_before = _busy_cpu_s(), _own_cpu_s()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        samples, cpu_by_pid, peak, peak_split = [], {}, 0.0, {}
+        try:
+            while proc.poll() is None:
+                pss, split = tree_pss_mb(proc.pid)
+                samples.append((time.time(), pss))
+                if pss > peak:
+                    peak, peak_split = pss, split
+                cpu_by_pid.update(_tree_cpu_s(proc.pid))
+                time.sleep(SAMPLE_EVERY_S)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)  # the subprocess's own group: it and what it started
+            raise
+    busy_s = _busy_cpu_s() - busy_before - (_own_cpu_s() - own_before)
+    if proc.returncode != 0 or not result_path.exists():
+        tail = log_path.read_text()[-4000:]
+        raise SystemExit(f"bench: {mode} run on {size:,} rows failed (exit {proc.returncode}); "
+                         f"log {log_path}:\n{tail}")
+    result = json.loads(result_path.read_text())
+    in_stage = [pss for t, pss in samples if result["stage_started"] <= t <= result["stage_ended"]]
+    result.update(size=size, peak_pss_mb=peak, peak_pss_stage_mb=max(in_stage, default=0.0),
+                  peak_pss_by_process_mb={k: round(v) for k, v in sorted(peak_split.items(), key=lambda kv: -kv[1])},
+                  # CPU the machine spent on anything but this run: other users of the 2 cores.
+                  cpu_s=sum(cpu_by_pid.values()),  # this run's processes, start-up included
+                  other_cpu_s=max(0.0, busy_s - sum(cpu_by_pid.values())))
+    result["peak_mb"] = result["peak_pss_mb"] if mode == "ray" else result["peak_rss_mb"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def wait_for_quiet(max_wait_s: float = 180.0, idle_cores: float = 0.25) -> None:
+    """Wait until the machine is nearly idle, so other work on the 2 cores does not skew
+    the timing; give up after `max_wait_s` (the table's "other CPU s" shows what remained)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        before = _busy_cpu_s()
+        time.sleep(1.0)
+        busy = _busy_cpu_s() - before
+        if busy < idle_cores:
+            return
+        if time.monotonic() > deadline:
+            print(f"  (machine still busy: {busy:.1f} cores in use by others; measuring anyway)", flush=True)
+            return
+
+
+def _own_cpu_s() -> float:
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
+def _busy_cpu_s() -> float:
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def _tree_cpu_s(pid: int) -> dict[int, float]:
+    out = {}
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return out
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            out[proc.pid] = times.user + times.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def prepare_input(workdir: Path, size: int, seed: int) -> tuple[Path, float]:
+    """The generated input for one size: reused when --workdir already holds it."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import wildchat_synth
+
+    folder = workdir / f"wildchat-{size}-seed{seed}"
+    marker = folder / "GENERATED.json"
+    stamp = {"rows": size, "seed": seed,
+             "generator": hashlib.sha256(Path(wildchat_synth.__file__).read_bytes()).hexdigest()[:16]}
+    if marker.exists() and json.loads(marker.read_text()) == stamp:
+        return folder / "data", 0.0
+    shutil.rmtree(folder, ignore_errors=True)
+    start = time.perf_counter()
+    wildchat_synth.generate(folder / "data", size, seed)
+    marker.write_text(json.dumps(stamp))
+    return folder / "data", time.perf_counter() - start
+
+
+def check_same_counts(single: dict[str, Any], ray: dict[str, Any]) -> None:
+    if single["counts"] != ray["counts"]:
+        diff = {k: (single["counts"][k], ray["counts"][k]) for k in COUNT_KEYS
+                if single["counts"][k] != ray["counts"][k]}
+        raise SystemExit(f"bench: the two modes disagree on {single['size']:,} rows "
+                         f"(single, ray): {json.dumps(diff)}; this is a bug in the stage")
+
+
+def code_fingerprint() -> str:
+    """A hash of pipelines/*.py, so numbers can be tied to the code that produced them."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "pipelines").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build_report(runs: dict[tuple[str, int], dict[str, Any]], sizes: tuple[int, int],
+                 generate_s: dict[int, float]) -> dict[str, Any]:
+    small, large = sizes
+    report: dict[str, Any] = {"sizes": list(sizes), "num_cpus": NUM_CPUS, "code": code_fingerprint()}
+    for mode in MODES:
+        for label, size in (("small", small), ("large", large)):
+            run = runs[(mode, size)]
+            report[f"seconds_{mode}_{label}"] = round(run["stage_s"], 2)
+            report[f"rows_per_s_{mode}_{label}"] = round(size / run["stage_s"], 1)
+            report[f"peak_mb_{mode}_{label}"] = round(run["peak_mb"], 1)
+        report[f"extrapolated_wildchat1m_s_{mode}"] = round(runs[(mode, large)]["stage_s"] / large * WILDCHAT_1M, 1)
+    report["speedup_ratio"] = round(report["seconds_single_large"] / report["seconds_ray_large"], 3)
+    report["speedup_small"] = round(report["seconds_single_small"] / report["seconds_ray_small"], 3)
+    for label, size in (("small", small), ("large", large)):
+        report[f"ray_start_s_{label}"] = round(runs[("ray", size)]["ray_start_s"], 2)
+        report[f"ray_idle_mb_{label}"] = round(runs[("ray", size)]["ray_idle_mb"], 1)
+    report["counts_large"] = runs[("single", large)]["counts"]
+    report["generate_s"] = {str(size): round(s, 1) for size, s in generate_s.items()}
+    report["runs"] = [{key: (round(value, 2) if isinstance(value, float) else value)
+                       for key, value in run.items() if key not in ("counts", "stage_started", "stage_ended")}
+                      for run in runs.values()]
+    return report
+
+
+def print_table(report: dict[str, Any], runs: dict[tuple[str, int], dict[str, Any]]) -> None:
+    small, large = report["sizes"]
+    print(f"\ningest benchmark, {NUM_CPUS} CPUs, code {report['code']}")
+    print(f"{'rows':>9} {'mode':<7} {'stage s':>8} {'rows/s':>8} {'ms/row':>7} {'peak MB':>8} "
+          f"{'ray up s':>8} {'CPU s':>7} {'other CPU s':>11}  phases s")
+    for size in (small, large):
+        for mode in MODES:
+            run = runs[(mode, size)]
+            ray_up = f"{run['ray_start_s']:.1f}" if mode == "ray" else "-"
+            phases = " ".join(f"{k}={v}" for k, v in run["phases_s"].items())
+            print(f"{size:>9,} {mode:<7} {run['stage_s']:>8.1f} {size / run['stage_s']:>8.0f} "
+                  f"{1000 * run['stage_s'] / size:>7.2f} {run['peak_mb']:>8.0f} {ray_up:>8} "
+                  f"{run['cpu_s']:>7.1f} {run['other_cpu_s']:>11.1f}  {phases}")
+    print("CPU s: CPU time of the run's own processes (start-up included); other CPU s: CPU time "
+          "the machine spent on anything else meanwhile (other users of the cores skew the times)")
+    print("peak MB: single = peak RSS of the process; ray = peak PSS of the driver and all Ray "
+          f"processes (object store included); Ray idle after start-up: {report['ray_idle_mb_small']:.0f} MB")
+    split = runs[("ray", large)]["peak_pss_by_process_mb"]
+    print(f"Ray peak at {large:,} rows by process (MB): " + ", ".join(f"{k} {v}" for k, v in split.items()))
+    print(f"speedup (single s / Ray Data s): {report['speedup_small']:.2f} at {small:,} rows, "
+          f"{report['speedup_ratio']:.2f} at {large:,} rows")
+    for mode in MODES:
+        growth = report[f"peak_mb_{mode}_large"] / report[f"peak_mb_{mode}_small"]
+        print(f"peak memory {mode:<6}: {report[f'peak_mb_{mode}_small']:.0f} MB -> "
+              f"{report[f'peak_mb_{mode}_large']:.0f} MB for {large / small:.0f}x the rows (x{growth:.2f})")
+    for mode in MODES:
+        seconds = report[f"extrapolated_wildchat1m_s_{mode}"]
+        print(f"WildChat-1M ({WILDCHAT_1M:,} rows) at the {large:,}-row rate, {mode:<6}: "
+              f"{seconds:,.0f} s ({seconds / 60:.1f} min)")
+    counts = report["counts_large"]
+    print(f"counts at {large:,} rows (same in both modes): kept {counts['kept']:,}, "
+          f"filtered {counts['filtered']}, rejected {counts['rejected']}, users {counts['users']:,}, "
+          f"redacted {counts['redacted']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES} instead of {FULL_SIZES}")
+    parser.add_argument("--sizes", nargs=2, type=int, metavar=("N", "M"), help="the two sizes (M >= 4 N)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON line last")
+    parser.add_argument("--keep", action="store_true", help="keep the generated data (and the work folder)")
+    parser.add_argument("--workdir", type=Path, help="work folder (default: a new one under /tmp)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return child(*args.child)
+
+    sizes = tuple(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else FULL_SIZES)
+    if sizes[1] < 4 * sizes[0] or sizes[0] < 1:
+        parser.error(f"--sizes {sizes[0]} {sizes[1]}: the second size must be at least 4 times the first")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rlhi-bench-ingest-", dir="/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    generate_s: dict[int, float] = {}
+    for size in sizes:  # on failure everything stays in workdir, logs included
+        input_dir, generate_s[size] = prepare_input(workdir, size, args.seed)
+        print(f"{size:,} rows: input {input_dir} ({generate_s[size]:.1f} s to generate)", flush=True)
+        for mode in MODES:
+            runs[(mode, size)] = measure(mode, input_dir, workdir, size)
+            run = runs[(mode, size)]
+            print(f"  {mode:<6} {run['stage_s']:7.1f} s  peak {run['peak_mb']:6.0f} MB", flush=True)
+        check_same_counts(runs[("single", size)], runs[("ray", size)])
+    if args.keep:
+        print(f"kept {workdir}")
+    elif args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:  # a folder the user named: remove only what this run put there
+        for path in workdir.glob("wildchat-*-seed*"):
+            shutil.rmtree(path, ignore_errors=True)
+        for path in [*workdir.glob("result-*.json"), *workdir.glob("log-*.txt")]:
+            path.unlink()
+    report = build_report(runs, sizes, generate_s)
+    print_table(report, runs)
+    if args.json:
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
