@@ -1,0 +1,292 @@
+"""Redact identifiers and secrets (e-mail, phone, IP, card numbers, keys) from text.
+
+Every conversation turn and persona passes through here before it goes downstream.
+presidio-analyzer's pattern recognizers (WildChat itself was anonymised with Presidio) find
+e-mails, phones, IPs and cards; detect-secrets' plugins find keys, tokens and private keys.
+Both are far too slow for whole multi-KB turns (phonenumbers: ~77 ms on 26 KB), so each kind
+sits behind cheap compiled *trigger* regexes and its library only sees small windows around
+their hits. Nothing here touches the network (see `_email_detector`; of detect-secrets only
+`analyze_string` is used, never `verify`, which calls vendors' APIs).
+"""
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Sequence
+
+REDACTION_KINDS: tuple[str, ...] = ("email", "phone", "ip_address", "credit_card", "secret")
+
+# WildChat's own Presidio markers and ours: left exactly as they are, never counted.
+_PLACEHOLDER = re.compile(r"<(?:PRESIDIO_ANONYMIZED|REDACTED)_[A-Z_]+>")
+
+# PhoneRecognizer scores every phonenumbers match 0.4; only AnalyzerEngine's context-word
+# enhancer (it needs an NLP pipeline we do not run) lifts that. So 0.4 keeps every number
+# phonenumbers deems VALID, and `_is_plausible_phone` removes false positives instead.
+_PHONE_MIN_SCORE = 0.4
+
+_DIGITS_ONLY, _DOTTED_QUAD = re.compile(r"\d+"), re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+_SINGLE_DIGIT_QUAD = re.compile(r"\d(?:\.\d){3}")
+_NUMBER_BEFORE, _NUMBER_AFTER = re.compile(r"\d[.,]\Z"), re.compile(r"[.,]\d")
+_TOKEN_BEFORE, _TOKEN_AFTER = re.compile(r"\S{0,64}\Z"), re.compile(r"\S{0,64}")
+_TOKEN_TAIL = re.compile(r"[\w\-+/=]*(?:\.[\w\-+/=]+)*")
+_KEY_BLOCK_END = re.compile(r"-----END[A-Z0-9 ]*-----|\n[ \t]*\n|\Z")
+_EMAIL_LEAD = re.compile(r"[^@]*[!#$%&'*/=?^`{|}~]")
+_GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
+_SECRET_WINDOW = 400  # chars kept either side of a secret trigger on very long lines
+
+Spans = list[tuple[int, int]]
+
+
+class _Finding(NamedTuple):
+    start: int
+    end: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class _Detector:
+    """One kind: where to look (trigger regexes) and what its library finds there."""
+
+    kind: str
+    triggers: tuple[re.Pattern, ...]
+    pad: int  # context chars around a trigger hit that the library needs to decide
+    find: Callable[[str, int, int], Spans]  # (text, lo, hi) -> spans in text coordinates
+    # Run on the lowercased text: case-insensitive regexes are ~20x slower in `re`.
+    lowercase_triggers: tuple[re.Pattern, ...] = ()
+    whole_lines: bool = False  # windows are the lines holding a hit (detect-secrets is line-based)
+
+    def findings(self, text: str) -> list[_Finding]:
+        hits = [m.span() for pattern in self.triggers for m in pattern.finditer(text)]
+        if self.lowercase_triggers:
+            lowered = text.replace("\u0130", "i").lower()  # 'İ' is the one char lower() widens
+            hits += [m.span() for p in self.lowercase_triggers for m in p.finditer(lowered)]
+        return [_Finding(start, end, self.kind)
+                for lo, hi in _windows(text, sorted(hits), self.pad, self.whole_lines)
+                for start, end in self.find(text, lo, hi)]
+
+
+class Redactor:
+    """Built once per process/actor (recognizers are costly to build); then called per text."""
+
+    def __init__(self, kinds: Sequence[str] = REDACTION_KINDS) -> None:
+        unknown = [kind for kind in kinds if kind not in REDACTION_KINDS]
+        if unknown:
+            raise ValueError(f"unknown redaction kind(s) {unknown}; allowed: {REDACTION_KINDS}")
+        builders = {"email": _email_detector, "phone": _phone_detector, "ip_address": _ip_detector,
+                    "credit_card": _credit_card_detector, "secret": _secret_detector}
+        self._detectors = [builders[kind]() for kind in REDACTION_KINDS if kind in kinds]
+
+    def redact(self, text: str) -> tuple[str, dict[str, int]]:
+        """Return the text with each found identifier replaced by a placeholder
+        like "<REDACTED_EMAIL>" / "<REDACTED_PHONE>" / "<REDACTED_IP_ADDRESS>" /
+        "<REDACTED_CREDIT_CARD>" / "<REDACTED_SECRET>", and counts per kind (only kinds
+        with count > 0)."""
+        findings = [f for detector in self._detectors for f in detector.findings(text)]
+        if not findings:
+            return text, {}
+        kept = _resolve_overlaps(findings, [m.span() for m in _PLACEHOLDER.finditer(text)])
+        # Spans are disjoint and sorted, and pieces are cut from the original: no offset shifts.
+        pieces, cursor = [], 0
+        for finding in kept:
+            pieces += [text[cursor:finding.start], f"<REDACTED_{finding.kind.upper()}>"]
+            cursor = finding.end
+        pieces.append(text[cursor:])
+        return "".join(pieces), dict(Counter(f.kind for f in kept))
+
+
+def _windows(text: str, hits: Spans, pad: int, whole_lines: bool) -> Spans:
+    """Merged [lo, hi) windows of `pad` chars (or the whole line) around sorted trigger hits."""
+    windows: Spans = []
+    for start, end in hits:
+        if whole_lines:  # clipped, so one minified 100 KB line does not cost 100 KB per plugin
+            lo = max(text.rfind("\n", 0, start) + 1, start - _SECRET_WINDOW)
+            line_end = text.find("\n", end)
+            hi = min(len(text) if line_end < 0 else line_end, end + _SECRET_WINDOW)
+        else:  # widened to whole tokens: half a number may look like a whole one to a library
+            lo, hi = max(0, start - pad), _TOKEN_AFTER.match(text, min(len(text), end + pad)).end()
+            lo -= len(_TOKEN_BEFORE.search(text, max(0, lo - 64), lo).group())
+        if windows and lo < windows[-1][1]:
+            windows[-1] = (windows[-1][0], max(hi, windows[-1][1]))
+        else:
+            windows.append((lo, hi))
+    return windows
+
+
+def _resolve_overlaps(findings: list[_Finding], protected: Spans) -> list[_Finding]:
+    """Secrets first, then longest span first; drop anything touching a kept span or a
+    placeholder. Returns the kept findings sorted by start."""
+    findings.sort(key=lambda f: (f.kind != "secret", f.start - f.end, f.start))
+    taken = sorted(protected)  # disjoint spans, so sorted by start is also sorted by end
+    kept = []
+    for f in findings:
+        i = bisect.bisect_right(taken, (f.start, f.end))
+        if (i > 0 and taken[i - 1][1] > f.start) or (i < len(taken) and taken[i][0] < f.end):
+            continue
+        taken.insert(i, (f.start, f.end))
+        kept.append(f)
+    return sorted(kept)
+
+
+def _inside_longer_number(text: str, start: int, end: int) -> bool:
+    """True for a match that continues a decimal or dotted run: '3.14159265358', '1.3.6.1.4'."""
+    return bool(_NUMBER_BEFORE.search(text, max(0, start - 2), start)
+                or _NUMBER_AFTER.match(text, end))
+
+
+def _presidio_find(recognizer: Any, keep: Callable[[str, int, int], bool] | None = None,
+                   min_score: float = 0.0) -> Callable[[str, int, int], Spans]:
+    """Run a presidio recognizer on text[lo:hi]; spans come back in text coordinates."""
+    def find(text: str, lo: int, hi: int) -> Spans:
+        results = recognizer.analyze(text[lo:hi], recognizer.supported_entities, None)
+        spans = [(lo + r.start, lo + r.end) for r in results if r.score >= min_score]
+        return [span for span in spans if keep is None or keep(text, *span)]
+    return find
+
+
+# Triggers start with a digit or a literal so that `re` skips ahead to candidates. Libraries
+# are imported when a Redactor is built: presidio pulls in spaCy (~3.5 s).
+def _email_detector() -> _Detector:
+    import tldextract
+    from presidio_analyzer.predefined_recognizers import EmailRecognizer
+
+    # EmailRecognizer calls the module-level `tldextract.extract`, which downloads the public
+    # suffix list on first use; this extractor reads only the snapshot bundled with tldextract.
+    offline_extract = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+    offline_extract("example.com")  # loads the snapshot now (~0.2 s), not on the first e-mail
+
+    class OfflineEmailRecognizer(EmailRecognizer):
+        def validate_result(self, pattern_text: str) -> bool:
+            return offline_extract(pattern_text).fqdn != ""
+
+    # presidio admits RFC's rare local-part characters (' = ` { / ...), so in code
+    # "email='a@b.com" would lose its "email='" too: the address starts after the last one.
+    find = _presidio_find(OfflineEmailRecognizer())
+
+    def find_trimmed(text: str, lo: int, hi: int) -> Spans:
+        leads = [(_EMAIL_LEAD.match(text, start, end), start, end) for start, end in find(text, lo, hi)]
+        return [(lead.end() if lead else start, end) for lead, start, end in leads]
+
+    # 128 chars either side covers a 64-char local part and most domains.
+    return _Detector("email", (re.compile("@"),), 128, find_trimmed)
+
+
+def _is_plausible_phone(text: str, start: int, end: int) -> bool:
+    # WildChat is code-heavy: a bare digit run (1681234567, 9876543210) is far more often a
+    # timestamp, an id or a constant than a phone number; people who give a number write it
+    # with separators or a +country code. phonenumbers also takes '192.168.1.100' for one.
+    number = text[start:end]
+    return not (_DIGITS_ONLY.fullmatch(number) or _DOTTED_QUAD.fullmatch(number)
+                or _inside_longer_number(text, start, end))
+
+
+def _phone_detector() -> _Detector:
+    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+    # Seven or more digits in groups or after a '+'. Dates and dotted quads are left out only
+    # because each window costs phonenumbers ~0.7 ms; it would reject them itself.
+    trigger = re.compile(r"""
+        \d (?<![\d.]\d)                      # the first digit of a number
+        (?=(?:[ ().\-/]{0,2}\d){6})           # seven or more digits in all
+        (?!\d{3}([-/.])\d\d?\1\d\d?(?![-/.\d]) | \d?([-/.])\d\d?\2\d{2,4}(?![-/.\d]))  # no date
+        (?!\d{0,2}(?:\.\d{1,3}){3}(?![.\d]))  # no dotted quad
+        (?: \d{0,3}(?:(?:\)\ ?|[ ./\-]\(?)\d{2,5}){1,5}  # digit groups
+          | (?<=\+\d)\d{6,14} )                # or a '+' and digits
+    """, re.VERBOSE)
+    find = _presidio_find(PhoneRecognizer(), _is_plausible_phone, _PHONE_MIN_SCORE)
+    return _Detector("phone", (trigger,), 4, find)
+
+
+def _is_public_ip(text: str, start: int, end: int) -> bool:
+    # Private, loopback and documentation addresses (127.0.0.1, 2001:db8::1) identify nobody
+    # and fill code samples. A dotted quad inside a longer dotted run or of single digits is
+    # a version or section number ('3.5.0.1'), or else a public resolver like 8.8.8.8.
+    if _inside_longer_number(text, start, end) or _SINGLE_DIGIT_QUAD.fullmatch(text, start, end):
+        return False
+    ip = ipaddress.ip_interface(text[start:end]).ip
+    # Only 2000::/3 is global unicast; Python calls 'a::b' (C++) global too.
+    return ip.is_global and (ip.version == 4 or ip in _GLOBAL_UNICAST_V6)
+
+
+def _ip_detector() -> _Detector:
+    from presidio_analyzer.predefined_recognizers import IpRecognizer
+
+    # A dotted quad, or the start of a global IPv6 address: a group starting 2 or 3, then
+    # "::" or more groups ("2a00:1450::", "2001:db8:85a3:"); "std::" and "12:30:45" don't fire.
+    trigger = re.compile(r"\d(?:\d{0,2}\.\d{1,3}\.\d{1,3}\.\d"
+                         r"|(?<=[23])[0-9A-Fa-f]{0,3}:(?::|[0-9A-Fa-f]{1,4}:(?::|[0-9A-Fa-f]{1,4}:)))")
+    return _Detector("ip_address", (trigger,), 48, _presidio_find(IpRecognizer(), _is_public_ip))
+
+
+def _credit_card_detector() -> _Detector:
+    from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
+
+    # A whole run of 13-19 digits, optionally grouped by spaces or dashes; presidio's
+    # recognizer then checks the issuer prefix and the Luhn checksum.
+    trigger = re.compile(r"\d(?<!\d\d)(?:[ -]?\d){12,18}(?!\d)")
+    return _Detector("credit_card", (trigger,), 2, _presidio_find(CreditCardRecognizer()))
+
+
+def _secret_detector() -> _Detector:
+    from detect_secrets.filters import heuristic
+    from detect_secrets.plugins import (aws, azure_storage_key, basic_auth, discord,
+                                        github_token, gitlab_token, jwt, keyword, openai,
+                                        private_key, pypi_token, sendgrid, slack,
+                                        square_oauth, stripe, telegram_token)
+    from detect_secrets.plugins.base import RegexBasedDetector
+
+    plugins = [aws.AWSKeyDetector(), azure_storage_key.AzureStorageKeyDetector(),
+               basic_auth.BasicAuthDetector(), discord.DiscordBotTokenDetector(),
+               github_token.GitHubTokenDetector(), gitlab_token.GitLabTokenDetector(),
+               jwt.JwtTokenDetector(), keyword.KeywordDetector(), openai.OpenAIDetector(),
+               pypi_token.PypiTokenDetector(), sendgrid.SendGridDetector(), slack.SlackDetector(),
+               square_oauth.SquareOAuthDetector(), stripe.StripeDetector(),
+               telegram_token.TelegramBotTokenDetector()]
+    key_block = private_key.PrivateKeyDetector()
+    # Triggers: each token plugin's fixed prefix, or its shape (basic-auth URL, Telegram and
+    # Discord tokens); and the keyword plugin's denylist (or the AWS plugin's "aws") followed
+    # by an assignment or a call, as in all its patterns ("secrets, and lies" does not fire).
+    token_prefixes = re.compile("|".join(re.escape(prefix) for prefix in (
+        "AKIA", "ASIA", "ABIA", "ACCA", "A3T", "AccountKey=", "ghp_", "gho_", "ghu_", "ghs_",
+        "ghr_", "glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "glimt-", "glft-", "glsoat-",
+        "glagent-", "gloas-", "GR1348941", "eyJ", "T3BlbkFJ", "pypi-", "SG.", "xox",
+        "hooks.slack", "sq0csp-", "k_live_", "PRIVATE KEY", "PuTTY-User-Key")))
+    token_shapes = re.compile(r"://[^\s:/@]+:[^\s/@]+@|:[\w-]{35}|\.[\w-]{6}\.[\w-]{27}")
+    denylist = "|".join(keyword.DENYLIST)
+    keywords = re.compile(f"(?:aws|{denylist})" + r"\w*[\]'\"]{0,2}\s*[:=!(]")
+    names_a_keyword = re.compile(denylist)
+    # detect-secrets' own false-positive heuristics ('${DB_PASS}', '<password>', '*****',
+    # 'abcdef'); a value with spaces is a prompt or a sentence ("Enter your password"); a
+    # value naming a keyword is a placeholder ("YOUR_API_KEY", "password").
+    false_positives = (heuristic.is_templated_secret, heuristic.is_prefixed_with_dollar_sign,
+                       heuristic.is_sequential_string, heuristic.is_not_alphanumeric_string,
+                       lambda secret: any(c.isspace() for c in secret),
+                       lambda secret: names_a_keyword.search(secret.lower()) is not None)
+
+    def find(text: str, lo: int, hi: int) -> Spans:
+        line, spans = text[lo:hi], []
+        for plugin in plugins:
+            # Token plugins may stop short of the token (the JWT pattern stops before the
+            # signature, the Stripe one after 24 chars): the token is taken to its end. A
+            # keyword value is whole already and must not run into a neighbouring word.
+            widen = isinstance(plugin, RegexBasedDetector)
+            word_end = "" if widen else r"(?!\w)"
+            for secret in set(plugin.analyze_string(line)):
+                if any(is_false_positive(secret) for is_false_positive in false_positives):
+                    continue
+                for hit in re.finditer(rf"(?<!\w){re.escape(secret)}{word_end}", line):
+                    end = _TOKEN_TAIL.match(text, lo + hit.end()).end() if widen else lo + hit.end()
+                    spans.append((lo + hit.start(), end))
+        # The plugin reports only the "BEGIN RSA PRIVATE KEY" marker; the whole block goes,
+        # up to its END line (or, for a truncated paste, the first blank line).
+        for marker in key_block.analyze_string(line):
+            for hit in re.finditer(re.escape(marker), line):
+                start = lo + hit.start() - (5 if line.endswith("-----", 0, hit.start()) else 0)
+                end = _KEY_BLOCK_END.search(text, lo + hit.end())
+                spans.append((start, end.end() if end.group().startswith("-") else end.start()))
+        return spans
+
+    return _Detector("secret", (token_prefixes, token_shapes), 0, find,
+                     lowercase_triggers=(keywords,), whole_lines=True)

@@ -1,0 +1,201 @@
+"""Specification of pipelines/redact.py: what is redacted, what survives, and that it stays offline."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import tldextract
+
+from pipelines.redact import REDACTION_KINDS, Redactor
+
+
+@pytest.fixture(scope="module")
+def redactor() -> Redactor:
+    return Redactor()
+
+
+def test_email_is_redacted_and_counted(redactor):
+    text, counts = redactor.redact("Write to jane.doe@example.co.uk before Friday.")
+    assert text == "Write to <REDACTED_EMAIL> before Friday."
+    assert counts == {"email": 1}
+
+
+def test_email_in_code_keeps_the_code_around_it(redactor):
+    text, counts = redactor.redact("user = User(email='fred.bloggs@example.com')")
+    assert text == "user = User(email='<REDACTED_EMAIL>')"
+    assert counts == {"email": 1}
+
+
+def test_international_phone_number_is_redacted(redactor):
+    text, counts = redactor.redact("Call me on +44 20 7946 0958 tonight.")
+    assert text == "Call me on <REDACTED_PHONE> tonight."
+    assert counts == {"phone": 1}
+
+
+def test_us_phone_number_is_redacted(redactor):
+    text, counts = redactor.redact("My cell is (415) 555-2671, text first.")
+    assert text == "My cell is <REDACTED_PHONE>, text first."
+    assert counts == {"phone": 1}
+
+
+def test_public_ipv4_address_is_redacted(redactor):
+    text, counts = redactor.redact("ssh root@81.2.69.142 -p 22")
+    assert "81.2.69.142" not in text and "<REDACTED_IP_ADDRESS>" in text
+    assert counts["ip_address"] == 1
+
+
+def test_public_ipv6_address_is_redacted(redactor):
+    text, counts = redactor.redact("my server is at 2a00:1450:4001:82a::200e now")
+    assert text == "my server is at <REDACTED_IP_ADDRESS> now"
+    assert counts == {"ip_address": 1}
+
+
+def test_private_and_loopback_addresses_survive(redactor):
+    text = "app.run(host='127.0.0.1'); router at 192.168.1.1; bind 0.0.0.0 and ::1"
+    assert redactor.redact(text) == (text, {})
+
+
+def test_luhn_valid_card_with_spaces_is_redacted(redactor):
+    text, counts = redactor.redact("card: 4111 1111 1111 1111 exp 12/25")
+    assert text == "card: <REDACTED_CREDIT_CARD> exp 12/25"
+    assert counts == {"credit_card": 1}
+
+
+def test_luhn_valid_card_with_dashes_is_redacted(redactor):
+    text, counts = redactor.redact("pay with 5555-5555-5555-4444 please")
+    assert text == "pay with <REDACTED_CREDIT_CARD> please"
+    assert counts == {"credit_card": 1}
+
+
+def test_luhn_invalid_sixteen_digits_survive(redactor):
+    text = "order id 4111 1111 1111 1112 shipped"
+    assert redactor.redact(text) == (text, {})
+
+
+def test_aws_access_key_id_is_redacted(redactor):
+    text, counts = redactor.redact("aws_access_key_id = AKIAIOSFODNN7EXAMPLE\nregion = us-east-1")
+    assert text == "aws_access_key_id = <REDACTED_SECRET>\nregion = us-east-1"
+    assert counts == {"secret": 1}
+
+
+def test_github_token_is_redacted(redactor):
+    token = "ghp_" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"
+    text, counts = redactor.redact(f"git clone https://{token}@github.com/me/repo.git")
+    assert token not in text and "<REDACTED_SECRET>" in text
+    assert counts["secret"] == 1
+
+
+def test_openai_style_key_in_python_code_is_redacted(redactor):
+    code = 'import openai\napi_key = "sk-proj-9fKx2LmQ7wZt4RbN8yVc1HdJ"\nclient = OpenAI(api_key=api_key)\n'
+    text, counts = redactor.redact(code)
+    assert text == 'import openai\napi_key = "<REDACTED_SECRET>"\nclient = OpenAI(api_key=api_key)\n'
+    assert counts == {"secret": 1}
+
+
+def test_private_key_block_is_redacted_whole(redactor):
+    block = ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0t\n"
+             "RgeLezV6ffAt0gunVTLw7onLRnrq0/IzW7yWR7QkrmBL7jTK\n-----END RSA PRIVATE KEY-----")
+    text, counts = redactor.redact(f"Here is my key:\n{block}\nWhy does ssh reject it?")
+    assert text == "Here is my key:\n<REDACTED_SECRET>\nWhy does ssh reject it?"
+    assert counts == {"secret": 1}
+
+
+def test_truncated_private_key_is_redacted_up_to_the_blank_line(redactor):
+    text, counts = redactor.redact("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n\nIt got cut off.")
+    assert text == "<REDACTED_SECRET>\n\nIt got cut off."
+    assert counts == {"secret": 1}
+
+
+def test_jwt_is_redacted_including_its_signature(redactor):
+    jwt = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4ifQ"
+           ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
+    text, counts = redactor.redact(f"headers = {{'Authorization': 'Bearer {jwt}'}}")
+    assert text == "headers = {'Authorization': 'Bearer <REDACTED_SECRET>'}"
+    assert counts == {"secret": 1}
+
+
+def test_telegram_bot_token_is_redacted(redactor):
+    text, counts = redactor.redact('bot = Bot(token="5123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw1")')
+    assert text == 'bot = Bot(token="<REDACTED_SECRET>")'
+    assert counts == {"secret": 1}
+
+
+def test_placeholder_credentials_in_code_samples_survive(redactor):
+    text = 'api_key = "YOUR_API_KEY"\npassword = "${DB_PASSWORD}"\nprompt = input("Password: ")'
+    assert redactor.redact(text) == (text, {})
+
+
+def test_password_in_url_is_redacted_but_host_survives(redactor):
+    text, counts = redactor.redact("DATABASE_URL=postgres://admin:Tr0ub4dor3x@db.internal:5432/app")
+    assert text == "DATABASE_URL=postgres://admin:<REDACTED_SECRET>@db.internal:5432/app"
+    assert counts == {"secret": 1}
+
+
+def test_presidio_placeholders_survive_and_are_not_counted(redactor):
+    text = ("Contact <PRESIDIO_ANONYMIZED_PERSON> at <PRESIDIO_ANONYMIZED_EMAIL_ADDRESS> "
+            "or <PRESIDIO_ANONYMIZED_PHONE_NUMBER>; password = \"<PRESIDIO_ANONYMIZED_PERSON>\"")
+    assert redactor.redact(text) == (text, {})
+
+
+@pytest.mark.parametrize("text", [
+    "In 2023 the team grew from 12 to 1500 people.",
+    "Upgrade to Python 3.11.7 or numpy 1.26.4; see RFC 9110 section 8.4.1.3.",
+    "Released on 2023-04-11, patched 11/04/2023 at 12:30:45.",
+    "x = 1234567\ntimeout_ms = 86400000\nts = 1681234567\npi = 3.14159265358",
+    "for i in range(10):\n    total += price[i] * 1.08  # tax\nprint(f'{total:.2f}')",
+    "See https://docs.python.org/3/library/re.html?highlight=finditer#re.finditer",
+    "std::vector<int> v{1, 2, 3}; auto it = v.begin();",
+])
+def test_common_non_identifiers_survive(redactor, text):
+    assert redactor.redact(text) == (text, {})
+
+
+def test_text_with_nothing_to_redact_is_returned_identical(redactor):
+    text = "Write a haiku about autumn leaves falling on a quiet pond."
+    redacted, counts = redactor.redact(text)
+    assert redacted == text and counts == {}
+
+
+def test_overlapping_findings_leave_a_single_placeholder(redactor):
+    # The basic-auth password and the e-mail-shaped "pass@example.com" overlap.
+    text, counts = redactor.redact("curl http://samuel:s3cretPw@example.com/api")
+    assert text == "curl http://samuel:<REDACTED_SECRET>@example.com/api"
+    assert counts == {"secret": 1}
+
+
+def test_redacting_twice_changes_nothing_more(redactor):
+    once, _ = redactor.redact("mail a.b@example.org, call +1 415 555 2671, key AKIAIOSFODNN7EXAMPLE")
+    assert redactor.redact(once) == (once, {})
+
+
+def test_only_requested_kinds_are_redacted():
+    text, counts = Redactor(kinds=["email"]).redact("a.b@example.org or +1 415 555 2671")
+    assert text == "<REDACTED_EMAIL> or +1 415 555 2671"
+    assert counts == {"email": 1}
+
+
+def test_unknown_kind_raises_value_error_naming_it_and_the_allowed_ones():
+    with pytest.raises(ValueError) as error:
+        Redactor(kinds=["email", "ssn"])
+    assert "ssn" in str(error.value)
+    assert all(kind in str(error.value) for kind in REDACTION_KINDS)
+
+
+def test_no_network_access_is_attempted(monkeypatch):
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    # The shared extractor presidio calls by default fetches the suffix list unless an
+    # earlier run left it in ~/.cache, where the socket patch alone would not notice it.
+    monkeypatch.setattr(tldextract, "extract", refuse)
+    redactor = Redactor()  # built under the patch too: tldextract loads its list here
+    text, counts = redactor.redact("Reach me at someone@mail.example.com or brand-new.example.xyz")
+    assert text.startswith("Reach me at <REDACTED_EMAIL>")
+    assert counts == {"email": 1}
+    assert attempts == []
