@@ -61,11 +61,23 @@ def tree_pss_mb(pid: int) -> tuple[float, dict[str, float]]:
     by_name: dict[str, float] = {}
     for proc in procs:
         try:
-            name = "driver" if proc.pid == pid else proc.name()
+            name = "driver" if proc.pid == pid else process_label(proc)
             by_name[name] = by_name.get(name, 0.0) + proc.memory_full_info().pss / 2**20
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return sum(by_name.values()), by_name
+
+
+def process_label(proc: psutil.Process) -> str:
+    """A short, stable name: Ray workers by their title ("ray::_StatsActor"), other Python
+    processes by their script ("python dashboard.py"), the rest by executable name."""
+    cmd = proc.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split()[0].removesuffix(".submit")
+    if proc.name().startswith("python") and len(cmd) > 1:
+        script = next((Path(arg).name for arg in cmd[1:] if arg.endswith(".py")), "")
+        return f"python {script}".strip()
+    return proc.name()
 
 
 def _timed(phases: dict[str, float], name: str, fn):
@@ -148,11 +160,19 @@ def measure(mode: str, input_dir: Path, workdir: Path, size: int) -> dict[str, A
     result.update(size=size, peak_pss_mb=peak, peak_pss_stage_mb=max(in_stage, default=0.0),
                   peak_pss_by_process_mb={k: round(v) for k, v in sorted(peak_split.items(), key=lambda kv: -kv[1])},
                   # CPU the machine spent on anything but this run: other users of the 2 cores.
-                  cpu_s=sum(cpu_by_pid.values()),  # this run's processes, start-up included
-                  other_cpu_s=max(0.0, busy_s - sum(cpu_by_pid.values())))
+                  cpu_s=sum(cpu for _, cpu in cpu_by_pid.values()),  # this run's processes, start-up included
+                  cpu_by_process_s=_by_name(cpu_by_pid.values()))
+    result["other_cpu_s"] = max(0.0, busy_s - result["cpu_s"])
     result["peak_mb"] = result["peak_pss_mb"] if mode == "ray" else result["peak_rss_mb"]
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
+
+
+def _by_name(pairs) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for name, seconds in pairs:
+        totals[name] = totals.get(name, 0.0) + seconds
+    return {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def wait_for_quiet(max_wait_s: float = 180.0, idle_cores: float = 0.25) -> None:
@@ -180,7 +200,8 @@ def _busy_cpu_s() -> float:
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
-def _tree_cpu_s(pid: int) -> dict[int, float]:
+def _tree_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of a process and its descendants: pid -> (name, seconds)."""
     out = {}
     try:
         procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
@@ -189,7 +210,7 @@ def _tree_cpu_s(pid: int) -> dict[int, float]:
     for proc in procs:
         try:
             times = proc.cpu_times()
-            out[proc.pid] = times.user + times.system
+            out[proc.pid] = ("driver" if proc.pid == pid else process_label(proc), times.user + times.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return out
@@ -272,6 +293,8 @@ def print_table(report: dict[str, Any], runs: dict[tuple[str, int], dict[str, An
           f"processes (object store included); Ray idle after start-up: {report['ray_idle_mb_small']:.0f} MB")
     split = runs[("ray", large)]["peak_pss_by_process_mb"]
     print(f"Ray peak at {large:,} rows by process (MB): " + ", ".join(f"{k} {v}" for k, v in split.items()))
+    cpu = runs[("ray", large)]["cpu_by_process_s"]
+    print(f"Ray CPU s at {large:,} rows by process: " + ", ".join(f"{k} {v}" for k, v in list(cpu.items())[:8]))
     print(f"speedup (single s / Ray Data s): {report['speedup_small']:.2f} at {small:,} rows, "
           f"{report['speedup_ratio']:.2f} at {large:,} rows")
     for mode in MODES:
