@@ -46,6 +46,7 @@ MODES = ("single", "ray")
 NUM_CPUS = 2
 SAMPLE_EVERY_S = 0.5
 COUNT_KEYS = ("rows_in", "kept", "filtered", "rejected", "users", "redacted")
+INGEST_MODULES = ("ingest", "sources", "checks", "redact", "schema", "stage", "config", "runtime")
 
 
 # --- inside the measured subprocess ------------------------------------------------------
@@ -98,7 +99,7 @@ def child(mode: str, input_dir: str, run_dir: str, result_path: str) -> None:
 
     config = parse_config({"run_dir": run_dir, "ingest": {"inputs": [input_dir]},
                            "resources": {"num_cpus": NUM_CPUS, "progress_bars": False}})
-    result: dict[str, Any] = {"mode": mode}
+    result: dict[str, Any] = {"mode": mode, "code": code_fingerprint()}
     if mode == "ray":
         start = time.perf_counter()
         start_ray(config.resources)
@@ -235,6 +236,9 @@ def prepare_input(workdir: Path, size: int, seed: int) -> tuple[Path, float]:
 
 
 def check_same_counts(single: dict[str, Any], ray: dict[str, Any]) -> None:
+    if single["code"] != ray["code"]:
+        raise SystemExit(f"bench: pipelines/ changed between the two runs on {single['size']:,} rows "
+                         f"(code {single['code']} then {ray['code']}); rerun when nobody edits it")
     if single["counts"] != ray["counts"]:
         diff = {k: (single["counts"][k], ray["counts"][k]) for k in COUNT_KEYS
                 if single["counts"][k] != ray["counts"][k]}
@@ -243,17 +247,20 @@ def check_same_counts(single: dict[str, Any], ray: dict[str, Any]) -> None:
 
 
 def code_fingerprint() -> str:
-    """A hash of pipelines/*.py, so numbers can be tied to the code that produced them."""
+    """A hash of the modules the stage runs, so numbers can be tied to the code that
+    produced them (others may edit pipelines/ while a long benchmark runs)."""
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "pipelines").glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for name in INGEST_MODULES:
+        path = ROOT / "pipelines" / f"{name}.py"
+        digest.update(name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
 def build_report(runs: dict[tuple[str, int], dict[str, Any]], sizes: tuple[int, int],
                  generate_s: dict[int, float]) -> dict[str, Any]:
     small, large = sizes
-    report: dict[str, Any] = {"sizes": list(sizes), "num_cpus": NUM_CPUS, "code": code_fingerprint()}
+    codes = sorted({run["code"] for run in runs.values()})
+    report: dict[str, Any] = {"sizes": list(sizes), "num_cpus": NUM_CPUS, "code": ",".join(codes)}
     for mode in MODES:
         for label, size in (("small", small), ("large", large)):
             run = runs[(mode, size)]
