@@ -1,0 +1,112 @@
+"""FollowupClassifier: what does the user's reply say about the answer before it?
+
+Labels (DESIGN.md, after Don-Yehiya et al. 2024 and the paper's "re-attempt with
+feedback"): reattempt_feedback, correction, complaint carry feedback and feed rewrites;
+clarification, positive, new_request do not.
+
+Backends (issue 3/8 brings `rules` and `cascade`): `llm` classifies by label likelihood: the
+summed log-probability of each label name as the model's reply to
+`actors/prompts/followup.jinja`, normalised over the labels. The label is the most likely
+one and the confidence its probability. A prompt that cannot be built is recorded as
+unclassified with the reason, never guessed.
+
+Ray Data columns: `context`, `answer`, `message` in; `label`, `confidence`, `backend`,
+`unclassified_reason` out. Serve: `classify()` / `classify_batch()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+from actors.batch import Batch, map_batch
+from actors.engines import GenerationEngine, make_engine, normalize
+from actors.models import SMOLLM2, ModelSpec, as_spec
+from actors.prompts import fit_to_budget, render
+from pipelines.schema import FOLLOWUP_LABELS
+
+Backend = Literal["rules", "llm", "cascade"]
+LATER = ("the {!r} follow-up backend arrives with issue 3/8 (follow-up classification and "
+         "personas); use backend 'llm' until then")
+
+
+@dataclass(frozen=True)
+class FollowupLabel:
+    """One classification. `label` is None when unclassified, with the reason."""
+
+    label: str | None
+    confidence: float
+    backend: str
+    unclassified_reason: str | None = None
+
+
+class FollowupClassifier:
+    """context, assistant answer, user follow-up -> label with confidence."""
+
+    INPUTS = ("context", "answer", "message")
+    OUTPUTS = ("label", "confidence", "backend", "unclassified_reason")
+
+    def __init__(self, backend: Backend = "llm", model: ModelSpec | dict | str = SMOLLM2, *,
+                 engine: GenerationEngine | None = None,
+                 labels: Sequence[str] = FOLLOWUP_LABELS) -> None:
+        if backend in ("rules", "cascade"):
+            raise NotImplementedError(LATER.format(backend))
+        if backend != "llm":
+            raise ValueError(f"unknown follow-up backend {backend!r}; expected rules, llm "
+                             "or cascade")
+        self.backend = backend
+        self.labels = tuple(labels)
+        system = render("followup", None, [], answer="", message="")[0]["content"]
+        undescribed = [lab for lab in self.labels if f"- {lab}:" not in system]
+        if undescribed:
+            raise ValueError(f"labels {undescribed} are not described in "
+                             "actors/prompts/followup.jinja; the model cannot choose them")
+        self.spec = as_spec(model)
+        self.engine = engine or make_engine(self.spec)
+        self._label_tokens = max(self.engine.count_tokens(
+            [{"role": "assistant", "content": lab}]) for lab in self.labels)
+
+    def classify(self, context: Sequence[Any], answer: str, message: str) -> FollowupLabel:
+        """Label one follow-up."""
+        return self.classify_batch([context], [answer], [message])[0]
+
+    def label_probabilities(self, context: Sequence[Any], answer: str,
+                            message: str) -> dict[str, float]:
+        """P(label) for every label: the label-likelihood core, for inspection."""
+        prompt = self._prompt(context, answer, message)
+        scores = self.engine.score_continuations([prompt.messages], [self.labels])[0]
+        return dict(zip(self.labels, normalize(scores)))
+
+    def classify_batch(self, contexts: Sequence[Sequence[Any]], answers: Sequence[str],
+                       messages: Sequence[str]) -> list[FollowupLabel]:
+        """Label many follow-ups in one scoring call."""
+        results: list[FollowupLabel | None] = []
+        prompts = []
+        for ctx, answer, message in zip(contexts, answers, messages, strict=True):
+            try:
+                prompts.append(self._prompt(ctx, answer, message).messages)
+                results.append(None)
+            except ValueError as err:
+                results.append(FollowupLabel(None, 0.0, self.backend, f"prompt: {err}"))
+        scores = iter(self.engine.score_continuations(prompts, [self.labels] * len(prompts)))
+        for i, result in enumerate(results):
+            if result is None:
+                probs = normalize(next(scores))
+                best = max(range(len(probs)), key=probs.__getitem__)
+                results[i] = FollowupLabel(self.labels[best], probs[best], self.backend)
+        return results  # type: ignore[return-value]
+
+    def _prompt(self, context: Sequence[Any], answer: str, message: str):
+        return fit_to_budget("followup", None, context, answer=answer, message=message,
+                             count_tokens=self.engine.count_tokens,
+                             max_tokens=self.engine.max_context_tokens,
+                             reserve_tokens=self._label_tokens)
+
+    def __call__(self, batch: Batch) -> Batch:
+        def run(context: list, answer: list, message: list) -> dict[str, list]:
+            out = self.classify_batch(context, answer, message)
+            return {"label": [r.label for r in out],
+                    "confidence": [r.confidence for r in out],
+                    "backend": [r.backend for r in out],
+                    "unclassified_reason": [r.unclassified_reason for r in out]}
+
+        return map_batch(batch, self.INPUTS, run)
