@@ -28,3 +28,36 @@ def ray_session():
 @pytest.fixture(scope="session")
 def wildchat_sample() -> Path:
     return WILDCHAT_SAMPLE
+
+
+# ---- models (issue 2/8): tiny fixtures built in code, and the embedded SmolLM2 when present
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny deterministic Llama/BERT models and tokenizer (tests/tiny_models.py), built once."""
+    from tiny_models import build_all
+
+    return build_all(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_models):
+    """One transformers engine on the tiny causal LM, shared by the session."""
+    from actors.engines.transformers_engine import TransformersEngine
+    from actors.models import ModelSpec
+
+    return TransformersEngine(ModelSpec(id=str(tiny_models.causal_lm), batch_size=4,
+                                        max_new_tokens=8))
+
+
+@pytest.fixture(scope="session")
+def smollm2_spec():
+    """ModelSpec of the converted SmolLM2-135M-Instruct; skips when `make models` has not run."""
+    from actors.models import SMOLLM2, ModelSpec, ModelUnavailableError, resolve_model
+
+    try:
+        resolve_model(SMOLLM2)
+    except ModelUnavailableError as err:
+        pytest.skip(f"SmolLM2 is not available ({err})")
+    return ModelSpec(id=SMOLLM2, engine="transformers", max_context_tokens=2048,
+                     max_new_tokens=48, temperature=0.0)

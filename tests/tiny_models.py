@@ -70,6 +70,9 @@ def _llama_config(tokenizer, **extra):
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
         max_position_embeddings=4096, tie_word_embeddings=True,
+        # Wider than the default 0.02 init: near-uniform logits make greedy decoding repeat
+        # one token, which would let batching and stop-string tests pass vacuously.
+        initializer_range=0.2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, **extra)
 
