@@ -2,6 +2,7 @@
 
     rlhi ingest --input PATH [PATH ...] --out RUN_DIR [--config FILE] [--json]
     rlhi run --config FILE [--out RUN_DIR] [--json]
+    rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--json]
 
 Every command prints a human summary; with --json its last stdout line is one JSON object.
 Errors in the configuration or the inputs exit with status 2 and one message naming the
@@ -13,10 +14,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from pipelines.config import ConfigError, RunConfig, load_config, parse_config
-from pipelines.sources import InputError
+from pipelines.config import InputFormat, RunConfig, UserKey, load_config, parse_config
 
 
 def _ingest_summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -35,17 +35,25 @@ def _ingest_summary_lines(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def _stage_line(name: str, summary: dict[str, Any]) -> str:
+    shown = {k: v for k, v in summary.items() if k not in ("output", "backend")}
+    return f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f"\n  output: {summary['output']}"
+
+
 def run_stages(config: RunConfig) -> dict[str, Any]:
     """Run the configured stages in order on Ray; returns each stage's summary."""
+    from pipelines.followups import run_followups
     from pipelines.ingest import run_ingest
+    from pipelines.personas import run_personas
     from pipelines.runtime import start_ray
 
     start_ray(config.resources)
+    runners = {"ingest": run_ingest, "followups": run_followups, "personas": run_personas}
     results: dict[str, Any] = {}
     for stage in config.stages:
-        if stage == "ingest":
-            results["ingest"] = run_ingest(config)
-            print("\n".join(_ingest_summary_lines(results["ingest"])))
+        results[stage] = runners[stage](config)
+        lines = _ingest_summary_lines(results[stage]) if stage == "ingest" else [_stage_line(stage, results[stage])]
+        print("\n".join(lines), flush=True)
     return results
 
 
@@ -69,6 +77,35 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
     return {"run_dir": str(Path(config.run_dir).resolve()), "stages": run_stages(config)}
 
 
+def followup_classify_batch(backend: str, config: RunConfig):
+    """[(previous_user, answer, message)] -> [(label, confidence)] for a backend."""
+    if backend == "rules":
+        from actors.followup_rules import RulesClassifier
+
+        return RulesClassifier().classify
+    from actors.followup_classifier import FollowupClassifier
+
+    classifier = FollowupClassifier(backend=backend, model=config.models.classifier)
+
+    def classify(items: list[tuple]) -> list[tuple]:
+        contexts = [[{"role": "user", "content": prev}] if prev else [] for prev, _, _ in items]
+        results = classifier.classify_batch(contexts, [a for _, a, _ in items], [m for _, _, m in items])
+        return [(r.label, r.confidence) for r in results]
+
+    return classify
+
+
+def cmd_eval_followups(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.followup_eval import evaluate_backend, format_report
+
+    config = load_config(args.config) if args.config else RunConfig()
+    result = evaluate_backend(args.input, args.labels, followup_classify_batch(args.backend, config),
+                              seed=config.seed)
+    result["backend"] = args.backend
+    print(format_report(result))
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhi", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="files, folders or globs (WildChat Parquet in the Hub's schema, or chat JSONL)")
     ingest.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory; writes RUN_DIR/ingest/")
     ingest.add_argument("--config", metavar="FILE", help="take filters and settings from this run configuration")
-    ingest.add_argument("--format", choices=["auto", "wildchat", "jsonl"], help="input format (default: by extension)")
-    ingest.add_argument("--user-key", choices=["hashed_ip", "hashed_ip+user_agent", "hashed_ip+user_agent+accept_language"])
+    ingest.add_argument("--format", choices=get_args(InputFormat), help="input format (default: by extension)")
+    ingest.add_argument("--user-key", choices=get_args(UserKey), help="what makes a user (default: hashed_ip)")
     ingest.add_argument("--skip-bad-files", action="store_true", help="list unreadable files instead of failing")
     ingest.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     ingest.set_defaults(handler=cmd_ingest)
@@ -89,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="RUN_DIR", help="run directory (overrides run_dir in the config)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     run.set_defaults(handler=cmd_run)
+
+    evalf = commands.add_parser("eval-followups", help="score a follow-up classifier backend against gold labels")
+    evalf.add_argument("--input", required=True, metavar="CONVERSATIONS",
+                       help="WildChat Parquet, or a run's ingest/conversations folder")
+    evalf.add_argument("--labels", required=True, metavar="FILE",
+                       help="gold labels JSONL: conversation_hash, message_index, label")
+    evalf.add_argument("--backend", required=True, choices=["rules", "llm", "cascade"])
+    evalf.add_argument("--config", metavar="FILE", help="take models.classifier and the seed from this configuration")
+    evalf.add_argument("--json", action="store_true", help="print the scores as JSON on the last line")
+    evalf.set_defaults(handler=cmd_eval_followups)
     return parser
 
 
@@ -96,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.handler(args)
-    except (ConfigError, InputError) as exc:
+    except ValueError as exc:  # ConfigError, InputError and bad label files: the user's to fix
         print(f"rlhi {args.command}: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -15,8 +15,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
-USER_KEYS = ("hashed_ip", "hashed_ip+user_agent", "hashed_ip+user_agent+accept_language")
-REDACTION_KINDS = ("email", "phone", "ip_address", "credit_card", "secret")
+from actors.models import ModelSpec
+from pipelines.redact import REDACTION_KINDS
+
+UserKey = Literal["hashed_ip", "hashed_ip+user_agent", "hashed_ip+user_agent+accept_language"]
+InputFormat = Literal["auto", "wildchat", "jsonl"]
 
 
 class ConfigError(ValueError):
@@ -52,12 +55,12 @@ class IngestConfig(_Section):
 
     inputs: list[str] = Field(default_factory=lambda: ["data/wildchat/train-00000-of-00001.parquet"])
     """Files, folders or globs; relative paths are read from the working directory."""
-    format: Literal["auto", "wildchat", "jsonl"] = "auto"
+    format: InputFormat = "auto"
     """"auto" decides per file by extension (.parquet / .jsonl, .json)."""
-    user_key: Literal["hashed_ip", "hashed_ip+user_agent", "hashed_ip+user_agent+accept_language"] = "hashed_ip"
+    user_key: UserKey = "hashed_ip"
     """What makes a user: WildChat's `hashed_ip`, optionally with request headers."""
     filters: Filters = Filters()
-    redact: list[Literal["email", "phone", "ip_address", "credit_card", "secret"]] = list(REDACTION_KINDS)
+    redact: list[str] = list(REDACTION_KINDS)
     """Kinds of identifiers and secrets replaced in every turn before anything downstream
     sees it. WildChat's own <PRESIDIO_ANONYMIZED_...> placeholders are left as they are."""
     skip_bad_files: bool = False
@@ -69,8 +72,52 @@ class IngestConfig(_Section):
 
     @field_validator("redact")
     @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
+    def _known_kinds(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(REDACTION_KINDS))
+        if unknown:
+            raise ValueError(f"unknown redaction kind(s) {unknown}; allowed: {', '.join(REDACTION_KINDS)}")
         return sorted(set(value), key=REDACTION_KINDS.index)
+
+
+class ModelsConfig(_Section):
+    """Which model plays each role (actors/models.py documents a model's fields)."""
+
+    classifier: ModelSpec = ModelSpec()
+    """Follow-up classifier for the `llm` and `cascade` backends."""
+    persona: ModelSpec = ModelSpec()
+    """Persona summariser for the `llm` persona backend."""
+
+
+class FollowupsConfig(_Section):
+    """Classifying each user follow-up (actors/followup_classifier.py)."""
+
+    backend: Literal["rules", "llm", "cascade"] = "rules"
+    """`rules`: no model, for scale; `llm`: label likelihood under models.classifier;
+    `cascade`: rules tuned for recall as a prefilter, then `llm` on what passes."""
+    batch_size: PositiveInt = 64
+    """Follow-ups per classifier call."""
+    workers: PositiveInt | None = None
+    """Actors in the classifier pool; default: the CPUs Ray has."""
+
+
+class PersonasConfig(_Section):
+    """Persona snapshots per user (pipelines/personas.py)."""
+
+    backend: Literal["extractive", "llm"] = "extractive"
+    """`extractive`: deterministic summary; `llm`: models.persona summarises the history."""
+    cadence: PositiveInt = 1
+    """A snapshot after every `cadence` conversations (1 on small data, more at scale)."""
+    history_max_conversations: PositiveInt = 20
+    """At most this many earlier conversations per persona, the most recent first."""
+    history_max_tokens: PositiveInt = 2_000
+    """And at most about this many tokens of the user's own turns."""
+    max_persona_chars: PositiveInt = 600
+    """Persona text is cut to this length."""
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of users held out for evaluation (by a hash of the user key)."""
+    min_eval_users_with_history: int = Field(2, ge=0)
+    """Evaluation users who have two or more conversations, guaranteed."""
+    workers: PositiveInt | None = None
 
 
 class ResourcesConfig(_Section):
@@ -90,9 +137,13 @@ class RunConfig(_Section):
     run_dir: str = "runs/default"
     """Where every stage writes its tables, manifests and summaries."""
     seed: int = 0
-    stages: list[Literal["ingest"]] = Field(default_factory=lambda: ["ingest"])
+    stages: list[Literal["ingest", "followups", "personas"]] = Field(
+        default_factory=lambda: ["ingest", "followups", "personas"])
     """Stages to run, in pipeline order. Later stages arrive with later releases."""
     ingest: IngestConfig = IngestConfig()
+    followups: FollowupsConfig = FollowupsConfig()
+    personas: PersonasConfig = PersonasConfig()
+    models: ModelsConfig = ModelsConfig()
     resources: ResourcesConfig = ResourcesConfig()
 
     def section_hash(self, *names: str) -> str:

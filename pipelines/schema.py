@@ -94,6 +94,14 @@ PERSONAS = pa.schema([
     ("serving", pa.bool_()),              # the per-user persona built from all history
 ])
 
+# The train/evaluation split is by user, so no user's turns are on both sides.
+USERS = pa.schema([
+    ("user_id", pa.string()),
+    ("split", pa.string()),               # "train" or "eval"
+    ("conversations", pa.int32()),
+    ("has_history", pa.bool_()),          # two or more conversations
+])
+
 SAMPLES = pa.schema([
     ("sample_id", pa.string()),
     ("user_id", pa.string()),
@@ -131,6 +139,7 @@ TABLES: dict[str, pa.Schema] = {
     "rejects": REJECTS,
     "followups": FOLLOWUPS,
     "personas": PERSONAS,
+    "users": USERS,
     "samples": SAMPLES,
     "pairs": PAIRS,
 }

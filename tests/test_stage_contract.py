@@ -1,7 +1,6 @@
 """The stage contract: a stage folder exists only once the stage has finished."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.stage import MANIFEST, StageWriter, read_manifest
+from pipelines.stage import StageWriter, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
