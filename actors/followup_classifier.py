@@ -4,11 +4,15 @@ Labels (DESIGN.md, after Don-Yehiya et al. 2024 and the paper's "re-attempt with
 feedback"): reattempt_feedback, correction, complaint carry feedback and feed rewrites;
 clarification, positive, new_request do not.
 
-Backends (issue 3/8 brings `rules` and `cascade`): `llm` classifies by label likelihood: the
-summed log-probability of each label name as the model's reply to
-`actors/prompts/followup.jinja`, normalised over the labels. The label is the most likely
-one and the confidence its probability. A prompt that cannot be built is recorded as
-unclassified with the reason, never guessed.
+Backends:
+- `rules` (actors/followup_rules.py): no model, for scale.
+- `llm` classifies by label likelihood: the summed log-probability of each label name as
+  the model's reply to `actors/prompts/followup.jinja`, normalised over the labels. The
+  label is the most likely one and the confidence its probability. A prompt that cannot be
+  built is recorded as unclassified with the reason, never guessed.
+- `cascade`: `rules` as a recall-oriented prefilter; follow-ups it labels anything but a
+  confident `new_request` go to `llm`, the rest keep the rules' label. At WildChat scale
+  most follow-ups are new requests, so the model sees a small share of them.
 
 Ray Data columns: `context`, `answer`, `message` in; `label`, `confidence`, `backend`,
 `unclassified_reason` out. Serve: `classify()` / `classify_batch()`.
@@ -20,13 +24,24 @@ from typing import Any, Literal, Sequence
 
 from actors.batch import Batch, map_batch
 from actors.engines import GenerationEngine, make_engine, normalize
+from actors.engines.base import as_messages
+from actors.followup_rules import RulesClassifier
 from actors.models import SMOLLM2, ModelSpec, as_spec
 from actors.prompts import fit_to_budget, render
 from pipelines.schema import FOLLOWUP_LABELS
 
 Backend = Literal["rules", "llm", "cascade"]
-LATER = ("the {!r} follow-up backend arrives with issue 3/8 (follow-up classification and "
-         "personas); use backend 'llm' until then")
+# A rules `new_request` at or above this confidence skips the model in `cascade`; the
+# rules give 0.8 to long messages with no feedback cue at all, 0.6 to short ambiguous ones.
+CASCADE_SKIP_CONFIDENCE = 0.8
+
+
+def previous_user(context: Sequence[Any]) -> str | None:
+    """The user's request the answer responded to: the last user turn of the context."""
+    for turn in reversed(as_messages(context)):
+        if turn["role"] == "user":
+            return turn["content"]
+    return None
 
 
 @dataclass(frozen=True)
@@ -48,13 +63,14 @@ class FollowupClassifier:
     def __init__(self, backend: Backend = "llm", model: ModelSpec | dict | str = SMOLLM2, *,
                  engine: GenerationEngine | None = None,
                  labels: Sequence[str] = FOLLOWUP_LABELS) -> None:
-        if backend in ("rules", "cascade"):
-            raise NotImplementedError(LATER.format(backend))
-        if backend != "llm":
+        if backend not in ("rules", "llm", "cascade"):
             raise ValueError(f"unknown follow-up backend {backend!r}; expected rules, llm "
                              "or cascade")
         self.backend = backend
         self.labels = tuple(labels)
+        self.rules = RulesClassifier()
+        if backend == "rules":
+            return
         system = render("followup", None, [], answer="", message="")[0]["content"]
         undescribed = [lab for lab in self.labels if f"- {lab}:" not in system]
         if undescribed:
@@ -78,7 +94,24 @@ class FollowupClassifier:
 
     def classify_batch(self, contexts: Sequence[Sequence[Any]], answers: Sequence[str],
                        messages: Sequence[str]) -> list[FollowupLabel]:
-        """Label many follow-ups in one scoring call."""
+        """Label many follow-ups (one scoring call for the model's share)."""
+        if self.backend == "llm":
+            return self._llm_batch(contexts, answers, messages)
+        items = [(previous_user(c), a, m) for c, a, m in zip(contexts, answers, messages, strict=True)]
+        results = [FollowupLabel(label, confidence, "rules") for label, confidence in self.rules.classify(items)]
+        if self.backend == "rules":
+            return results
+        ask = [i for i, r in enumerate(results)
+               if r.label != "new_request" or r.confidence < CASCADE_SKIP_CONFIDENCE]
+        if ask:
+            asked = self._llm_batch([contexts[i] for i in ask], [answers[i] for i in ask],
+                                    [messages[i] for i in ask])
+            for i, result in zip(ask, asked):
+                results[i] = result
+        return [FollowupLabel(r.label, r.confidence, "cascade", r.unclassified_reason) for r in results]
+
+    def _llm_batch(self, contexts: Sequence[Sequence[Any]], answers: Sequence[str],
+                   messages: Sequence[str]) -> list[FollowupLabel]:
         results: list[FollowupLabel | None] = []
         prompts = []
         for ctx, answer, message in zip(contexts, answers, messages, strict=True):
@@ -92,7 +125,7 @@ class FollowupClassifier:
             if result is None:
                 probs = normalize(next(scores))
                 best = max(range(len(probs)), key=probs.__getitem__)
-                results[i] = FollowupLabel(self.labels[best], probs[best], self.backend)
+                results[i] = FollowupLabel(self.labels[best], probs[best], "llm")
         return results  # type: ignore[return-value]
 
     def _prompt(self, context: Sequence[Any], answer: str, message: str):

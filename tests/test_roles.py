@@ -54,16 +54,57 @@ def test_followup_classifier_gives_a_known_label_and_its_probability(spec, tiny_
     assert result.confidence == pytest.approx(max(probs.values()))
 
 
-@pytest.mark.parametrize("backend", ["rules", "cascade"])
-def test_followup_backends_of_a_later_issue_say_so(backend):
-    with pytest.raises(NotImplementedError, match="issue 3/8"):
-        FollowupClassifier(backend)
+def test_the_rules_backend_needs_no_model():
+    result = FollowupClassifier("rules").classify(
+        [{"role": "user", "content": "Write a poem about the sea"}], "The sea is blue.",
+        "make it longer, at least 20 lines")
+    assert result == result.__class__("reattempt_feedback", result.confidence, "rules")
 
 
-def test_persona_builder_is_an_interface_until_issue_3_of_8():
+class CountingEngine:
+    """Wraps an engine and counts the prompts the model is asked to score."""
+
+    def __init__(self, engine):
+        self.engine, self.scored = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def score_continuations(self, prompts, continuations):
+        self.scored += len(prompts)
+        return self.engine.score_continuations(prompts, continuations)
+
+
+def test_the_cascade_asks_the_model_only_about_what_the_rules_flag(spec, tiny_engine):
+    engine = CountingEngine(tiny_engine)
+    classifier = FollowupClassifier("cascade", spec, engine=engine)
+    request = [{"role": "user", "content": "Write a poem about the sea"}]
+    long_new_request = ("Now please explain in detail how photosynthesis works in desert plants, "
+                        "including the CAM pathway and why it saves water.")
+    out = classifier.classify_batch([request, request], ["The sea is blue.", "The sea is blue."],
+                                    ["No, that's wrong, the sea is green.", long_new_request])
+    assert engine.scored == 1
+    assert out[1].label == "new_request" and {r.backend for r in out} == {"cascade"}
+    assert out[0].label in FOLLOWUP_LABELS
+
+
+def test_the_extractive_persona_builder_summarises_history_deterministically():
+    history = [{"language": "English", "feedback": ["shorter please"],
+                "turns": [{"role": "user", "content": "Write python code to sort a list"},
+                          {"role": "assistant", "content": "sorted(xs)"}]}]
     builder = PersonaBuilder("extractive")
-    with pytest.raises(NotImplementedError, match="issue 3/8"):
-        builder.build([QUESTION])
+    persona = builder.build(history)
+    assert persona == builder.build(history) and "coding (1)" in persona
+    assert "prefers shorter answers" in persona
+    assert builder.build([]) == ""
+
+
+def test_the_llm_persona_builder_writes_a_bounded_summary(spec, tiny_engine):
+    history = [{"language": "English", "feedback": [],
+                "turns": [{"role": "user", "content": "Explain black holes simply"}]}]
+    builder = PersonaBuilder("llm", spec, engine=tiny_engine, max_persona_chars=40)
+    out = builder.build_batch([history, []])
+    assert isinstance(out[0], str) and len(out[0]) <= 40 and out[1] == ""
 
 
 @pytest.mark.parametrize("backend", ["judge", "classifier", "trained"])

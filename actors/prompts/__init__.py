@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 from actors.engines.base import Message, as_messages
 
 TEMPLATES = Path(__file__).parent
-ROLES = ("policy", "rewriter", "followup", "judge", "reward_judge")
+ROLES = ("policy", "rewriter", "followup", "judge", "reward_judge", "persona")
 # The tags templates quote user text with (see _conversation.jinja and the role files).
 QUOTE_TAGS = ("conversation", "turn", "answer", "user_message", "candidate", "persona")
 _TAG = re.compile(r"<(/?\s*(?:%s))\b" % "|".join(QUOTE_TAGS), re.IGNORECASE)

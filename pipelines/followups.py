@@ -1,0 +1,125 @@
+"""Stage `followups`: `conversations` -> `followups`, one labelled row per user follow-up.
+
+A follow-up is a user turn that comes right after an assistant turn. Its row carries the
+context before the assistant answer, the answer it reacts to, the user's message, and the
+FollowupClassifier's label, confidence and backend (actors/followup_classifier.py). The
+labels reattempt_feedback, correction and complaint carry feedback and feed rewrites.
+
+Top to bottom: extract the follow-ups (a plain function on Arrow), classify them in a Ray
+Data actor pool (the role built once per actor), write them with Ray Data's Parquet writer.
+Every follow-up gets a row; one the classifier cannot use is kept with label null and
+`unclassified_reason`, never guessed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.config import RunConfig
+from pipelines.schema import FOLLOWUPS, check_schema
+from pipelines.stage import StageWriter, read_manifest
+
+STAGE = "followups"
+UNLABELLED = [name for name in FOLLOWUPS.names if name not in ("label", "confidence", "backend", "unclassified_reason")]
+
+
+def followup_id(conversation_id: str, turn_index: int) -> str:
+    return hashlib.sha256(f"{conversation_id}\x1f{turn_index}".encode()).hexdigest()[:20]
+
+
+def extract_followups(conversations: pa.Table) -> pa.Table:
+    """One row per user turn after an assistant turn (labels not yet set)."""
+    rows = []
+    columns = conversations.select(["conversation_id", "user_id", "timestamp", "system", "turns"]).to_pylist()
+    for conv in columns:
+        turns = conv["turns"]
+        prefix = [{"role": "system", "content": conv["system"]}] if conv["system"] else []
+        for index in range(1, len(turns)):
+            if turns[index]["role"] != "user" or turns[index - 1]["role"] != "assistant":
+                continue
+            context = prefix + [{"role": t["role"], "content": t["content"]} for t in turns[: index - 1]]
+            rows.append({
+                "followup_id": followup_id(conv["conversation_id"], index),
+                "conversation_id": conv["conversation_id"], "user_id": conv["user_id"],
+                "turn_index": index, "timestamp": turns[index]["timestamp"] or conv["timestamp"],
+                "context": context, "answer": turns[index - 1]["content"], "message": turns[index]["content"],
+            })
+    schema = pa.schema([FOLLOWUPS.field(name) for name in UNLABELLED])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+class LabelWorker:
+    """Ray Data callable class around the FollowupClassifier role."""
+
+    def __init__(self, backend: str, model: dict[str, Any]) -> None:
+        from actors.followup_classifier import FollowupClassifier
+
+        self.classifier = FollowupClassifier(backend=backend, model=model)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        labelled = self.classifier(batch)
+        return labelled.select(FOLLOWUPS.names).cast(FOLLOWUPS)
+
+
+def label_with_ray(followups: pa.Table, config: RunConfig, out: Path) -> None:
+    """Classify in an actor pool; the driver writes the labelled parts as they stream in.
+
+    Blocks are cut here rather than with `repartition()`, and the output is written by the
+    driver rather than a Ray Data write task: on a 2-CPU machine a pool holding every CPU
+    would otherwise wait forever for a CPU the repartition or write task needs.
+    """
+    import ray
+
+    settings = config.followups
+    workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    size = max(1, -(-followups.num_rows // (workers * 4)))
+    blocks = [followups.slice(start, size) for start in range(0, followups.num_rows, size)]
+    labelled = ray.data.from_arrow(blocks).map_batches(
+        LabelWorker, fn_constructor_kwargs={"backend": settings.backend,
+                                            "model": config.models.classifier.model_dump()},
+        batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(blocks))))
+    out.mkdir(parents=True)
+    for index, batch in enumerate(labelled.iter_batches(batch_format="pyarrow", batch_size=None)):
+        pq.write_table(batch, out / f"part-{index:06d}.parquet")
+
+
+def run_followups(config: RunConfig) -> dict[str, Any]:
+    """Run the stage into `<run_dir>/followups/`; returns its summary."""
+    run_dir = Path(config.run_dir)
+    upstream = read_manifest(run_dir, "ingest")
+    if upstream is None:
+        raise RuntimeError(f"{run_dir}/ingest is missing or unfinished: run the ingest stage first")
+    conversations = pq.read_table(run_dir / "ingest" / "conversations")
+    followups = extract_followups(conversations)
+    with StageWriter(run_dir, STAGE) as stage:
+        table_dir = stage.tmp / "followups"
+        if followups.num_rows:
+            label_with_ray(followups, config, table_dir)
+            labelled = pq.read_table(table_dir, schema=FOLLOWUPS)
+        else:
+            table_dir.mkdir()
+            labelled = FOLLOWUPS.empty_table()
+            pq.write_table(labelled, table_dir / "part-0.parquet")
+        check_schema(labelled, FOLLOWUPS, "followups")
+        if labelled.num_rows != followups.num_rows:
+            raise RuntimeError(f"followups lost rows: {followups.num_rows} extracted, {labelled.num_rows} written")
+        labels = Counter(labelled.column("label").to_pylist())
+        summary = {
+            "conversations": conversations.num_rows, "followups": labelled.num_rows,
+            "labels": {str(k): v for k, v in sorted(labels.items(), key=lambda kv: str(kv[0])) if k is not None},
+            "unclassified": labels.get(None, 0), "backend": config.followups.backend,
+        }
+        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        stage.commit(config_hash=config.section_hash("followups", "models"), inputs=[],
+                     upstream={"ingest": upstream["config_hash"] + ":" + upstream["started_at"]},
+                     models=[config.models.classifier.model_dump()] if config.followups.backend != "rules" else [],
+                     counts=summary, seed=config.seed)
+    summary["output"] = str(run_dir / STAGE)
+    return summary

@@ -1,0 +1,225 @@
+"""Stage `personas`: snapshots of each user's persona, built only from earlier history.
+
+For each user (Ray Data `groupby("user_id")`), conversations are ordered by time. A snapshot
+with `as_of = t + 1 µs` follows every `cadence`-th conversation (t its timestamp) and is built
+only from conversations with timestamps before `as_of`: the most recent first, within a
+history budget, toxic ones left out. Every user also gets an explicit empty snapshot at the
+start of time (counted) and one serving persona built from all history.
+
+Later stages join a turn to the latest non-serving snapshot whose `as_of` is strictly earlier
+than the turn (`join_personas`), so a persona never contains its own turn or anything after.
+
+Users are split into train and evaluation users by a hash of their key, with a guaranteed
+minimum of evaluation users who have history (`split_users`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.config import PersonasConfig, RunConfig
+from pipelines.schema import FEEDBACK_LABELS, PERSONAS, USERS, check_schema
+from pipelines.stage import StageWriter, read_manifest
+
+STAGE = "personas"
+BEGINNING = datetime(1970, 1, 1, tzinfo=timezone.utc)
+ONE_TICK = timedelta(microseconds=1)
+
+
+def approx_tokens(text: str) -> int:
+    """About four characters a token: good enough to bound a history, model-free."""
+    return len(text) // 4 + 1
+
+
+def persona_id(user_id: str, as_of: datetime, persona: str, serving: bool) -> str:
+    key = f"{user_id}\x1f{as_of.isoformat()}\x1f{serving}\x1f{persona}"
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def history_item(conversation: dict[str, Any], feedback: Sequence[str]) -> dict[str, Any]:
+    return {"conversation_id": conversation["conversation_id"], "language": conversation["language"],
+            "turns": [{"role": t["role"], "content": t["content"]} for t in conversation["turns"]],
+            "feedback": list(feedback)}
+
+
+def select_history(earlier: Sequence[dict[str, Any]], max_conversations: int, max_tokens: int) -> list[dict[str, Any]]:
+    """The most recent non-toxic conversations first, within the budget."""
+    chosen, used = [], 0
+    for conversation in reversed(earlier):
+        if conversation.get("toxic"):
+            continue
+        cost = sum(approx_tokens(t["content"]) for t in conversation["turns"] if t["role"] == "user")
+        if chosen and (len(chosen) >= max_conversations or used + cost > max_tokens):
+            break
+        chosen.append(conversation)
+        used += cost
+    return chosen
+
+
+def user_snapshots(conversations: Sequence[dict[str, Any]], feedback: dict[str, list[str]], *,
+                   cadence: int, max_conversations: int, max_tokens: int, backend: str,
+                   build: Callable[[list[list[dict[str, Any]]]], list[str]],
+                   redact: Callable[[str], tuple[str, dict[str, int]]]) -> list[dict[str, Any]]:
+    """All persona rows of one user: the empty one, one per `cadence` conversations, the
+    serving one. `conversations` are that user's rows of the `conversations` table."""
+    ordered = sorted(conversations, key=lambda c: (c["timestamp"], c["conversation_id"]))
+    user = ordered[0]["user_id"]
+    points: list[tuple[datetime, int, bool]] = [(BEGINNING, 0, False)]
+    points += [(c["timestamp"] + ONE_TICK, i + 1, False) for i, c in enumerate(ordered) if (i + 1) % cadence == 0]
+    points.append((ordered[-1]["timestamp"] + ONE_TICK, len(ordered), True))
+    histories = []
+    for as_of, count, _ in points:
+        earlier = [c for c in ordered[:count] if c["timestamp"] < as_of]
+        chosen = select_history(earlier, max_conversations, max_tokens)
+        histories.append([history_item(c, feedback.get(c["conversation_id"], [])) for c in chosen])
+    texts = build([h for h in histories if h])
+    rows, built = [], iter(texts)
+    for (as_of, _, serving), history in zip(points, histories):
+        text, found = redact(next(built)) if history else ("", {})
+        rows.append({
+            "persona_id": persona_id(user, as_of, text, serving), "user_id": user, "as_of": as_of,
+            "persona": text, "history_conversations": len(history),
+            "history_tokens": sum(approx_tokens(t["content"]) for h in history for t in h["turns"] if t["role"] == "user"),
+            "redactions": sum(found.values()), "backend": backend, "serving": serving,
+        })
+    return rows
+
+
+def feedback_messages(followups: pa.Table) -> dict[str, list[str]]:
+    """conversation_id -> the user's feedback follow-ups in it, in turn order."""
+    rows = followups.select(["conversation_id", "turn_index", "message", "label"]).to_pylist()
+    out: dict[str, list[str]] = {}
+    for row in sorted(rows, key=lambda r: (r["conversation_id"], r["turn_index"])):
+        if row["label"] in FEEDBACK_LABELS:
+            out.setdefault(row["conversation_id"], []).append(row["message"])
+    return out
+
+
+def split_users(conversation_counts: dict[str, int], *, eval_fraction: float,
+                min_eval_with_history: int, seed: int) -> pa.Table:
+    """Train/eval split by a hash of the user key (stable as users are added), then the
+    train users with history that hash lowest move to eval until the minimum is met."""
+    def rank(user: str) -> float:
+        return int(hashlib.sha256(f"{seed}\x1f{user}".encode()).hexdigest()[:12], 16) / 16 ** 12
+
+    users = sorted(conversation_counts, key=rank)
+    split = {u: "eval" if rank(u) < eval_fraction else "train" for u in users}
+    has_history = {u: conversation_counts[u] >= 2 for u in users}
+    missing = min_eval_with_history - sum(1 for u in users if split[u] == "eval" and has_history[u])
+    for user in users:
+        if missing <= 0:
+            break
+        if split[user] == "train" and has_history[user]:
+            split[user], missing = "eval", missing - 1
+    return pa.Table.from_pylist(
+        [{"user_id": u, "split": split[u], "conversations": conversation_counts[u], "has_history": has_history[u]}
+         for u in sorted(users)], schema=USERS)
+
+
+def join_personas(turns: pd.DataFrame, personas: pa.Table) -> pd.Series:
+    """For rows with `user_id` and `time`, the persona_id of the latest non-serving
+    snapshot of that user whose as_of is strictly earlier than `time`."""
+    snaps = personas.filter(pc.invert(personas.column("serving"))) \
+                    .select(["user_id", "as_of", "persona_id"]).to_pandas()
+    left = turns[["user_id", "time"]].reset_index().sort_values("time")
+    merged = pd.merge_asof(left, snaps.sort_values("as_of"), left_on="time", right_on="as_of",
+                           by="user_id", allow_exact_matches=False, direction="backward")
+    return merged.set_index("index")["persona_id"].reindex(turns.index)
+
+
+def turn_times(conversation_timestamp: datetime, turn: dict[str, Any]) -> datetime:
+    """When a turn happened: its own timestamp where the log has one, else its conversation's."""
+    return turn.get("timestamp") or conversation_timestamp
+
+
+
+# --- the stage on Ray Data ----------------------------------------------------------------
+
+class PersonaWorker:
+    """Ray Data callable class for `map_groups`: all persona rows of one user."""
+
+    def __init__(self, settings_json: str, model: dict[str, Any]) -> None:
+        from actors.persona_builder import PersonaBuilder
+        from pipelines.redact import Redactor
+
+        self.settings = PersonasConfig.model_validate_json(settings_json)
+        self.builder = PersonaBuilder(self.settings.backend, model, max_persona_chars=self.settings.max_persona_chars)
+        self.redactor = Redactor()
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        feedback = {row["conversation_id"]: row["feedback"] or [] for row in
+                    group.select(["conversation_id", "feedback"]).to_pylist()}
+        rows = user_snapshots(
+            group.to_pylist(), feedback, cadence=self.settings.cadence,
+            max_conversations=self.settings.history_max_conversations,
+            max_tokens=self.settings.history_max_tokens, backend=self.settings.backend,
+            build=self.builder.build_batch, redact=self.redactor.redact)
+        return pa.Table.from_pylist(rows, schema=PERSONAS)
+
+
+def with_feedback(conversations: pa.Table, followups: pa.Table) -> pa.Table:
+    """The columns persona building reads, plus each conversation's feedback follow-ups."""
+    feedback = feedback_messages(followups)
+    table = conversations.select(["conversation_id", "user_id", "timestamp", "language", "toxic", "turns"])
+    column = pa.array([feedback.get(cid, []) for cid in table.column("conversation_id").to_pylist()],
+                      pa.list_(pa.string()))
+    return table.append_column("feedback", column)
+
+
+def run_personas(config: RunConfig) -> dict[str, Any]:
+    """Run the stage into `<run_dir>/personas/` (tables `personas` and `users`)."""
+    import ray
+
+    run_dir, settings = Path(config.run_dir), config.personas
+    upstream = {name: read_manifest(run_dir, name) for name in ("ingest", "followups")}
+    for name, manifest in upstream.items():
+        if manifest is None:
+            raise RuntimeError(f"{run_dir}/{name} is missing or unfinished: run the {name} stage first")
+    conversations = pq.read_table(run_dir / "ingest" / "conversations")
+    followups = pq.read_table(run_dir / "followups" / "followups")
+    table = with_feedback(conversations, followups)
+    counts = Counter(table.column("user_id").to_pylist())
+    with StageWriter(run_dir, STAGE) as stage:
+        workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+        # Half a CPU per actor leaves room for the groupby's shuffle tasks: a pool holding
+        # every CPU would wait forever for them on a small machine.
+        dataset = ray.data.from_arrow(table).groupby("user_id").map_groups(
+            PersonaWorker, batch_format="pyarrow", num_cpus=0.5,
+            fn_constructor_kwargs={"settings_json": settings.model_dump_json(),
+                                   "model": config.models.persona.model_dump()},
+            compute=ray.data.ActorPoolStrategy(size=min(workers, max(len(counts), 1))))
+        (stage.tmp / "personas").mkdir()
+        for index, batch in enumerate(dataset.iter_batches(batch_format="pyarrow", batch_size=None)):
+            pq.write_table(batch, stage.tmp / "personas" / f"part-{index:06d}.parquet")
+        personas = pq.read_table(stage.tmp / "personas", schema=PERSONAS)
+        check_schema(personas, PERSONAS, "personas")
+        users = split_users(dict(counts), eval_fraction=settings.eval_fraction,
+                            min_eval_with_history=settings.min_eval_users_with_history, seed=config.seed)
+        (stage.tmp / "users").mkdir()
+        pq.write_table(users, stage.tmp / "users" / "part-0.parquet")
+        rows = personas.select(["persona", "serving", "redactions"]).to_pylist()
+        summary = {
+            "users": len(counts), "snapshots": sum(1 for r in rows if not r["serving"]),
+            "empty_personas": sum(1 for r in rows if not r["serving"] and r["persona"] == ""),
+            "serving_personas": sum(1 for r in rows if r["serving"]),
+            "redactions": sum(r["redactions"] for r in rows),
+            "split": dict(Counter(users.column("split").to_pylist())),
+            "eval_users_with_history": sum(1 for u in users.to_pylist() if u["split"] == "eval" and u["has_history"]),
+            "backend": settings.backend,
+        }
+        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        stage.commit(config_hash=config.section_hash("personas", "models"), inputs=[], seed=config.seed,
+                     upstream={k: m["config_hash"] + ":" + m["started_at"] for k, m in upstream.items()},
+                     models=[config.models.persona.model_dump()] if settings.backend == "llm" else [],
+                     counts=summary)
+    summary["output"] = str(run_dir / STAGE)
+    return summary

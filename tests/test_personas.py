@@ -1,0 +1,102 @@
+"""Persona snapshots, the user split and the persona join, as plain functions (no Ray)."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pandas as pd
+import pyarrow as pa
+
+from actors.persona_extractive import extractive_persona, stated_preferences
+from pipelines.personas import BEGINNING, join_personas, split_users, user_snapshots
+from pipelines.schema import PERSONAS
+
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+
+def conversation(i: int, text: str, user: str = "u1", toxic: bool = False) -> dict:
+    return {"conversation_id": f"c{i}", "user_id": user, "timestamp": T0 + timedelta(days=i),
+            "language": "English", "toxic": toxic,
+            "turns": [{"role": "user", "content": text}, {"role": "assistant", "content": "answer"}]}
+
+
+def snapshots(conversations, feedback=None, cadence=1, max_conversations=20, max_tokens=2000):
+    histories_seen = []
+
+    def build(histories):
+        histories_seen.extend(histories)
+        return [" | ".join(t["turns"][0]["content"] for t in h) for h in histories]
+
+    rows = user_snapshots(conversations, feedback or {}, cadence=cadence, max_conversations=max_conversations,
+                          max_tokens=max_tokens, backend="test", build=build, redact=lambda s: (s, {}))
+    return rows, histories_seen
+
+
+def test_every_user_gets_an_empty_first_snapshot_and_one_serving_persona():
+    rows, _ = snapshots([conversation(0, "first"), conversation(1, "second")])
+    assert rows[0]["as_of"] == BEGINNING and rows[0]["persona"] == "" and rows[0]["history_conversations"] == 0
+    serving = [r for r in rows if r["serving"]]
+    assert len(serving) == 1 and serving[0]["persona"] == "second | first"
+
+
+def test_a_snapshot_holds_only_conversations_strictly_before_its_as_of():
+    convs = [conversation(i, f"request {i}") for i in range(4)]
+    rows, _ = snapshots(convs)
+    for row in rows:
+        if row["serving"]:
+            continue
+        included = [c for c in convs if f"request {c['conversation_id'][1:]}" in row["persona"]]
+        assert all(c["timestamp"] < row["as_of"] for c in included)
+        assert row["history_conversations"] == sum(1 for c in convs if c["timestamp"] < row["as_of"])
+
+
+def test_cadence_sets_how_often_snapshots_are_taken():
+    rows, _ = snapshots([conversation(i, f"r{i}") for i in range(6)], cadence=3)
+    assert [r["history_conversations"] for r in rows if not r["serving"]] == [0, 3, 6]
+
+
+def test_the_history_budget_keeps_the_most_recent_conversations():
+    rows, _ = snapshots([conversation(i, f"r{i}") for i in range(5)], max_conversations=2)
+    assert rows[-1]["persona"] == "r4 | r3"
+
+
+def test_toxic_conversations_never_enter_a_persona():
+    rows, _ = snapshots([conversation(0, "clean"), conversation(1, "nasty", toxic=True)])
+    assert all("nasty" not in r["persona"] for r in rows)
+
+
+def test_the_join_picks_the_latest_snapshot_strictly_before_the_turn():
+    convs = [conversation(i, f"r{i}") for i in range(3)]
+    rows, _ = snapshots(convs)
+    personas = pa.Table.from_pylist(rows, schema=PERSONAS)
+    turns = pd.DataFrame({"user_id": ["u1"] * 3, "time": [c["timestamp"] for c in convs]})
+    joined = join_personas(turns, personas)
+    by_id = {r["persona_id"]: r for r in rows}
+    for time, pid in zip(turns["time"], joined):
+        assert by_id[pid]["as_of"] < time and not by_id[pid]["serving"]
+    assert [by_id[pid]["history_conversations"] for pid in joined] == [0, 1, 2]
+
+
+def test_the_split_is_deterministic_and_guarantees_eval_users_with_history():
+    counts = {f"user{i}": (1 if i % 2 else 5) for i in range(20)}
+    a = split_users(counts, eval_fraction=0.05, min_eval_with_history=3, seed=0)
+    b = split_users(counts, eval_fraction=0.05, min_eval_with_history=3, seed=0)
+    assert a.equals(b)
+    rows = a.to_pylist()
+    assert sum(1 for r in rows if r["split"] == "eval" and r["has_history"]) >= 3
+    assert {r["split"] for r in rows} == {"train", "eval"}
+
+
+def test_the_extractive_persona_reports_tasks_topics_and_stated_preferences():
+    history = [{"language": "English", "feedback": ["too long, make it shorter please"],
+                "turns": [{"role": "user", "content": "Write a python function to parse CSV files"}]},
+               {"language": "English", "feedback": [],
+                "turns": [{"role": "user", "content": "Fix this python error in my pandas script"}]}]
+    persona = extractive_persona(history)
+    assert "coding (2)" in persona and "python" in persona
+    assert "prefers shorter answers" in persona
+    assert extractive_persona([]) == ""
+
+
+def test_stated_preferences_read_several_languages():
+    assert stated_preferences(["Answer in French please"]) == ["wants answers in French"]
+    assert stated_preferences(["слишком длинно, короче"]) == ["prefers shorter answers"]
