@@ -19,6 +19,7 @@ Ray Data columns: `context`, `answer`, `message` in; `label`, `confidence`, `bac
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -123,7 +124,12 @@ class FollowupClassifier:
         scores = iter(self.engine.score_continuations(prompts, [self.labels] * len(prompts)))
         for i, result in enumerate(results):
             if result is None:
-                probs = normalize(next(scores))
+                label_scores = list(next(scores))
+                if len(label_scores) != len(self.labels) or not all(map(math.isfinite, label_scores)):
+                    # A broken score is no evidence for any label: record it, never guess.
+                    results[i] = FollowupLabel(None, 0.0, "llm", f"scores: unusable {label_scores!r}")
+                    continue
+                probs = normalize(label_scores)
                 best = max(range(len(probs)), key=probs.__getitem__)
                 results[i] = FollowupLabel(self.labels[best], probs[best], "llm")
         return results  # type: ignore[return-value]

@@ -61,3 +61,16 @@ def smollm2_spec():
         pytest.skip(f"SmolLM2 is not available ({err})")
     return ModelSpec(id=SMOLLM2, engine="transformers", max_context_tokens=2048,
                      max_new_tokens=48, temperature=0.0)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(ray_session, tmp_path_factory):
+    """One end-to-end run of every stage so far on the bundled sample, for many tests to
+    inspect: (run_dir, {stage: summary})."""
+    from pipelines.cli import run_stages
+    from pipelines.config import parse_config
+
+    run_dir = tmp_path_factory.mktemp("pipeline-run")
+    config = parse_config({"run_dir": str(run_dir), "ingest": {"inputs": [str(WILDCHAT_SAMPLE)]},
+                           "resources": {"progress_bars": False}})
+    return run_dir, run_stages(config)

@@ -26,9 +26,9 @@ def ingest(run_dir: Path, inputs: list, **ingest_cfg) -> dict:
 
 
 @pytest.fixture(scope="session")
-def sample_run(ray_session, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sample-run")
-    return run_dir, ingest(run_dir, [WILDCHAT_SAMPLE])
+def sample_run(pipeline_run):
+    run_dir, summaries = pipeline_run
+    return run_dir, summaries["ingest"]
 
 
 def test_the_bundled_sample_gives_47_conversations_of_12_users(sample_run):

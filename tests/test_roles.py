@@ -88,6 +88,24 @@ def test_the_cascade_asks_the_model_only_about_what_the_rules_flag(spec, tiny_en
     assert out[0].label in FOLLOWUP_LABELS
 
 
+class BrokenScores:
+    """A scripted engine that returns an unusable score for every label."""
+
+    max_context_tokens = 2048
+
+    def count_tokens(self, messages):
+        return sum(len(m["content"]) // 4 + 1 for m in messages)
+
+    def score_continuations(self, prompts, continuations):
+        return [[float("nan")] * len(c) for c in continuations]
+
+
+def test_an_unusable_model_result_is_recorded_as_unclassified_never_guessed(spec):
+    classifier = FollowupClassifier("llm", spec, engine=BrokenScores())
+    result = classifier.classify(QUESTION, "Lyon.", "No, that's wrong.")
+    assert result.label is None and result.unclassified_reason.startswith("scores: unusable")
+
+
 def test_the_extractive_persona_builder_summarises_history_deterministically():
     history = [{"language": "English", "feedback": ["shorter please"],
                 "turns": [{"role": "user", "content": "Write python code to sort a list"},
