@@ -86,6 +86,14 @@ class ModelsConfig(_Section):
     """Follow-up classifier for the `llm` and `cascade` backends."""
     persona: ModelSpec = ModelSpec()
     """Persona summariser for the `llm` persona backend."""
+    policy: ModelSpec = ModelSpec()
+    """The policy: samples candidates (rewards stage) and answers the serving chat app."""
+    rewriter: ModelSpec = ModelSpec()
+    """Rewrites answers using the user's feedback (rewrites stage, serving rewrite app)."""
+    reward: ModelSpec = ModelSpec()
+    """Reward model of `serve.reward.backend`: an instruct model for `judge` (the default,
+    SmolLM2 until 6/8 trains one), a reward-model id or folder for `classifier`, the
+    reward_model stage's folder for `trained`."""
 
 
 class FollowupsConfig(_Section):
@@ -131,6 +139,73 @@ class ResourcesConfig(_Section):
     """Ray Data progress bars on the console."""
 
 
+class AutoscalingConfig(_Section):
+    """Serve autoscaling of one app's replicas (Ray Serve `autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: PositiveInt = 2
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    """Requests in flight per replica that Serve steers towards."""
+
+
+class ServeAppConfig(_Section):
+    """Replicas and batching of one serving app."""
+
+    enabled: bool = True
+    num_replicas: PositiveInt = 1
+    """Fixed replica count; ignored when `autoscaling` is set."""
+    autoscaling: AutoscalingConfig | None = None
+    """Scale between min and max replicas on load instead of a fixed count."""
+    num_cpus: float = Field(0.5, ge=0)
+    """CPUs Ray reserves per replica (fractions allowed; 0 on a crowded test box)."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per replica (1 for a vLLM engine on its own GPU)."""
+    max_ongoing_requests: PositiveInt = 64
+    """Requests one replica holds at once; at least max_batch_size so batches can fill."""
+    max_batch_size: PositiveInt = 16
+    """Requests merged into one model call (`serve.batch`); 1 turns batching off."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    """How long a partial batch waits for more requests."""
+
+
+class RewardAppConfig(ServeAppConfig):
+    """The reward app (`POST /v1/score`)."""
+
+    backend: Literal["judge", "classifier", "trained"] = "judge"
+    """RewardModel backend run on `models.reward` (actors/reward_model.py)."""
+
+
+class ServeConfig(_Section):
+    """The HTTP endpoints (`rlhi serve`): reward scoring, rewriting, persona-guided chat."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind; this machine only unless set (e.g. 0.0.0.0 behind a firewall)."""
+    port: int = Field(8000, ge=1, le=65535)
+    token_file: str | None = None
+    """File holding the bearer token; None reads the environment variable RLHI_API_TOKEN.
+    The token itself never goes in a config file."""
+    run_dir: str | None = None
+    """Run directory whose personas table (serving rows) feeds the chat app; None: the
+    config's `run_dir`. A missing table means no personas."""
+    max_body_bytes: PositiveInt = 1 << 20
+    """Larger request bodies get 413 before they are parsed."""
+    max_candidates: PositiveInt = 16
+    """Candidates one /v1/score request may carry."""
+    max_messages: PositiveInt = 64
+    """Messages one request may carry."""
+    max_chars: PositiveInt = 100_000
+    """Characters of one message, candidate, answer or persona."""
+    max_tokens: PositiveInt = 512
+    """Upper bound on a request's `max_tokens` (chat) and on generated tokens (rewrite)."""
+    request_timeout_s: float = Field(120.0, gt=0)
+    """The gateway gives up on a replica after this long (504)."""
+    ingress_replicas: PositiveInt = 1
+    """Replicas of the HTTP gateway (auth, validation, routing; no model)."""
+    reward: RewardAppConfig = RewardAppConfig(max_batch_size=32, max_ongoing_requests=128)
+    rewrite: ServeAppConfig = ServeAppConfig(max_batch_size=4)
+    chat: ServeAppConfig = ServeAppConfig(max_batch_size=1)
+
+
 class RunConfig(_Section):
     """One run of the pipeline."""
 
@@ -145,6 +220,7 @@ class RunConfig(_Section):
     personas: PersonasConfig = PersonasConfig()
     models: ModelsConfig = ModelsConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    serve: ServeConfig = ServeConfig()
 
     def section_hash(self, *names: str) -> str:
         """A hash of the named sections, for stage manifests: a rerun with the same hash

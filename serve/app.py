@@ -1,0 +1,205 @@
+"""The RLHI serving application: one FastAPI gateway on one port, model replicas behind it.
+
+    POST /v1/score             reward app: one score per candidate (batched, serve.batch)
+    POST /v1/rewrite           rewriter app: revise an answer with the user's feedback
+    POST /v1/chat/completions  chat app: OpenAI-compatible, `user` picks the serving persona
+    GET  /healthz              no token; 200 once every enabled app is running, else 503
+    GET  /docs, /openapi.json  OpenAPI (token required like everything but /healthz)
+
+`build_app(config, token_digest)` turns the run config's `serve` and `models` sections into
+a Serve application; `app_builder(args)` is the same for a Serve config YAML
+(serve/serve_config.yaml, `serve run` / `serve deploy`).
+"""
+# No `from __future__ import annotations`: FastAPI reads the route annotations, and the
+# request models are closure variables of make_gateway that string annotations cannot reach.
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from pipelines.config import RunConfig, ServeAppConfig, load_config
+from serve.guard import Guard, read_token, request_id_of, token_digest
+from serve.replicas import ChatReplica, RewardReplica, RewriteReplica
+from serve.schemas import (ChatChoice, ChatMessageOut, ChatResponse, ChatUsage, Limits,
+                           RewriteResponse, ScoreResponse, build_schemas)
+
+APP_NAME = "rlhi"
+logger = logging.getLogger("rlhi.serve")
+
+
+def make_fastapi(limits: Limits, digest: str, max_body_bytes: int) -> FastAPI:
+    """The FastAPI app: routes are attached by the Gateway class below."""
+    app = FastAPI(title="RLHI", version="1",
+                  description="Reward scoring, rewriting and persona-guided chat. Every "
+                              "path except /healthz needs `Authorization: Bearer <token>`.")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        # Malformed JSON is a 400; a well-formed body with a bad field is a 422. The
+        # offending input is never echoed back (it may be large or private).
+        status = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
+        detail = [{"field": ".".join(str(p) for p in e.get("loc", ())), "type": e.get("type"),
+                   "msg": e.get("msg")} for e in errors]
+        return JSONResponse({"error": "invalid request", "detail": detail,
+                             "request_id": request_id_of(request.scope)}, status_code=status)
+
+    @app.exception_handler(ReplicaFailure)
+    async def replica_error(request: Request, exc: ReplicaFailure) -> JSONResponse:
+        rid = request_id_of(request.scope)
+        # The exception type and request id only: messages can quote the request.
+        logger.error("request %s failed: %s", rid, exc.kind)
+        return JSONResponse({"error": f"replica error ({exc.kind}); retry, or report the "
+                                      "request id", "request_id": rid},
+                            status_code=exc.status)
+
+    app.add_middleware(Guard, digest=digest, max_body_bytes=max_body_bytes)
+    return app
+
+
+class ReplicaFailure(Exception):
+    """A model replica failed or timed out; answered as 5xx with the request id."""
+
+    def __init__(self, status: int, kind: str) -> None:
+        super().__init__(kind)
+        self.status, self.kind = status, kind
+
+
+async def call_replica(response: Any, timeout_s: float) -> Any:
+    """Await a deployment response, turning any failure into a `ReplicaFailure`."""
+    try:
+        return await asyncio.wait_for(response, timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
+        raise ReplicaFailure(504, "timeout") from None
+    except Exception as exc:  # noqa: BLE001 - every replica error must become a 5xx
+        raise ReplicaFailure(503 if _is_unavailable(exc) else 500, type(exc).__name__) from None
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    """A replica that died or is restarting: worth a retry (503), not a bug (500)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError))
+
+
+def make_gateway(limits: Limits, digest: str, max_body_bytes: int, timeout_s: float):
+    """The ingress deployment class bound to these limits."""
+    app = make_fastapi(limits, digest, max_body_bytes)
+    schemas = build_schemas(limits)
+    ScoreRequest, RewriteRequest, ChatRequest = (schemas.ScoreRequest, schemas.RewriteRequest,
+                                                 schemas.ChatRequest)
+
+    @serve.deployment(name="gateway")
+    @serve.ingress(app)
+    class Gateway:
+        """Auth, validation and routing; holds no model."""
+
+        def __init__(self, reward: DeploymentHandle | None, rewrite: DeploymentHandle | None,
+                     chat: DeploymentHandle | None, reward_backend: str) -> None:
+            self.apps = {"reward": reward, "rewrite": rewrite, "chat": chat}
+            self.reward_backend = reward_backend
+
+        def _app(self, name: str) -> DeploymentHandle:
+            handle = self.apps[name]
+            if handle is None:
+                from fastapi import HTTPException
+
+                raise HTTPException(404, f"the {name} app is not enabled in this server")
+            return handle
+
+        @app.get("/healthz", include_in_schema=False)
+        async def healthz(self) -> JSONResponse:
+            calls = [h.ready.remote() for h in self.apps.values() if h is not None]
+            try:
+                await asyncio.wait_for(asyncio.gather(*calls), timeout=2.0)
+            except Exception:  # starting, restarting or failed: not ready, say no more
+                return JSONResponse({"status": "unavailable"}, status_code=503)
+            return JSONResponse({"status": "ok"})
+
+        @app.post("/v1/score", response_model=ScoreResponse)
+        async def score(self, body: ScoreRequest) -> ScoreResponse:  # type: ignore[valid-type]
+            """One score per candidate (higher is better), batched with concurrent requests."""
+            messages = [m.model_dump() for m in body.messages]
+            scores = await call_replica(
+                self._app("reward").score.remote((body.persona, messages, body.candidates)),
+                timeout_s)
+            return ScoreResponse(scores=scores, backend=self.reward_backend)
+
+        @app.post("/v1/rewrite", response_model=RewriteResponse)
+        async def rewrite(self, body: RewriteRequest) -> RewriteResponse:  # type: ignore[valid-type]
+            """Revise `answer` using the user's `feedback` (user-guided rewrite)."""
+            messages = [m.model_dump() for m in body.messages]
+            out = await call_replica(self._app("rewrite").rewrite.remote(
+                (body.persona, messages, body.answer, body.feedback)), timeout_s)
+            return RewriteResponse(**out)
+
+        @app.post("/v1/chat/completions", response_model=ChatResponse)
+        async def chat(self, body: ChatRequest, request: Request) -> ChatResponse:  # type: ignore[valid-type]
+            """OpenAI-compatible chat completion conditioned on the user's serving persona."""
+            messages = [m.model_dump() for m in body.messages]
+            out = await call_replica(self._app("chat").complete.remote(
+                body.user, messages, body.max_tokens, body.temperature, body.top_p, body.seed),
+                timeout_s)
+            usage = ChatUsage(prompt_tokens=out["prompt_tokens"],
+                              completion_tokens=out["completion_tokens"],
+                              total_tokens=out["prompt_tokens"] + out["completion_tokens"])
+            return ChatResponse(
+                id=f"chatcmpl-{request_id_of(request.scope)}", created=out["created"],
+                model=body.model or out["model"], usage=usage, persona_id=out["persona_id"],
+                choices=[ChatChoice(index=0, message=ChatMessageOut(content=out["text"]),
+                                    finish_reason=out["finish_reason"])])
+
+    return Gateway
+
+
+def _scaling(app: ServeAppConfig) -> dict[str, Any]:
+    """Serve deployment options of one app from its config."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": max(app.max_ongoing_requests, app.max_batch_size),
+        "ray_actor_options": {"num_cpus": app.num_cpus, "num_gpus": app.num_gpus}}
+    if app.autoscaling is not None:
+        options["autoscaling_config"] = app.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = app.num_replicas
+    return options
+
+
+def build_app(config: RunConfig, digest: str):
+    """The Serve application of `config.serve` with the models of `config.models`."""
+    cfg, models = config.serve, config.models
+    limits = Limits(max_candidates=cfg.max_candidates, max_messages=cfg.max_messages,
+                    max_chars=cfg.max_chars, max_tokens=cfg.max_tokens)
+    reward = rewrite = chat = None
+    if cfg.reward.enabled:
+        reward = RewardReplica.options(**_scaling(cfg.reward)).bind(
+            cfg.reward.backend, models.reward.model_dump(), cfg.reward.max_batch_size,
+            cfg.reward.batch_wait_timeout_s)
+    if cfg.rewrite.enabled:
+        rewrite = RewriteReplica.options(**_scaling(cfg.rewrite)).bind(
+            models.rewriter.model_dump(), cfg.max_tokens, cfg.rewrite.max_batch_size,
+            cfg.rewrite.batch_wait_timeout_s)
+    if cfg.chat.enabled:
+        run_dir = cfg.run_dir or config.run_dir
+        chat = ChatReplica.options(**_scaling(cfg.chat)).bind(
+            models.policy.model_dump(), cfg.max_tokens, str(Path(run_dir).resolve()))
+    gateway = make_gateway(limits, digest, cfg.max_body_bytes, cfg.request_timeout_s)
+    # The gateway only routes: no CPU reserved, and enough slots for every client at once.
+    return gateway.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=1024,
+                           ray_actor_options={"num_cpus": 0}).bind(
+        reward, rewrite, chat, cfg.reward.backend)
+
+
+def app_builder(args: dict[str, Any]):
+    """Serve config YAML entry point (`import_path: serve.app:app_builder`).
+
+    args: `config` (run config YAML, default configs/default.yaml). The token is read where
+    the application is built, from `$RLHI_API_TOKEN` or `serve.token_file`.
+    """
+    config = load_config(args.get("config", "configs/default.yaml"))
+    return build_app(config, token_digest(read_token(config.serve.token_file)))

@@ -1,0 +1,129 @@
+"""The model replicas behind the gateway: one Serve deployment per app, each wrapping a role.
+
+The roles (actors/) are the same classes the Ray Data stages use; here they only get a
+batching front (`serve.batch`) and run their blocking model call in a thread, so the
+replica's event loop keeps collecting the next batch while the current one computes.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from actors.engines import SamplingParams
+from actors.models import ModelSpec
+
+
+@serve.deployment(name="reward")
+class RewardReplica:
+    """`RewardModel` scoring, batched across concurrent requests."""
+
+    def __init__(self, backend: str, model: dict[str, Any], max_batch_size: int,
+                 batch_wait_timeout_s: float) -> None:
+        from actors.reward_model import RewardModel
+
+        self.backend = backend
+        self.model = RewardModel(backend, ModelSpec.model_validate(model))
+        self.score.set_max_batch_size(max_batch_size)
+        self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def ready(self) -> bool:
+        return True
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def score(self, requests: list[tuple[str, list[dict], list[str]]]) -> list[list[float]]:
+        """Each request is (persona, messages, candidates); all go into one model call."""
+        personas, contexts, candidates = zip(*requests)
+        return await asyncio.to_thread(self.model.score_batch, list(personas), list(contexts),
+                                       list(candidates))
+
+
+@serve.deployment(name="rewrite")
+class RewriteReplica:
+    """`Rewriter`, batched across concurrent requests (greedy decoding batches cleanly)."""
+
+    def __init__(self, model: dict[str, Any], max_tokens: int, max_batch_size: int,
+                 batch_wait_timeout_s: float) -> None:
+        from actors.rewriter import Rewriter
+
+        spec = ModelSpec.model_validate(model)
+        self.rewriter = Rewriter(spec.model_copy(
+            update={"max_new_tokens": min(spec.max_new_tokens, max_tokens)}))
+        self.rewrite.set_max_batch_size(max_batch_size)
+        self.rewrite.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def ready(self) -> bool:
+        return True
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    async def rewrite(self, requests: list[tuple[str, list[dict], str, str]]) -> list[dict]:
+        """Each request is (persona, messages, answer, feedback)."""
+        personas, contexts, answers, feedback = (list(x) for x in zip(*requests))
+        out = await asyncio.to_thread(self.rewriter.rewrite_batch, personas, contexts,
+                                      answers, feedback)
+        return [{"rewrite": r.text, "finish_reason": r.finish_reason,
+                 "context_truncated": r.context_truncated} for r in out]
+
+
+def load_serving_personas(run_dir: str | Path | None) -> dict[str, tuple[str, str]]:
+    """user_id -> (persona_id, persona text) of the `serving` rows of a run's personas
+    table (pipelines/schema.py PERSONAS). A missing table means no personas."""
+    if run_dir is None:
+        return {}
+    table_dir = Path(run_dir) / "personas" / "personas"
+    if not table_dir.is_dir():
+        return {}
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipelines.schema import PERSONAS
+
+    table = pq.read_table(table_dir, schema=PERSONAS)
+    table = table.filter(pc.equal(table.column("serving"), True))
+    return {row["user_id"]: (row["persona_id"], row["persona"]) for row in table.to_pylist()}
+
+
+@serve.deployment(name="chat")
+class ChatReplica:
+    """Persona-guided inference: the policy answers with the user's serving persona."""
+
+    def __init__(self, model: dict[str, Any], max_tokens: int,
+                 run_dir: str | None) -> None:
+        from actors.policy_sampler import PolicySampler
+
+        spec = ModelSpec.model_validate(model)
+        self.model_id = spec.id
+        self.sampler = PolicySampler(spec.model_copy(update={"max_new_tokens": max_tokens}),
+                                     n=1)
+        self.personas = load_serving_personas(run_dir)
+        # One generation at a time: requests differ in sampling settings, so they do not
+        # batch, and two concurrent generate() calls would only split the same cores.
+        self.lock = asyncio.Lock()
+
+    async def ready(self) -> bool:
+        return True
+
+    async def complete(self, user: str | None, messages: list[dict], max_tokens: int | None,
+                       temperature: float | None, top_p: float | None,
+                       seed: int | None) -> dict[str, Any]:
+        """One completion; returns text, finish reason, token counts and the persona id."""
+        persona_id, persona = self.personas.get(user or "", (None, None))
+        prompt = self.sampler.prompt(persona, messages)
+        base = self.sampler.params
+        params = SamplingParams(
+            max_new_tokens=min(max_tokens or base.max_new_tokens, base.max_new_tokens),
+            n=1, temperature=base.temperature if temperature is None else temperature,
+            top_p=base.top_p if top_p is None else top_p,
+            seed=base.seed if seed is None else seed)
+        engine = self.sampler.engine
+        async with self.lock:
+            out = await asyncio.to_thread(engine.generate, [prompt.messages], params)
+        completion = out[0][0]
+        prompt_tokens = engine.count_tokens(prompt.messages)
+        completion_tokens = completion.num_tokens
+        return {"text": completion.text, "finish_reason": completion.finish_reason,
+                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "persona_id": persona_id, "model": self.model_id, "created": int(time.time())}

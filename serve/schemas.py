@@ -1,0 +1,131 @@
+"""Request and response bodies of the HTTP API, with their bounds.
+
+The bounds come from the run config's `serve` section, so the models are built per app by
+`build_schemas(limits)`; FastAPI then validates every body against them and the OpenAPI
+document shows the real limits. Any violation is a 4xx naming the field (serve/app.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry (pipelines/config.py ServeConfig documents each)."""
+
+    max_candidates: int = 16
+    max_messages: int = 64
+    max_chars: int = 100_000
+    max_tokens: int = 512
+
+
+class _Body(BaseModel):
+    # Unknown keys are refused, so a misspelled field is an error rather than a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScoreResponse(BaseModel):
+    """One score per candidate, in order; higher is better. Scales differ by backend."""
+
+    scores: list[float]
+    backend: str
+
+
+class RewriteResponse(BaseModel):
+    """The revised answer; `finish_reason` "length" means it hit the token limit."""
+
+    rewrite: str
+    finish_reason: str
+    context_truncated: int
+    """Oldest context turns dropped to fit the model's window."""
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatResponse(BaseModel):
+    """OpenAI `chat.completion`, plus `persona_id`: which serving persona conditioned the
+    answer (None: the user is unknown). The persona text itself is never returned."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    persona_id: str | None
+
+
+@dataclass(frozen=True)
+class Schemas:
+    """The request models of one app, bound to its limits."""
+
+    Message: type[BaseModel]
+    ScoreRequest: type[BaseModel]
+    RewriteRequest: type[BaseModel]
+    ChatRequest: type[BaseModel]
+
+
+def build_schemas(limits: Limits) -> Schemas:
+    """Request models whose field bounds are `limits`."""
+    Text = Annotated[str, Field(max_length=limits.max_chars)]
+    NonEmptyText = Annotated[str, Field(min_length=1, max_length=limits.max_chars)]
+
+    class Message(_Body):
+        """One chat turn."""
+
+        role: Literal["system", "user", "assistant"]
+        content: Text
+
+    Messages = Annotated[list[Message], Field(min_length=1, max_length=limits.max_messages)]
+
+    class ScoreRequest(_Body):
+        """Score candidate replies to a conversation for one user."""
+
+        persona: Text = Field(description='The user\'s persona; "" means none.')
+        messages: Messages = Field(description="The conversation, ending with the user turn.")
+        candidates: Annotated[list[NonEmptyText],
+                              Field(min_length=1, max_length=limits.max_candidates)]
+
+    class RewriteRequest(_Body):
+        """Revise `answer` (the assistant's reply to `messages`) using the user's feedback."""
+
+        persona: Text = Field(description='The user\'s persona; "" means none.')
+        messages: Messages = Field(description="The conversation before the answer.")
+        answer: NonEmptyText
+        feedback: NonEmptyText = Field(description="The user's follow-up message.")
+
+    class ChatRequest(BaseModel):
+        """OpenAI chat completion request; `user` selects that user's serving persona."""
+
+        # OpenAI clients send fields this server ignores (e.g. `stream: false`), so extra
+        # keys are allowed here, unlike the project's own endpoints.
+        model_config = ConfigDict(extra="ignore")
+        model: str | None = None
+        messages: Messages
+        user: Annotated[str, Field(max_length=256)] | None = None
+        max_tokens: Annotated[int, Field(ge=1, le=limits.max_tokens)] | None = None
+        temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+        top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+        seed: int | None = None
+        n: Literal[1] = 1
+        stream: Literal[False] = False
+
+    return Schemas(Message, ScoreRequest, RewriteRequest, ChatRequest)

@@ -1,0 +1,216 @@
+"""The HTTP endpoints over real HTTP on 127.0.0.1, with tiny models.
+
+One Serve application is shared by the module (Serve's fixed start-up costs dominate on 2
+cores) and shut down at its end so later tests get the CPUs back.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+TOKEN = "test-token-0123456789"
+CONTEXT = [{"role": "user", "content": "Write a short story about a robot."}]
+PERSONA_TEXT = "Likes concise answers about robots."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_personas(run_dir):
+    from datetime import datetime, timezone
+
+    from pipelines.schema import PERSONAS
+
+    folder = run_dir / "personas" / "personas"
+    folder.mkdir(parents=True)
+    now = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    rows = [{"persona_id": "p-serving", "user_id": "u1", "as_of": now, "persona": PERSONA_TEXT,
+             "history_conversations": 3, "history_tokens": 40, "redactions": 0,
+             "backend": "extractive", "serving": True},
+            {"persona_id": "p-old", "user_id": "u1", "as_of": now, "persona": "old",
+             "history_conversations": 1, "history_tokens": 10, "redactions": 0,
+             "backend": "extractive", "serving": False}]
+    pq.write_table(pa.Table.from_pylist(rows, schema=PERSONAS), folder / "part-0.parquet")
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_models, tmp_path_factory):
+    """(base_url, config) of one running application; Serve is shut down afterwards."""
+    from ray import serve
+
+    from pipelines.config import parse_config
+    from serve.app import APP_NAME, build_app
+    from serve.guard import token_digest
+
+    run_dir = tmp_path_factory.mktemp("serve-run")
+    _write_personas(run_dir)
+    lm = {"id": str(tiny_models.causal_lm), "engine": "transformers", "max_new_tokens": 8}
+    app_cfg = {"num_cpus": 0, "max_batch_size": 8, "batch_wait_timeout_s": 0.02}
+    config = parse_config({
+        "run_dir": str(run_dir),
+        "models": {"reward": lm, "rewriter": lm, "policy": lm},
+        "serve": {"port": _free_port(), "max_candidates": 4, "max_body_bytes": 20_000,
+                  "max_tokens": 8, "request_timeout_s": 60,
+                  "reward": {**app_cfg, "num_replicas": 2}, "rewrite": app_cfg,
+                  "chat": app_cfg}})
+    serve.start(http_options={"host": "127.0.0.1", "port": config.serve.port})
+    serve.run(build_app(config, token_digest(TOKEN)), name=APP_NAME, route_prefix="/")
+    base = f"http://127.0.0.1:{config.serve.port}"
+    from serve.client import RLHIClient
+
+    RLHIClient(base, TOKEN).wait_healthy(timeout_s=60)
+    yield base, config
+    serve.shutdown()
+
+
+def _post(base, path, body, token=TOKEN, **kwargs):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(base + path, data=data, timeout=60,
+                         headers={"Content-Type": "application/json", **headers}, **kwargs)
+
+
+# ---------------------------------------------------------------- happy paths
+
+def test_score_returns_one_score_per_candidate(server):
+    from serve.client import RLHIClient
+
+    scores = RLHIClient(server[0], TOKEN).score("", CONTEXT, ["Once upon a time.", "No."])
+    assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_rewrite_returns_a_revised_answer(server):
+    from serve.client import RLHIClient
+
+    out = RLHIClient(server[0], TOKEN).rewrite(PERSONA_TEXT, CONTEXT, "A robot.", "Longer please")
+    assert isinstance(out["rewrite"], str) and out["finish_reason"] in ("stop", "length")
+
+
+def test_chat_uses_the_serving_persona_and_returns_its_id_never_its_text(server):
+    response = _post(server[0], "/v1/chat/completions",
+                     {"messages": CONTEXT, "user": "u1", "max_tokens": 4, "stream": False})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["persona_id"] == "p-serving"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert PERSONA_TEXT not in response.text and body["usage"]["completion_tokens"] <= 4
+
+
+def test_chat_for_an_unknown_user_has_no_persona(server):
+    response = _post(server[0], "/v1/chat/completions", {"messages": CONTEXT, "user": "nobody"})
+    assert response.status_code == 200 and response.json()["persona_id"] is None
+
+
+def test_healthz_needs_no_token_and_reveals_nothing(server):
+    response = requests.get(server[0] + "/healthz", timeout=10)
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_openapi_documents_every_endpoint(server):
+    response = requests.get(server[0] + "/openapi.json", timeout=10,
+                            headers={"Authorization": f"Bearer {TOKEN}"})
+    paths = response.json()["paths"]
+    assert {"/v1/score", "/v1/rewrite", "/v1/chat/completions"} <= set(paths)
+
+
+# ---------------------------------------------------------------- auth
+
+def test_a_request_without_a_token_gets_401(server):
+    response = _post(server[0], "/v1/score", {}, token=None)
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_wrong_token_gets_403(server):
+    assert _post(server[0], "/v1/score", {}, token="wrong-token-xyz").status_code == 403
+
+
+# ---------------------------------------------------------------- bad requests
+
+GOOD = {"persona": "", "messages": CONTEXT, "candidates": ["a"]}
+
+
+@pytest.mark.parametrize("body, status, field", [
+    (b"{not json", 400, "body"),
+    ({k: v for k, v in GOOD.items() if k != "candidates"}, 422, "body.candidates"),
+    ({**GOOD, "candidates": "a"}, 422, "body.candidates"),
+    ({**GOOD, "persona": 5}, 422, "body.persona"),
+    ({**GOOD, "candidates": ["a"] * 5}, 422, "body.candidates"),
+    ({**GOOD, "candidates": []}, 422, "body.candidates"),
+    ({**GOOD, "candidates": [""]}, 422, "body.candidates.0"),
+    ({**GOOD, "messages": []}, 422, "body.messages"),
+    ({**GOOD, "messages": [{"role": "robot", "content": "x"}]}, 422, "body.messages.0.role"),
+], ids=["malformed-json", "missing-field", "wrong-type", "wrong-type-persona",
+        "too-many-candidates", "empty-candidates", "empty-candidate", "empty-messages",
+        "bad-role"])
+def test_a_bad_request_gets_a_4xx_naming_the_field(server, body, status, field):
+    response = _post(server[0], "/v1/score", body)
+    assert response.status_code == status, response.text
+    fields = [d["field"] for d in response.json()["detail"]]
+    assert any(f.startswith(field) for f in fields), fields
+    assert response.json()["request_id"]
+
+
+def test_an_oversized_body_gets_413_by_content_length(server):
+    body = {**GOOD, "candidates": ["x" * 30_000]}
+    assert _post(server[0], "/v1/score", body).status_code == 413
+
+
+def test_an_oversized_chunked_body_gets_413_while_streaming(server):
+    def chunks():
+        yield b'{"persona": "'
+        for _ in range(30):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = requests.post(server[0] + "/v1/score", data=chunks(), timeout=30,
+                             headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 413
+
+
+def test_chat_max_tokens_over_the_bound_is_refused(server):
+    response = _post(server[0], "/v1/chat/completions", {"messages": CONTEXT, "max_tokens": 999})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "body.max_tokens"
+
+
+# ---------------------------------------------------------------- robustness
+
+def test_a_replica_killed_under_load_loses_no_request(server):
+    """Kill a reward replica while 48 concurrent requests are in flight: every request is
+    answered (the gateway returns 503 for the lost ones and the client retries)."""
+    import ray
+
+    from serve.client import RLHIClient
+
+    client = RLHIClient(server[0], TOKEN, max_retries=8, backoff_s=0.3, max_backoff_s=3.0)
+    # Named actors come from the GCS, so this needs no dashboard (tests run without one).
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::") and "#reward#" in a["name"]]
+    assert replicas, "no reward replica found"
+
+    def killer():
+        time.sleep(0.3)
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: client.score("", CONTEXT, [f"answer {i}", "b"]),
+                                range(48)))
+    thread.join()
+    assert len(results) == 48 and all(len(r) == 2 for r in results)
+    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert replicas[0]["name"] not in alive  # the kill did happen; Serve started a new one
+    print(f"\nreplica killed under load: 48/48 answered, {client.retries} client retries")
+    client.wait_healthy(timeout_s=60)
