@@ -1,0 +1,115 @@
+"""Benchmark: the `rules` follow-up classifier, single process versus the Ray Data stage.
+
+    .venv/bin/python bench/followups.py            # 200,000 generated conversations
+    .venv/bin/python bench/followups.py --quick    # 20,000
+    .venv/bin/python bench/followups.py --size 50000 --workdir /tmp/b --json
+
+Top to bottom:
+1. generate the WildChat-schema input of bench/ingest.py (bench/wildchat_synth.py) and
+   ingest it once (reused from --workdir when present);
+2. `single`: in this process, extract the follow-ups and label them with the rules backend
+   one after another (the classifier's own speed, per core);
+3. `ray`: the `followups` stage itself (pipelines/followups.py: extraction on the driver,
+   labelling in a Ray Data actor pool, Parquet parts written as they stream in);
+4. check both give the same labels, print follow-ups per second and the ratio.
+
+`--json` prints one JSON object as the last line; `speedup_ratio` is single-process seconds
+over Ray Data stage seconds, and no other key ends in `_ratio`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.wildchat_synth import generate  # noqa: E402
+from pipelines.config import parse_config  # noqa: E402
+
+
+def prepare(workdir: Path, size: int) -> Path:
+    """A run directory whose ingest stage is done on `size` generated conversations."""
+    from pipelines.ingest import run_ingest
+    from pipelines.stage import read_manifest
+
+    data, run_dir = workdir / f"wildchat-{size}-seed0", workdir / f"followups-run-{size}"
+    if not any(data.glob("*.parquet")):
+        generate(data, size, seed=0)
+    if read_manifest(run_dir, "ingest") is None:
+        run_ingest(config(run_dir, data), use_ray=True)
+    return run_dir
+
+
+def config(run_dir: Path, data: Path | None = None):
+    inputs = [str(data)] if data else []
+    return parse_config({"run_dir": str(run_dir), "ingest": {"inputs": inputs},
+                         "followups": {"backend": "rules", "batch_size": 512},
+                         "resources": {"num_cpus": 2, "progress_bars": False}})
+
+
+def single_process(run_dir: Path) -> tuple[float, float, Counter]:
+    """(seconds for extraction + labelling, seconds for labelling alone, label counts)."""
+    from actors.followup_classifier import previous_user
+    from actors.followup_rules import RulesClassifier
+    from pipelines.followups import extract_followups
+
+    start = time.perf_counter()
+    followups = extract_followups(pq.read_table(run_dir / "ingest" / "conversations"))
+    rows = followups.select(["context", "answer", "message"]).to_pylist()
+    items = [(previous_user(r["context"]), r["answer"], r["message"]) for r in rows]
+    labelled_at = time.perf_counter()
+    labels = RulesClassifier().classify(items)
+    end = time.perf_counter()
+    return end - start, end - labelled_at, Counter(label for label, _ in labels)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20,000 conversations (a few minutes)")
+    parser.add_argument("--size", type=int, help="conversations to generate (default 200,000)")
+    parser.add_argument("--workdir", type=Path, help="keep inputs here and reuse them")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON on the last line")
+    args = parser.parse_args(argv)
+    size = args.size or (20_000 if args.quick else 200_000)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-followups-"))
+
+    import ray
+
+    from pipelines.followups import run_followups
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    run_dir = prepare(workdir, size)
+    single_s, classify_s, single_labels = single_process(run_dir)
+    start = time.perf_counter()
+    summary = run_followups(config(run_dir))
+    ray_s = time.perf_counter() - start
+    ray.shutdown()
+    if {k: v for k, v in single_labels.items()} != summary["labels"]:
+        raise SystemExit(f"label counts differ: single {dict(single_labels)} vs ray {summary['labels']}")
+    n = summary["followups"]
+    report = {
+        "conversations": size, "followups": n,
+        "single_s": round(single_s, 2), "ray_stage_s": round(ray_s, 2),
+        "rules_per_s_single_core": round(n / classify_s),
+        "followups_per_s_single": round(n / single_s), "followups_per_s_ray": round(n / ray_s),
+        "speedup_ratio": round(single_s / ray_s, 3),
+    }
+    print(f"{n} follow-ups from {size} conversations")
+    print(f"  rules classifier alone, one core: {report['rules_per_s_single_core']:,} follow-ups/s")
+    print(f"  single process (extract + label): {single_s:.1f} s, {report['followups_per_s_single']:,}/s")
+    print(f"  Ray Data stage (extract, label in an actor pool, write): {ray_s:.1f} s, "
+          f"{report['followups_per_s_ray']:,}/s")
+    print(f"  speedup_ratio (single / Ray Data): {report['speedup_ratio']}")
+    if args.json:
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
