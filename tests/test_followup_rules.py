@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.followup_rules import (Cues, RulesClassifier, _keys, classify_followup,
+from actors.cue_matcher import Cues, cue_keys
+from actors.followup_rules import (RulesClassifier, classify_followup,
                                    explain_followup)
 
 CODE_ANSWER = "```python\nimport pandas as pd\ndf = pd.read_csv('sales.csv')\nprint(df.head())\n```"
@@ -148,7 +149,7 @@ def test_cues_match_whole_words_only():
     cues = Cues(r"no|(?:make|do) it again")
     for text, hit in [("no, not that", True), ("notable", False), ("please make it again", True),
                       ("remake it again", False)]:
-        assert cues.search(text, _keys(text)) is hit
+        assert cues.search(text, cue_keys(text)) is hit
 
 
 def test_a_cue_shorter_than_three_letters_must_be_spelled_out():
