@@ -35,6 +35,21 @@ def chat_token_ids(tokenizer: Any, messages: Sequence[Message],
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
+def continuation_rows(tokenizer: Any, prompts: Sequence[Sequence[Message]],
+                      continuations: Sequence[Sequence[str]]) -> list[tuple[list[int], int]]:
+    """(prompt + continuation token ids, prompt length) for every continuation of every
+    prompt, in order: what both engines score the continuations' log-probabilities on."""
+    rows: list[tuple[list[int], int]] = []
+    for messages, conts in zip(prompts, continuations, strict=True):
+        prompt_ids = chat_token_ids(tokenizer, messages)
+        for cont in conts:
+            cont_ids = tokenizer.encode(cont, add_special_tokens=False)
+            if not cont_ids:
+                raise ValueError(f"cannot score an empty continuation {cont!r}")
+            rows.append((prompt_ids + cont_ids, len(prompt_ids)))
+    return rows
+
+
 class TransformersEngine:
     """GenerationEngine on a transformers causal LM (`AutoModelForCausalLM`)."""
 
@@ -84,14 +99,7 @@ class TransformersEngine:
                             continuations: Sequence[Sequence[str]]) -> list[list[float]]:
         import torch
 
-        rows: list[tuple[list[int], int]] = []  # (prompt + continuation ids, prompt length)
-        for messages, conts in zip(prompts, continuations, strict=True):
-            prompt_ids = chat_token_ids(self.tokenizer, messages)
-            for cont in conts:
-                cont_ids = self.tokenizer.encode(cont, add_special_tokens=False)
-                if not cont_ids:
-                    raise ValueError(f"cannot score an empty continuation {cont!r}")
-                rows.append((prompt_ids + cont_ids, len(prompt_ids)))
+        rows = continuation_rows(self.tokenizer, prompts, continuations)
         scores: list[float] = []
         for start in range(0, len(rows), self.spec.batch_size):
             chunk = rows[start:start + self.spec.batch_size]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from actors.engines.base import Completion, Message, SamplingParams
-from actors.engines.transformers_engine import chat_token_ids
+from actors.engines.transformers_engine import chat_token_ids, continuation_rows
 from actors.models import ModelSpec, load_tokenizer, resolve_model
 
 
@@ -57,14 +57,7 @@ class VLLMEngine:
 
     def score_continuations(self, prompts: Sequence[Sequence[Message]],
                             continuations: Sequence[Sequence[str]]) -> list[list[float]]:
-        rows: list[tuple[list[int], int]] = []
-        for messages, conts in zip(prompts, continuations, strict=True):
-            prompt_ids = chat_token_ids(self.tokenizer, messages)
-            for cont in conts:
-                cont_ids = self.tokenizer.encode(cont, add_special_tokens=False)
-                if not cont_ids:
-                    raise ValueError(f"cannot score an empty continuation {cont!r}")
-                rows.append((prompt_ids + cont_ids, len(prompt_ids)))
+        rows = continuation_rows(self.tokenizer, prompts, continuations)
         # prompt_logprobs=1 returns, per prompt position, the actual token's log-prob (plus
         # the top-1); one generated token is the minimum vLLM accepts.
         sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
