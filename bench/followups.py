@@ -7,10 +7,11 @@
 Top to bottom:
 1. generate the WildChat-schema input of bench/ingest.py (bench/wildchat_synth.py) and
    ingest it once (reused from --workdir when present);
-2. `single`: in this process, extract the follow-ups and label them with the rules backend
-   one after another (the classifier's own speed, per core);
-3. `ray`: the `followups` stage itself (pipelines/followups.py: extraction on the driver,
-   labelling in a Ray Data actor pool, Parquet parts written as they stream in);
+2. `single`: in this process, the stage's own work (`pipelines.followups.label`: extract the
+   follow-ups of each conversations part, label them with the rules backend) one part after
+   another; the classifier's own speed per core is reported apart;
+3. `ray`: the `followups` stage itself (pipelines/followups.py: each part extracted and
+   labelled in a Ray Data actor pool, Parquet written as results stream in);
 4. check both give the same labels, print follow-ups per second and the ratio.
 
 `--json` prints one JSON object as the last line; `speedup_ratio` is single-process seconds
@@ -54,20 +55,31 @@ def config(run_dir: Path, data: Path | None = None):
                          "resources": {"num_cpus": 2, "progress_bars": False}})
 
 
-def single_process(run_dir: Path) -> tuple[float, float, Counter]:
-    """(seconds for extraction + labelling, seconds for labelling alone, label counts)."""
-    from actors.followup_classifier import previous_user
-    from actors.followup_rules import RulesClassifier
-    from pipelines.followups import extract_followups
+def single_process(run_dir: Path, batch_size: int) -> tuple[float, float, Counter]:
+    """The stage's own work, part after part in this process: (seconds, seconds spent in
+    the rules classifier alone, label counts)."""
+    from actors.followup_classifier import FollowupClassifier
+    from pipelines.followups import label
+    from pipelines.schema import CONVERSATIONS
 
+    classifier = FollowupClassifier("rules")
+    classify = classifier.rules.classify
+    classify_s = 0.0
+
+    def timed(items):
+        nonlocal classify_s
+        start = time.perf_counter()
+        out = classify(items)
+        classify_s += time.perf_counter() - start
+        return out
+
+    classifier.rules.classify = timed
+    counts: Counter = Counter()
     start = time.perf_counter()
-    followups = extract_followups(pq.read_table(run_dir / "ingest" / "conversations"))
-    rows = followups.select(["context", "answer", "message"]).to_pylist()
-    items = [(previous_user(r["context"]), r["answer"], r["message"]) for r in rows]
-    labelled_at = time.perf_counter()
-    labels = RulesClassifier().classify(items)
-    end = time.perf_counter()
-    return end - start, end - labelled_at, Counter(label for label, _ in labels)
+    for part in sorted((run_dir / "ingest" / "conversations").glob("*.parquet")):
+        labelled = label(classifier, pq.read_table(part, schema=CONVERSATIONS), batch_size)
+        counts.update(labelled.column("label").to_pylist())
+    return time.perf_counter() - start, classify_s, counts
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     run_dir = prepare(workdir, size)
-    single_s, classify_s, single_labels = single_process(run_dir)
+    single_s, classify_s, single_labels = single_process(run_dir, 512)
     start = time.perf_counter()
     summary = run_followups(config(run_dir))
     ray_s = time.perf_counter() - start
@@ -103,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"{n} follow-ups from {size} conversations")
     print(f"  rules classifier alone, one core: {report['rules_per_s_single_core']:,} follow-ups/s")
-    print(f"  single process (extract + label): {single_s:.1f} s, {report['followups_per_s_single']:,}/s")
-    print(f"  Ray Data stage (extract, label in an actor pool, write): {ray_s:.1f} s, "
+    print(f"  single process (read, extract, label): {single_s:.1f} s, {report['followups_per_s_single']:,}/s")
+    print(f"  Ray Data stage (read, extract, label in an actor pool, write): {ray_s:.1f} s, "
           f"{report['followups_per_s_ray']:,}/s")
     print(f"  speedup_ratio (single / Ray Data): {report['speedup_ratio']}")
     if args.json:

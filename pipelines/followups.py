@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import RunConfig
-from pipelines.schema import FOLLOWUPS, check_schema
+from pipelines.schema import CONVERSATIONS, FOLLOWUPS
 from pipelines.stage import StageWriter, read_manifest
 
 STAGE = "followups"
@@ -54,40 +54,52 @@ def extract_followups(conversations: pa.Table) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-class LabelWorker:
-    """Ray Data callable class around the FollowupClassifier role."""
+def label(classifier, conversations: pa.Table, batch_size: int) -> pa.Table:
+    """Extract the follow-ups of some conversations and label them, `batch_size` at a time."""
+    followups = extract_followups(conversations)
+    parts = [classifier(followups.slice(start, batch_size)).select(FOLLOWUPS.names).cast(FOLLOWUPS)
+             for start in range(0, followups.num_rows, batch_size)]
+    return pa.concat_tables(parts) if parts else FOLLOWUPS.empty_table()
 
-    def __init__(self, backend: str, model: dict[str, Any]) -> None:
+
+class LabelWorker:
+    """Ray Data callable class around the FollowupClassifier role: reads conversation parts
+    itself (so no read task competes with the pool for CPUs), extracts, labels."""
+
+    def __init__(self, backend: str, model: dict[str, Any], batch_size: int) -> None:
         from actors.followup_classifier import FollowupClassifier
 
         self.classifier = FollowupClassifier(backend=backend, model=model)
+        self.batch_size = batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        labelled = self.classifier(batch)
-        return labelled.select(FOLLOWUPS.names).cast(FOLLOWUPS)
+        tables = [label(self.classifier, pq.read_table(path, schema=CONVERSATIONS), self.batch_size)
+                  for path in batch.column("path").to_pylist()]
+        return pa.concat_tables(tables)
 
 
-def label_with_ray(followups: pa.Table, config: RunConfig, out: Path) -> None:
-    """Classify in an actor pool; the driver writes the labelled parts as they stream in.
+def label_with_ray(parts: list[Path], config: RunConfig, out: Path) -> int:
+    """Label every conversation part in an actor pool; the driver writes the labelled parts
+    as they stream in and returns how many rows it wrote.
 
-    Blocks are cut here rather than with `repartition()`, and the output is written by the
-    driver rather than a Ray Data write task: on a 2-CPU machine a pool holding every CPU
-    would otherwise wait forever for a CPU the repartition or write task needs.
+    Output is written by the driver rather than a Ray Data write task: on a 2-CPU machine a
+    pool holding every CPU would otherwise wait forever for the CPU the write task needs.
     """
     import ray
 
     settings = config.followups
     workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
-    size = max(1, -(-followups.num_rows // (workers * 4)))
-    blocks = [followups.slice(start, size) for start in range(0, followups.num_rows, size)]
-    labelled = ray.data.from_arrow(blocks).map_batches(
-        LabelWorker, fn_constructor_kwargs={"backend": settings.backend,
+    labelled = ray.data.from_items([{"path": str(p)} for p in parts], override_num_blocks=len(parts)).map_batches(
+        LabelWorker, fn_constructor_kwargs={"backend": settings.backend, "batch_size": settings.batch_size,
                                             "model": config.models.classifier.model_dump()},
-        batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(size=min(workers, len(blocks))))
+        batch_size=1, batch_format="pyarrow", num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(parts))))
     out.mkdir(parents=True)
+    rows = 0
     for index, batch in enumerate(labelled.iter_batches(batch_format="pyarrow", batch_size=None)):
         pq.write_table(batch, out / f"part-{index:06d}.parquet")
+        rows += batch.num_rows
+    return rows
 
 
 def run_followups(config: RunConfig) -> dict[str, Any]:
@@ -96,23 +108,22 @@ def run_followups(config: RunConfig) -> dict[str, Any]:
     upstream = read_manifest(run_dir, "ingest")
     if upstream is None:
         raise RuntimeError(f"{run_dir}/ingest is missing or unfinished: run the ingest stage first")
-    conversations = pq.read_table(run_dir / "ingest" / "conversations")
-    followups = extract_followups(conversations)
+    parts = sorted((run_dir / "ingest" / "conversations").glob("*.parquet"))
     with StageWriter(run_dir, STAGE) as stage:
         table_dir = stage.tmp / "followups"
-        if followups.num_rows:
-            label_with_ray(followups, config, table_dir)
-            labelled = pq.read_table(table_dir, schema=FOLLOWUPS)
+        if parts:
+            written = label_with_ray(parts, config, table_dir)
         else:
             table_dir.mkdir()
-            labelled = FOLLOWUPS.empty_table()
-            pq.write_table(labelled, table_dir / "part-0.parquet")
-        check_schema(labelled, FOLLOWUPS, "followups")
-        if labelled.num_rows != followups.num_rows:
-            raise RuntimeError(f"followups lost rows: {followups.num_rows} extracted, {labelled.num_rows} written")
+            written = 0
+        if not any(table_dir.iterdir()):
+            pq.write_table(FOLLOWUPS.empty_table(), table_dir / "part-000000.parquet")
+        labelled = pq.read_table(table_dir, schema=FOLLOWUPS, columns=["label"])
+        if labelled.num_rows != written:
+            raise RuntimeError(f"followups lost rows: {written} labelled, {labelled.num_rows} on disk")
         labels = Counter(labelled.column("label").to_pylist())
         summary = {
-            "conversations": conversations.num_rows, "followups": labelled.num_rows,
+            "conversations": upstream["counts"]["kept"], "followups": labelled.num_rows,
             "labels": {str(k): v for k, v in sorted(labels.items(), key=lambda kv: str(kv[0])) if k is not None},
             "unclassified": labels.get(None, 0), "backend": config.followups.backend,
         }
