@@ -3,6 +3,7 @@
     rlhi ingest --input PATH [PATH ...] --out RUN_DIR [--config FILE] [--json]
     rlhi run --config FILE [--out RUN_DIR] [--json]
     rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--json]
+    rlhi serve --config FILE [--port N]
 
 Every command prints a human summary; with --json its last stdout line is one JSON object.
 Errors in the configuration or the inputs exit with status 2 and one message naming the
@@ -106,6 +107,12 @@ def cmd_eval_followups(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from serve.run import serve_forever
+
+    return serve_forever(load_config(args.config), port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhi", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     evalf.add_argument("--config", metavar="FILE", help="take models.classifier and the seed from this configuration")
     evalf.add_argument("--json", action="store_true", help="print the scores as JSON on the last line")
     evalf.set_defaults(handler=cmd_eval_followups)
+
+    serve = commands.add_parser("serve", help="serve the reward, rewrite and chat endpoints until Ctrl-C or SIGTERM")
+    serve.add_argument("--config", required=True, metavar="FILE", help="run configuration YAML (its serve and models sections)")
+    serve.add_argument("--port", type=int, metavar="N", help="HTTP port (overrides serve.port)")
+    serve.add_argument("--json", action="store_true", help="print what was served as JSON on the last line")
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 

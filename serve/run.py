@@ -1,0 +1,58 @@
+"""`rlhi serve`: run the application in the foreground until SIGINT or SIGTERM.
+
+Refuses to start without a token, starts (or joins) Ray, binds Serve's HTTP proxy to the
+configured host and port, waits for /healthz, prints the URLs, and on a signal shuts down
+Serve and, if it started Ray itself, that Ray too.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+from pipelines.config import RunConfig
+from serve.guard import read_token, token_digest
+
+ENDPOINTS = ("POST /v1/score", "POST /v1/rewrite", "POST /v1/chat/completions",
+             "GET /healthz", "GET /docs")
+
+
+def serve_forever(config: RunConfig, port: int | None = None,
+                  stop: threading.Event | None = None) -> dict[str, Any]:
+    """Serve `config` until a signal (or `stop` is set); returns what was served."""
+    import ray
+    from ray import serve
+
+    from pipelines.runtime import start_ray
+    from serve.app import APP_NAME, build_app
+    from serve.client import RLHIClient
+
+    token = read_token(config.serve.token_file)  # before anything starts: no token, no server
+    cfg = config.serve.model_copy(update={"port": port}) if port else config.serve
+    started_ray = not ray.is_initialized()
+    start_ray(config.resources)
+    stop = stop or threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    base = f"http://{cfg.host}:{cfg.port}"
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build_app(config.model_copy(update={"serve": cfg}), token_digest(token)),
+                  name=APP_NAME, route_prefix="/")
+        RLHIClient(base, token).wait_healthy(timeout_s=600)
+        apps = [name for name in ("reward", "rewrite", "chat") if getattr(cfg, name).enabled]
+        print(f"rlhi serve: {', '.join(apps)} on {base}", flush=True)
+        for endpoint in ENDPOINTS:
+            method, path = endpoint.split()
+            print(f"  {method:5} {base}{path}", flush=True)
+        print("  (Authorization: Bearer $RLHI_API_TOKEN; Ctrl-C to stop)", flush=True)
+        stop.wait()
+        print("rlhi serve: shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return {"url": base, "apps": [n for n in ("reward", "rewrite", "chat")
+                                  if getattr(cfg, n).enabled]}

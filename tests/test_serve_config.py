@@ -1,0 +1,51 @@
+"""Serving configuration, token handling and the Serve config YAML, without starting Ray."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.cli import main
+from pipelines.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_default_serves_the_judge_reward_on_smollm2_bound_to_localhost():
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    assert cfg.serve.host == "127.0.0.1" and cfg.serve.reward.backend == "judge"
+    assert cfg.models.reward.id == "smollm2-135m-instruct"
+    assert cfg.serve.max_body_bytes == 1 << 20 and cfg.serve.max_candidates == 16
+
+
+def test_an_unknown_serve_key_is_named():
+    with pytest.raises(ConfigError, match=r"serve.reward.max_batch: unknown key"):
+        parse_config({"serve": {"reward": {"max_batch": 4}}})
+
+
+def test_rlhi_serve_refuses_to_start_without_a_token(monkeypatch, capsys):
+    monkeypatch.delenv("RLHI_API_TOKEN", raising=False)
+    assert main(["serve", "--config", str(REPO / "configs" / "default.yaml")]) == 2
+    assert "RLHI_API_TOKEN" in capsys.readouterr().err
+
+
+def test_the_token_file_is_read_and_a_missing_one_is_named(tmp_path):
+    from serve.guard import TokenError, read_token
+
+    (tmp_path / "token").write_text("file-token-123\n")
+    assert read_token(str(tmp_path / "token")) == "file-token-123"
+    with pytest.raises(TokenError, match="nope"):
+        read_token(str(tmp_path / "nope"))
+
+
+def test_the_serve_config_yaml_points_at_a_builder_that_builds_the_app(monkeypatch):
+    from ray.serve._private.utils import import_attr
+
+    monkeypatch.setenv("RLHI_API_TOKEN", "yaml-token-123")
+    monkeypatch.chdir(REPO)
+    spec = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
+    app = spec["applications"][0]
+    assert spec["http_options"]["host"] == "127.0.0.1"
+    builder = import_attr(app["import_path"])
+    assert builder(app["args"]) is not None  # an Application: deployments bound, not started
