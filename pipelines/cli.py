@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from pipelines.config import InputFormat, RunConfig, UserKey, load_config, parse_config
+from pipelines.sources import resolve_inputs
 
 
 def _ingest_summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -48,6 +49,8 @@ def run_stages(config: RunConfig) -> dict[str, Any]:
     from pipelines.personas import run_personas
     from pipelines.runtime import start_ray
 
+    if "ingest" in config.stages:
+        resolve_inputs(config.ingest.inputs)  # a missing input fails before Ray starts
     start_ray(config.resources)
     runners = {"ingest": run_ingest, "followups": run_followups, "personas": run_personas}
     results: dict[str, Any] = {}

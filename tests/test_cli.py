@@ -1,0 +1,47 @@
+"""The `rlhi` command line: help, JSON summaries, and errors that exit 2 with a message."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.cli import main
+from tests.conftest import FOLLOWUP_LABELS, WILDCHAT_SAMPLE
+
+
+@pytest.mark.parametrize("command", ["ingest", "run", "eval-followups"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and "usage: rlhi" in capsys.readouterr().out
+
+
+def test_eval_followups_prints_its_scores_as_json_on_the_last_line(capsys):
+    assert main(["eval-followups", "--input", str(WILDCHAT_SAMPLE), "--labels", str(FOLLOWUP_LABELS),
+                 "--backend", "rules", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 156 and result["backend"] == "rules"
+    for key in ("feedback_precision", "feedback_recall", "feedback_f1", "macro_f1", "per_label"):
+        assert key in result
+    assert result["feedback_f1"] >= 0.70
+
+
+def test_a_label_that_matches_no_followup_is_an_error_naming_it(tmp_path, capsys):
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"conversation_hash": "nope", "message_index": 2, "label": "positive"}\n')
+    assert main(["eval-followups", "--input", str(WILDCHAT_SAMPLE), "--labels", str(labels),
+                 "--backend", "rules"]) == 2
+    assert "conversation_hash='nope'" in capsys.readouterr().err
+
+
+def test_a_bad_config_exits_2_naming_the_key(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("ingest:\n  filters:\n    drop_toxc: true\n")
+    assert main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "ingest.filters.drop_toxc" in err
+
+
+def test_a_missing_input_exits_2_naming_it(tmp_path, capsys):
+    assert main(["ingest", "--input", str(tmp_path / "none.parquet"), "--out", str(tmp_path / "run")]) == 2
+    assert "none.parquet" in capsys.readouterr().err
