@@ -1,0 +1,242 @@
+"""Throughput and latency of POST /v1/score, batched vs unbatched, against the offline limit.
+
+    python bench/serve_reward.py [--quick] [--json]
+
+The reward model is the `trained` backend on all-MiniLM-L6-v2 with a freshly initialised,
+explicitly seeded one-output head (`init_trained_reward_model`): its scores mean nothing,
+its cost is exactly that of the trained model, which is what throughput needs.
+
+1. offline limit: the same model scores the same requests in full batches, no HTTP;
+2. the Serve app (gateway + one reward replica) with `serve.batch` (max_batch_size 32),
+   then redeployed with max_batch_size 1 (unbatched);
+3. for each, an async load generator in its own process (aiohttp, closed loop) at 1, 8
+   and 32 concurrent clients: requests/s, p50 and p99 latency.
+Prints `batching_ratio` (batched / unbatched requests/s at 32 clients) and
+`served_over_offline_ratio` (batched at 32 clients / offline).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONCURRENCY = (1, 8, 32)
+CANDIDATES_PER_REQUEST = 4
+TOPICS = ["sort a list in Python", "the French revolution", "a haiku about rain",
+          "explain TCP handshakes", "a polite complaint letter", "compound interest"]
+
+
+def make_requests(n: int) -> list[dict]:
+    """n distinct, realistic-length score requests (persona, one user turn, 4 candidates)."""
+    out = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        out.append({
+            "persona": f"User {i}: prefers short, concrete answers; often asks about {topic}.",
+            "messages": [{"role": "user", "content": f"Please help me with {topic}. (#{i})"}],
+            "candidates": [f"Answer {k} about {topic}: " + "some detail " * (4 + 3 * k)
+                           for k in range(CANDIDATES_PER_REQUEST)]})
+    return out
+
+
+# ---------------------------------------------------------------- load generator (child)
+
+async def _load(url: str, token: str, concurrency: int, duration_s: float,
+                requests: list[dict]) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    headers = {"Authorization": f"Bearer {token}"}
+    deadline = time.perf_counter() + duration_s
+
+    async def worker(k: int, session) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            async with session.post(url, json=requests[i % len(requests)]) as response:
+                await response.read()
+                if response.status == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+            i += concurrency
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(headers=headers, connector=connector,
+                                     timeout=timeout) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(k, session) for k in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    latencies.sort()
+    pick = lambda q: round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)  # noqa: E731
+    return {"requests": len(latencies), "errors": errors,
+            "rps": round(len(latencies) / elapsed, 2),
+            "p50_ms": pick(0.50) if latencies else None,
+            "p99_ms": pick(0.99) if latencies else None}
+
+
+def run_load(url: str, token: str, concurrency: int, duration_s: float, pool: int) -> dict:
+    """Run the load generator in its own process so it does not share our interpreter."""
+    env = {**os.environ, "RLHI_BENCH_TOKEN": token}
+    out = subprocess.run([sys.executable, __file__, "--load", url, "--concurrency",
+                          str(concurrency), "--duration", str(duration_s), "--pool", str(pool)],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- server side (parent)
+
+def make_model(folder: Path) -> Path:
+    """MiniLM with a seeded one-output head, saved as a `trained` reward model."""
+    import torch
+
+    from actors.reward_model import init_trained_reward_model
+
+    torch.manual_seed(0)
+    model, tokenizer = init_trained_reward_model()
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def offline_rps(model_dir: Path, requests: list[dict], batch: int, repeat: int) -> float:
+    """Requests/s of the same RewardModel scoring the requests in full batches."""
+    from actors.reward_model import RewardModel
+
+    model = RewardModel("trained", {"id": str(model_dir), "engine": "transformers",
+                                    "batch_size": batch * CANDIDATES_PER_REQUEST})
+    chunks = [requests[i:i + batch] for i in range(0, len(requests), batch)]
+    model.score_batch(*_columns(chunks[0]))  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeat):
+        for chunk in chunks:
+            model.score_batch(*_columns(chunk))
+    return len(requests) * repeat / (time.perf_counter() - start)
+
+
+def _columns(chunk: list[dict]):
+    return ([r["persona"] for r in chunk], [r["messages"] for r in chunk],
+            [r["candidates"] for r in chunk])
+
+
+def mean_pair_tokens(model_dir: Path, requests: list[dict]) -> float:
+    """Tokens the encoder reads per (prompt, candidate) pair: what the compute scales with."""
+    from actors.reward_model import RewardModel, encoder_prompt_text
+
+    scorer = RewardModel("trained", {"id": str(model_dir), "engine": "transformers"}).scorer
+    sizes = [len(scorer.tokenizer(encoder_prompt_text(r["persona"], r["messages"], c, scorer),
+                                  c)["input_ids"])
+             for r in requests[:16] for c in r["candidates"]]
+    return sum(sizes) / len(sizes)
+
+
+def deploy(model_dir: Path, port: int, token: str, max_batch_size: int) -> None:
+    from ray import serve
+
+    from pipelines.config import parse_config
+    from serve.app import APP_NAME, build_app
+    from serve.client import RLHIClient
+    from serve.guard import token_digest
+
+    config = parse_config({"models": {"reward": {"id": str(model_dir), "engine": "transformers",
+                                                 "batch_size": 128}},
+                           "serve": {"port": port, "rewrite": {"enabled": False},
+                                     "chat": {"enabled": False},
+                                     "reward": {"backend": "trained", "num_cpus": 2,
+                                                "max_batch_size": max_batch_size,
+                                                "batch_wait_timeout_s": 0.005,
+                                                "max_ongoing_requests": 64}}})
+    serve.run(build_app(config, token_digest(token)), name=APP_NAME, route_prefix="/")
+    RLHIClient(f"http://127.0.0.1:{port}", token).wait_healthy(timeout_s=180)
+
+
+def other_benchmarks() -> list[str]:
+    """Other benchmark processes on this machine: our numbers are contended if any."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line.strip()[:100] for line in out.splitlines()
+            if "bench/" in line and "serve_reward" not in line and "grep" not in line]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (about 2 minutes)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--port", type=int, default=8017)
+    parser.add_argument("--load", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--duration", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--pool", type=int, default=256, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load:  # the child: generate load, print one JSON line
+        result = asyncio.run(_load(args.load, os.environ["RLHI_BENCH_TOKEN"], args.concurrency,
+                                   args.duration, make_requests(args.pool)))
+        print(json.dumps(result))
+        return 0
+
+    import ray
+    from ray import serve
+
+    duration = 6.0 if args.quick else 20.0
+    # The same request pool is scored offline and sent by the load generator.
+    pool = 64 if args.quick else 256
+    requests = make_requests(pool)
+    contention = other_benchmarks()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model(Path(tmp) / "minilm-rm")
+        tokens = mean_pair_tokens(model_dir, requests)
+        offline_before = offline_rps(model_dir, requests, batch=32, repeat=1 if args.quick else 3)
+        print(f"offline limit: {offline_before:.1f} requests/s (batches of 32 requests, "
+              f"{tokens:.0f} tokens per pair)", flush=True)
+        token = secrets.token_urlsafe(16)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+        url = f"http://127.0.0.1:{args.port}/v1/score"
+        settings: dict[str, dict] = {}
+        try:
+            for name, batch in (("batched", 32), ("unbatched", 1)):
+                deploy(model_dir, args.port, token, batch)
+                run_load(url, token, 4, 2.0, pool)  # warm-up
+                for c in CONCURRENCY:
+                    settings[f"{name}_c{c}"] = result = run_load(url, token, c, duration, pool)
+                    print(f"{name:9} {c:2} clients: {result['rps']:7.1f} req/s  p50 "
+                          f"{result['p50_ms']} ms  p99 {result['p99_ms']} ms  "
+                          f"errors {result['errors']}", flush=True)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        # Measured again once Serve is gone: the limit is the better of the two (another
+        # process on these 2 cores can slow either measurement).
+        offline = max(offline_before, offline_rps(model_dir, requests, batch=32, repeat=1))
+    report = {
+        "batching_ratio": round(settings["batched_c32"]["rps"] / settings["unbatched_c32"]["rps"], 3),
+        "served_over_offline_ratio": round(settings["batched_c32"]["rps"] / offline, 3),
+        "offline_rps": round(offline, 2), "offline_rps_before": round(offline_before, 2),
+        "mean_pair_tokens": round(tokens, 1), "settings": settings,
+        "candidates_per_request": CANDIDATES_PER_REQUEST, "request_pool": pool,
+        "duration_s": duration,
+        "cpus": os.cpu_count(), "contended_by": contention}
+    print(f"batching: {report['batching_ratio']}x at 32 clients; served / offline: "
+          f"{report['served_over_offline_ratio']}"
+          + (f"  (under contention: {len(contention)} other benchmark processes)"
+             if contention else ""), flush=True)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
