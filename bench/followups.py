@@ -9,7 +9,7 @@ Top to bottom:
    ingest it once (reused from --workdir when present);
 2. `single`: in this process, the stage's own work (`pipelines.followups.label`: extract the
    follow-ups of each conversations part, label them with the rules backend) one part after
-   another; the classifier's own speed per core is reported apart;
+   another, each written as Parquet; the classifier's own speed per core is reported apart;
 3. `ray`: the `followups` stage itself (pipelines/followups.py: each part extracted and
    labelled in a Ray Data actor pool, Parquet written as results stream in);
 4. check both give the same labels, print follow-ups per second and the ratio.
@@ -75,9 +75,11 @@ def single_process(run_dir: Path, batch_size: int) -> tuple[float, float, Counte
 
     classifier.rules.classify = timed
     counts: Counter = Counter()
+    out = Path(tempfile.mkdtemp(prefix="followups-single-"))
     start = time.perf_counter()
     for part in sorted((run_dir / "ingest" / "conversations").glob("*.parquet")):
         labelled = label(classifier, pq.read_table(part, schema=CONVERSATIONS), batch_size)
+        pq.write_table(labelled, out / part.name)
         counts.update(labelled.column("label").to_pylist())
     return time.perf_counter() - start, classify_s, counts
 
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(f"{n} follow-ups from {size} conversations")
     print(f"  rules classifier alone, one core: {report['rules_per_s_single_core']:,} follow-ups/s")
-    print(f"  single process (read, extract, label): {single_s:.1f} s, {report['followups_per_s_single']:,}/s")
+    print(f"  single process (read, extract, label, write): {single_s:.1f} s, {report['followups_per_s_single']:,}/s")
     print(f"  Ray Data stage (read, extract, label in an actor pool, write): {ray_s:.1f} s, "
           f"{report['followups_per_s_ray']:,}/s")
     print(f"  speedup_ratio (single / Ray Data): {report['speedup_ratio']}")

@@ -63,43 +63,47 @@ def label(classifier, conversations: pa.Table, batch_size: int) -> pa.Table:
 
 
 class LabelWorker:
-    """Ray Data callable class around the FollowupClassifier role: reads conversation parts
-    itself (so no read task competes with the pool for CPUs), extracts, labels."""
+    """Ray Data callable class around the FollowupClassifier role: reads a conversations part,
+    extracts and labels its follow-ups, writes them as a part of its own (no read or write
+    task competes with the pool for CPUs, and no row data passes through the driver), and
+    returns only counts."""
 
-    def __init__(self, backend: str, model: dict[str, Any], batch_size: int) -> None:
+    def __init__(self, backend: str, model: dict[str, Any], batch_size: int, out: str) -> None:
         from actors.followup_classifier import FollowupClassifier
 
         self.classifier = FollowupClassifier(backend=backend, model=model)
         self.batch_size = batch_size
+        self.out = Path(out)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        tables = [label(self.classifier, pq.read_table(path, schema=CONVERSATIONS), self.batch_size)
-                  for path in batch.column("path").to_pylist()]
-        return pa.concat_tables(tables)
+        counts = []
+        for path in batch.column("path").to_pylist():
+            labelled = label(self.classifier, pq.read_table(path, schema=CONVERSATIONS), self.batch_size)
+            pq.write_table(labelled, self.out / Path(path).name)
+            counts.append({"part": Path(path).name, "rows": labelled.num_rows,
+                           "labels": json.dumps(Counter(labelled.column("label").to_pylist()))})
+        return pa.Table.from_pylist(counts)
 
 
-def label_with_ray(parts: list[Path], config: RunConfig, out: Path) -> int:
-    """Label every conversation part in an actor pool; the driver writes the labelled parts
-    as they stream in and returns how many rows it wrote.
-
-    Output is written by the driver rather than a Ray Data write task: on a 2-CPU machine a
-    pool holding every CPU would otherwise wait forever for the CPU the write task needs.
-    """
+def label_with_ray(parts: list[Path], config: RunConfig, out: Path) -> tuple[int, Counter]:
+    """Label every conversation part in an actor pool, one output part per input part;
+    returns the rows written and the label counts (None: unclassified)."""
     import ray
 
     settings = config.followups
     workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
-    labelled = ray.data.from_items([{"path": str(p)} for p in parts], override_num_blocks=len(parts)).map_batches(
+    out.mkdir(parents=True)
+    results = ray.data.from_items([{"path": str(p)} for p in parts], override_num_blocks=len(parts)).map_batches(
         LabelWorker, fn_constructor_kwargs={"backend": settings.backend, "batch_size": settings.batch_size,
-                                            "model": config.models.classifier.model_dump()},
+                                            "model": config.models.classifier.model_dump(), "out": str(out)},
         batch_size=1, batch_format="pyarrow", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=min(workers, len(parts))))
-    out.mkdir(parents=True)
-    rows = 0
-    for index, batch in enumerate(labelled.iter_batches(batch_format="pyarrow", batch_size=None)):
-        pq.write_table(batch, out / f"part-{index:06d}.parquet")
-        rows += batch.num_rows
-    return rows
+    rows, labels = 0, Counter()
+    for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
+        for result in batch.to_pylist():
+            rows += result["rows"]
+            labels.update({None if k == "null" else k: v for k, v in json.loads(result["labels"]).items()})
+    return rows, labels
 
 
 def run_followups(config: RunConfig) -> dict[str, Any]:
@@ -112,18 +116,17 @@ def run_followups(config: RunConfig) -> dict[str, Any]:
     with StageWriter(run_dir, STAGE) as stage:
         table_dir = stage.tmp / "followups"
         if parts:
-            written = label_with_ray(parts, config, table_dir)
+            written, labels = label_with_ray(parts, config, table_dir)
         else:
             table_dir.mkdir()
-            written = 0
+            written, labels = 0, Counter()
         if not any(table_dir.iterdir()):
             pq.write_table(FOLLOWUPS.empty_table(), table_dir / "part-000000.parquet")
-        labelled = pq.read_table(table_dir, schema=FOLLOWUPS, columns=["label"])
-        if labelled.num_rows != written:
-            raise RuntimeError(f"followups lost rows: {written} labelled, {labelled.num_rows} on disk")
-        labels = Counter(labelled.column("label").to_pylist())
+        on_disk = sum(pq.ParquetFile(f).metadata.num_rows for f in table_dir.glob("*.parquet"))
+        if on_disk != written:
+            raise RuntimeError(f"followups lost rows: {written} labelled, {on_disk} on disk")
         summary = {
-            "conversations": upstream["counts"]["kept"], "followups": labelled.num_rows,
+            "conversations": upstream["counts"]["kept"], "followups": written,
             "labels": {str(k): v for k, v in sorted(labels.items(), key=lambda kv: str(kv[0])) if k is not None},
             "unclassified": labels.get(None, 0), "backend": config.followups.backend,
         }
