@@ -4,6 +4,7 @@
     rlhi run --config FILE [--out RUN_DIR] [--json]
     rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--json]
     rlhi serve --config FILE [--port N]
+    rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--json]
 
 Every command prints a human summary; with --json its last stdout line is one JSON object.
 Errors in the configuration or the inputs exit with status 2 and one message naming the
@@ -116,6 +117,18 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     return serve_forever(load_config(args.config), port=args.port)
 
 
+def cmd_sim_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.sim.generate import generate_logs
+
+    summary = generate_logs(args.users, args.out, seed=args.seed, model=args.model)
+    print(f"sim generate: {summary['users']} users, {summary['conversations']} conversations, "
+          f"{summary['messages']} messages in {summary['seconds']}s\n"
+          f"  follow-ups: " + ", ".join(f"{n} {k}" for k, n in summary["followups"].items()) +
+          f"\n  mean first-answer score: {summary['mean_first_answer_score']}\n"
+          f"  output: {summary['output']}")
+    return summary
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhi", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, metavar="N", help="HTTP port (overrides serve.port)")
     serve.add_argument("--json", action="store_true", help="print what was served as JSON on the last line")
     serve.set_defaults(handler=cmd_serve)
+
+    sim = commands.add_parser("sim", help="simulated users with hidden, checkable preferences")
+    sim_commands = sim.add_subparsers(dest="sim_command", required=True)
+    simgen = sim_commands.add_parser("generate", help="write simulated users' conversations as WildChat logs")
+    simgen.add_argument("--users", type=int, required=True, metavar="N", help="how many users to simulate")
+    simgen.add_argument("--out", required=True, metavar="DIR",
+                        help="writes DIR/logs/ (WildChat Parquet), DIR/profiles.jsonl, DIR/followup_labels.jsonl")
+    simgen.add_argument("--seed", type=int, default=0, help="same seed, same users and reactions (default 0)")
+    simgen.add_argument("--model", metavar="ID",
+                        help="policy: Hub id, folder or smollm2-135m-instruct (default: the warm-start policy)")
+    simgen.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    simgen.set_defaults(handler=cmd_sim_generate)
     return parser
 
 
