@@ -7,10 +7,11 @@ explicitly seeded one-output head (`init_trained_reward_model`): its scores mean
 its cost is exactly that of the trained model, which is what throughput needs.
 
 1. offline limit: the same model scores the same requests in full batches, no HTTP;
-2. the Serve app (gateway + one reward replica) with `serve.batch` (max_batch_size 32),
-   then redeployed with max_batch_size 1 (unbatched);
-3. for each, an async load generator in its own process (aiohttp, closed loop) at 1, 8
-   and 32 concurrent clients: requests/s, p50 and p99 latency.
+2. two Serve apps side by side (gateway + one reward replica each): `serve.batch` with
+   max_batch_size 32 under /batched, max_batch_size 1 under /unbatched;
+3. an async load generator in its own process (aiohttp, closed loop) at 1, 8 and 32
+   concurrent clients, alternating between the two apps window by window (so other load
+   on the machine hits both alike): requests/s, p50 and p99 latency.
 Prints `batching_ratio` (batched / unbatched requests/s at 32 clients) and
 `served_over_offline_ratio` (batched at 32 clients / offline).
 """
@@ -80,9 +81,15 @@ async def _load(url: str, token: str, concurrency: int, duration_s: float,
         start = time.perf_counter()
         await asyncio.gather(*(worker(k, session) for k in range(concurrency)))
         elapsed = time.perf_counter() - start
-    latencies.sort()
+    return {"latencies": latencies, "errors": errors, "elapsed_s": elapsed}
+
+
+def summarize(windows: list[dict]) -> dict:
+    """requests/s and latency percentiles over several measurement windows."""
+    latencies = sorted(x for w in windows for x in w["latencies"])
+    elapsed = sum(w["elapsed_s"] for w in windows)
     pick = lambda q: round(1000 * latencies[min(len(latencies) - 1, int(q * len(latencies)))], 1)  # noqa: E731
-    return {"requests": len(latencies), "errors": errors,
+    return {"requests": len(latencies), "errors": sum(w["errors"] for w in windows),
             "rps": round(len(latencies) / elapsed, 2),
             "p50_ms": pick(0.50) if latencies else None,
             "p99_ms": pick(0.99) if latencies else None}
@@ -143,7 +150,8 @@ def mean_pair_tokens(model_dir: Path, requests: list[dict]) -> float:
     return sum(sizes) / len(sizes)
 
 
-def deploy(model_dir: Path, port: int, token: str, max_batch_size: int) -> None:
+def deploy(model_dir: Path, port: int, token: str, max_batch_size: int, name: str) -> str:
+    """The app with one reward replica at this batch size, under /<name>; returns its URL."""
     from ray import serve
 
     from pipelines.config import parse_config
@@ -155,12 +163,14 @@ def deploy(model_dir: Path, port: int, token: str, max_batch_size: int) -> None:
                                                  "batch_size": 128}},
                            "serve": {"port": port, "rewrite": {"enabled": False},
                                      "chat": {"enabled": False},
-                                     "reward": {"backend": "trained", "num_cpus": 2,
+                                     "reward": {"backend": "trained", "num_cpus": 1,
                                                 "max_batch_size": max_batch_size,
                                                 "batch_wait_timeout_s": 0.005,
                                                 "max_ongoing_requests": 64}}})
-    serve.run(build_app(config, token_digest(token)), name=APP_NAME, route_prefix="/")
-    RLHIClient(f"http://127.0.0.1:{port}", token).wait_healthy(timeout_s=180)
+    serve.run(build_app(config, token_digest(token)), name=f"{APP_NAME}-{name}",
+              route_prefix=f"/{name}")
+    RLHIClient(f"http://127.0.0.1:{port}/{name}", token).wait_healthy(timeout_s=180)
+    return f"http://127.0.0.1:{port}/{name}/v1/score"
 
 
 def other_benchmarks() -> list[str]:
@@ -189,11 +199,12 @@ def main() -> int:
     import ray
     from ray import serve
 
-    duration = 6.0 if args.quick else 20.0
+    duration, rounds = (4.0, 2) if args.quick else (10.0, 3)
     # The same request pool is scored offline and sent by the load generator.
     pool = 64 if args.quick else 256
     requests = make_requests(pool)
     contention = other_benchmarks()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model(Path(tmp) / "minilm-rm")
         tokens = mean_pair_tokens(model_dir, requests)
@@ -201,38 +212,52 @@ def main() -> int:
         print(f"offline limit: {offline_before:.1f} requests/s (batches of 32 requests, "
               f"{tokens:.0f} tokens per pair)", flush=True)
         token = secrets.token_urlsafe(16)
+        # Each replica reserves 1 of the 2 CPUs but may use both threads, like the offline
+        # run: only one of the two variants is under load at any time.
+        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        url = f"http://127.0.0.1:{args.port}/v1/score"
-        settings: dict[str, dict] = {}
+        windows: dict[str, list[dict]] = {}
         try:
-            for name, batch in (("batched", 32), ("unbatched", 1)):
-                deploy(model_dir, args.port, token, batch)
+            # Both variants side by side, measured in alternating windows, so load from
+            # anything else on the machine falls on both alike.
+            urls = {name: deploy(model_dir, args.port, token, batch, name)
+                    for name, batch in (("batched", 32), ("unbatched", 1))}
+            for url in urls.values():
                 run_load(url, token, 4, 2.0, pool)  # warm-up
-                for c in CONCURRENCY:
-                    settings[f"{name}_c{c}"] = result = run_load(url, token, c, duration, pool)
+            for c in CONCURRENCY:
+                for _ in range(rounds):
+                    for name, url in urls.items():
+                        windows.setdefault(f"{name}_c{c}", []).append(
+                            run_load(url, token, c, duration, pool))
+                for name in urls:
+                    result = summarize(windows[f"{name}_c{c}"])
                     print(f"{name:9} {c:2} clients: {result['rps']:7.1f} req/s  p50 "
                           f"{result['p50_ms']} ms  p99 {result['p99_ms']} ms  "
                           f"errors {result['errors']}", flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()
+        settings = {key: summarize(w) for key, w in windows.items()}
         # Measured again once Serve is gone: the limit is the better of the two (another
         # process on these 2 cores can slow either measurement).
         offline = max(offline_before, offline_rps(model_dir, requests, batch=32, repeat=1))
+    contention = sorted(set(contention) | set(other_benchmarks()))
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     report = {
         "batching_ratio": round(settings["batched_c32"]["rps"] / settings["unbatched_c32"]["rps"], 3),
         "served_over_offline_ratio": round(settings["batched_c32"]["rps"] / offline, 3),
         "offline_rps": round(offline, 2), "offline_rps_before": round(offline_before, 2),
         "mean_pair_tokens": round(tokens, 1), "settings": settings,
         "candidates_per_request": CANDIDATES_PER_REQUEST, "request_pool": pool,
-        "duration_s": duration,
-        "cpus": os.cpu_count(), "contended_by": contention}
+        "window_s": duration, "windows": rounds,
+        "cpus": os.cpu_count(), "contended_by": contention,
+        "loadavg_1min_before_after": load}
     print(f"batching: {report['batching_ratio']}x at 32 clients; served / offline: "
           f"{report['served_over_offline_ratio']}"
           + (f"  (under contention: {len(contention)} other benchmark processes)"
-             if contention else ""), flush=True)
+             if contention else "") + f"; 1-min load average before/after {load}", flush=True)
     if args.json:
         print(json.dumps(report))
     return 0

@@ -82,7 +82,7 @@ class Guard:
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
 
-        if scope.get("path") not in OPEN_PATHS:
+        if _route(scope) not in OPEN_PATHS:
             refusal = self._auth_refusal(headers.get("authorization"))
             if refusal:
                 status, message = refusal
@@ -124,6 +124,12 @@ class Guard:
             if not message.get("more_body"):
                 break
         return b"".join(chunks), False
+
+
+def _route(scope: Scope) -> str:
+    """The path inside this app: Serve mounts an app under its route prefix (root_path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 def _replay(body: bytes) -> Receive:
