@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,12 @@ class Schemas:
     ChatRequest: type[BaseModel]
 
 
+def _ends_with_user_turn(messages: list) -> list:
+    if messages and messages[-1].role != "user":
+        raise ValueError("the last message must be the user's turn being answered")
+    return messages
+
+
 def build_schemas(limits: Limits) -> Schemas:
     """Request models whose field bounds are `limits`."""
     Text = Annotated[str, Field(max_length=limits.max_chars)]
@@ -95,12 +101,14 @@ def build_schemas(limits: Limits) -> Schemas:
         content: Text
 
     Messages = Annotated[list[Message], Field(min_length=1, max_length=limits.max_messages)]
+    # Scores and completions answer the last user turn; without one there is nothing to answer.
+    UserTurnLast = Annotated[Messages, AfterValidator(_ends_with_user_turn)]
 
     class ScoreRequest(_Body):
         """Score candidate replies to a conversation for one user."""
 
         persona: Text = Field(description='The user\'s persona; "" means none.')
-        messages: Messages = Field(description="The conversation, ending with the user turn.")
+        messages: UserTurnLast = Field(description="The conversation, ending with the user turn.")
         candidates: Annotated[list[NonEmptyText],
                               Field(min_length=1, max_length=limits.max_candidates)]
 
@@ -119,7 +127,7 @@ def build_schemas(limits: Limits) -> Schemas:
         # keys are allowed here, unlike the project's own endpoints.
         model_config = ConfigDict(extra="ignore")
         model: str | None = None
-        messages: Messages
+        messages: UserTurnLast
         user: Annotated[str, Field(max_length=256)] | None = None
         max_tokens: Annotated[int, Field(ge=1, le=limits.max_tokens)] | None = None
         temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None

@@ -150,9 +150,12 @@ GOOD = {"persona": "", "messages": CONTEXT, "candidates": ["a"]}
     ({**GOOD, "candidates": [""]}, 422, "body.candidates.0"),
     ({**GOOD, "messages": []}, 422, "body.messages"),
     ({**GOOD, "messages": [{"role": "robot", "content": "x"}]}, 422, "body.messages.0.role"),
+    ({**GOOD, "messages": [*CONTEXT, {"role": "assistant", "content": "x"}]}, 422,
+     "body.messages"),
+    ({**GOOD, "temperature": 0.5}, 422, "body.temperature"),
 ], ids=["malformed-json", "missing-field", "wrong-type", "wrong-type-persona",
         "too-many-candidates", "empty-candidates", "empty-candidate", "empty-messages",
-        "bad-role"])
+        "bad-role", "no-user-turn-last", "unknown-field"])
 def test_a_bad_request_gets_a_4xx_naming_the_field(server, body, status, field):
     response = _post(server[0], "/v1/score", body)
     assert response.status_code == status, response.text

@@ -1,0 +1,70 @@
+"""Replica failures become 5xx with a request id, and the gateway keeps answering.
+
+The gateway's FastAPI app is exercised in-process (no Ray): a route awaits a replica call
+that dies, hangs or raises, the way a DeploymentResponse would.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+
+from serve.app import call_replica, make_fastapi
+from serve.guard import token_digest
+from serve.schemas import Limits
+
+TOKEN = "unit-token-123"
+
+
+async def _dies():
+    from ray.exceptions import ActorDiedError
+
+    raise ActorDiedError()
+
+
+async def _raises():
+    raise RuntimeError("model blew up on: <private request text>")
+
+
+async def _hangs():
+    await asyncio.sleep(10)
+
+
+@pytest.fixture(scope="module")
+def client():
+    app = make_fastapi(Limits(), token_digest(TOKEN), max_body_bytes=1000)
+    replies = {"dies": _dies, "raises": _raises, "hangs": _hangs}
+
+    @app.post("/call/{kind}")
+    async def call(kind: str):
+        if kind == "ok":
+            return {"ok": True}
+        return await call_replica(replies[kind](), timeout_s=0.2)
+
+    return TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+@pytest.mark.parametrize("kind, status", [("dies", 503), ("raises", 500), ("hangs", 504)])
+def test_a_failing_replica_gives_a_5xx_with_the_request_id_and_no_request_text(client, kind, status):
+    response = client.post(f"/call/{kind}", headers={"X-Request-ID": "req-42"})
+    assert response.status_code == status
+    assert response.json()["request_id"] == "req-42" == response.headers["x-request-id"]
+    assert "private" not in response.text
+    assert client.post("/call/ok").json() == {"ok": True}  # and the app keeps serving
+
+
+def test_a_request_id_is_made_when_the_client_sends_none_or_a_bad_one(client):
+    response = client.post("/call/ok", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert len(response.headers["x-request-id"]) == 32
+
+
+def test_a_score_request_must_end_with_the_user_turn():
+    from pydantic import ValidationError
+
+    from serve.schemas import build_schemas
+
+    with pytest.raises(ValidationError, match="messages"):
+        build_schemas(Limits()).ScoreRequest(
+            persona="", candidates=["a"],
+            messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
