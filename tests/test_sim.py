@@ -1,0 +1,145 @@
+"""Simulated users (issue 5/8): the checker, the feedback, the logs and their labels.
+
+Most tests drive the loop with `ScriptedEngine`, a stand-in policy that writes synthetic
+answers with random property values, so they take milliseconds and need no model.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from actors.engines import Completion
+from pipelines.sim.answers import all_value_combinations, write_answer
+from pipelines.sim.feedback import ASK, NAME, feedback_message
+from pipelines.sim.generate import generate_logs, make_users
+from pipelines.sim.profiles import PROPERTIES, check_answer, measure
+
+
+class ScriptedEngine:
+    """A policy that answers every prompt with a synthetic answer of random properties."""
+
+    max_context_tokens = 4096
+
+    def __init__(self, seed: int = 0):
+        self.rng = random.Random(seed)
+
+    def generate(self, prompts, params):
+        combos = all_value_combinations()
+        return [[Completion(write_answer("cooking", self.rng.choice(combos), self.rng), 50, "stop")]
+                for _ in prompts]
+
+
+@pytest.fixture(scope="module")
+def sim_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    summary = generate_logs(12, out, seed=3, engine=ScriptedEngine(3), log=lambda s: None)
+    return out, summary
+
+
+def test_known_answer_gets_known_score():
+    answer = ("Hey, it's easy!\n- Heat the pan first.\n- Add the oil.\n"
+              "For example, use olive oil. Want more tips?")
+    assert measure(answer) == {"length": "short", "format": "bullets", "register": "casual",
+                               "example": "with_example", "ending": "question"}
+    check = check_answer({"format": "bullets", "register": "casual", "ending": "statement",
+                          "length": "long"}, answer)
+    assert check.score == 0.5
+    assert check.violated == {"ending": "statement", "length": "long"}
+
+
+def test_formal_prose_answer_satisfies_a_formal_prose_profile():
+    answer = "The capital of France is Paris. It has been the capital for centuries."
+    assert check_answer({"format": "prose", "register": "formal", "example": "no_example",
+                         "ending": "statement", "length": "short"}, answer).score == 1.0
+
+
+def test_synthetic_answers_have_exactly_the_requested_values():
+    rng = random.Random(0)
+    for values in all_value_combinations():
+        assert measure(write_answer("travel", values, rng)) == values
+
+
+@pytest.mark.parametrize("kind", ["reattempt", "correction"])
+def test_feedback_names_the_violated_preference(kind):
+    for seed in range(30):
+        rng = random.Random(seed)
+        prop = rng.choice(sorted(PROPERTIES))
+        want, got = PROPERTIES[prop][0], PROPERTIES[prop][1]
+        msg = feedback_message(kind, "How do I fry an egg?", {prop: want}, {prop: got}, rng)
+        assert msg.named == prop
+        wording = ASK[want] if kind == "reattempt" else [NAME[want]]
+        assert any(w.lower() in msg.text.lower() for w in wording), msg.text
+
+
+def test_bare_complaint_names_nothing():
+    msg = feedback_message("complaint", "Hi", {"length": "short"}, {"length": "long"}, random.Random(0))
+    assert msg.named is None and msg.label == "complaint"
+    assert not any(w in msg.text.lower() for w in ASK["short"] + [NAME["short"]])
+
+
+def test_same_seed_gives_same_hidden_profiles():
+    assert make_users(5, seed=7) == make_users(5, seed=7)
+    assert make_users(5, seed=7) != make_users(5, seed=8)
+
+
+def test_logs_folder_holds_only_wildchat_parquet_and_profiles_stay_outside(sim_dir):
+    import pyarrow.parquet as pq
+
+    from wildchat_rows import sample_schema
+
+    out, summary = sim_dir
+    assert [p.name for p in (out / "logs").iterdir()] == ["conversations.parquet"]
+    assert pq.read_schema(out / "logs" / "conversations.parquet") == sample_schema()
+    profiles = [json.loads(line) for line in open(out / "profiles.jsonl")]
+    assert len(profiles) == 12 and summary["conversations"] == sum(p["conversations"] for p in profiles)
+    rows = pq.read_table(out / "logs" / "conversations.parquet").to_pylist()
+    assert {r["hashed_ip"] for r in rows} == {p["hashed_ip"] for p in profiles}
+
+
+def test_every_followup_has_a_label_by_construction(sim_dir):
+    from pipelines.followup_eval import followup_examples, load_gold_labels, read_conversations
+
+    out, summary = sim_dir
+    gold = load_gold_labels(out / "followup_labels.jsonl")
+    examples = followup_examples(read_conversations(out / "logs"))
+    assert {(e["conversation_hash"], e["message_index"]) for e in examples} == set(gold)
+    assert {"reattempt_feedback", "correction", "complaint"} <= set(gold.values())
+
+
+def test_written_logs_pass_ingest_with_nothing_rejected(sim_dir, tmp_path):
+    from pipelines.config import parse_config
+    from pipelines.ingest import run_ingest
+
+    out, summary = sim_dir
+    config = parse_config({"run_dir": str(tmp_path), "ingest": {"inputs": [str(out / "logs")]},
+                           "resources": {"progress_bars": False}})
+    result = run_ingest(config, use_ray=False)
+    assert sum(result["rejected"].values()) == 0 and sum(result["filtered"].values()) == 0
+    assert result["kept"] == summary["conversations"] and result["users"] == 12
+
+
+def test_rules_classifier_scores_on_simulated_followups(sim_dir):
+    from actors.followup_rules import RulesClassifier
+    from pipelines.followup_eval import evaluate_backend
+
+    out, _ = sim_dir
+    result = evaluate_backend(out / "logs", out / "followup_labels.jsonl",
+                              RulesClassifier().classify, n_boot=100)
+    assert 0.0 <= result["feedback_f1"] <= 1.0
+    print(f"rules on simulated follow-ups: P {result['feedback_precision']:.3f} "
+          f"R {result['feedback_recall']:.3f} F1 {result['feedback_f1']:.3f}")
+
+
+def test_cli_sim_generate_writes_logs_and_prints_json(monkeypatch, tmp_path, capsys):
+    import pipelines.sim.generate as gen
+    from pipelines.cli import main
+
+    seen = []  # the model option reaches the engine factory; the scripted policy answers
+    monkeypatch.setattr(gen, "make_engine", lambda spec: seen.append(spec.id) or ScriptedEngine())
+    assert main(["sim", "generate", "--users", "2", "--out", str(tmp_path), "--seed", "1",
+                 "--model", "some/model", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert seen == ["some/model"] and summary["users"] == 2
+    assert (tmp_path / "logs" / "conversations.parquet").exists()
