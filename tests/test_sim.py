@@ -108,18 +108,6 @@ def test_every_followup_has_a_label_by_construction(sim_dir):
     assert {"reattempt_feedback", "correction", "complaint"} <= set(gold.values())
 
 
-def test_written_logs_pass_ingest_with_nothing_rejected(sim_dir, tmp_path):
-    from pipelines.config import parse_config
-    from pipelines.ingest import run_ingest
-
-    out, summary = sim_dir
-    config = parse_config({"run_dir": str(tmp_path), "ingest": {"inputs": [str(out / "logs")]},
-                           "resources": {"progress_bars": False}})
-    result = run_ingest(config, use_ray=False)
-    assert sum(result["rejected"].values()) == 0 and sum(result["filtered"].values()) == 0
-    assert result["kept"] == summary["conversations"] and result["users"] == 12
-
-
 def test_rules_classifier_scores_on_simulated_followups(sim_dir):
     from actors.followup_rules import RulesClassifier
     from pipelines.followup_eval import evaluate_backend
@@ -143,3 +131,37 @@ def test_cli_sim_generate_writes_logs_and_prints_json(monkeypatch, tmp_path, cap
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert seen == ["some/model"] and summary["users"] == 2
     assert (tmp_path / "logs" / "conversations.parquet").exists()
+
+
+def test_warmstart_data_covers_every_property_value():
+    from pipelines.sim.warmstart import sft_examples
+
+    seen = {p: set() for p in PROPERTIES}
+    for chat in sft_examples(96, random.Random(0)):
+        for prop, value in measure(chat[1]["content"]).items():
+            seen[prop].add(value)
+    assert seen == {p: set(v) for p, v in PROPERTIES.items()}
+
+
+def test_warmstart_is_built_once_then_cached(monkeypatch, tmp_path):
+    from pipelines.sim import warmstart
+
+    monkeypatch.setenv("RLHI_MODEL_CACHE", str(tmp_path))
+    monkeypatch.setitem(warmstart.RECIPE, "steps", 2)      # the recipe, shrunk for speed
+    monkeypatch.setitem(warmstart.RECIPE, "examples", 48)
+    built = []
+    path = warmstart.ensure_warmstart(log=built.append)
+    assert (path / "config.json").exists() and path.name.startswith("sim-warmstart-")
+    assert warmstart.ensure_warmstart(log=built.append) == path and len(built) == 1
+
+
+def test_written_logs_pass_ingest_with_nothing_rejected(ray_session, sim_dir, tmp_path):
+    from pipelines.config import parse_config
+    from pipelines.ingest import run_ingest
+
+    out, summary = sim_dir
+    config = parse_config({"run_dir": str(tmp_path), "ingest": {"inputs": [str(out / "logs")]},
+                           "resources": {"progress_bars": False}})
+    result = run_ingest(config, use_ray=True)
+    assert sum(result["rejected"].values()) == 0 and sum(result["filtered"].values()) == 0
+    assert result["kept"] == summary["conversations"] and result["users"] == 12

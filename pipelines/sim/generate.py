@@ -205,7 +205,7 @@ def write_outputs(out: Path, convs: list[Conversation], profiles: list[Profile],
 def generate_logs(users: int, out: str | Path, *, seed: int = 0, model: str | None = None,
                   engine: GenerationEngine | None = None, max_new_tokens: int = 160,
                   temperature: float = 1.0, batch_size: int = 64,
-                  log: Callable[[str], None] = print) -> dict:
+                  log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
     """Simulate `users` users against a policy and write their logs under `out`.
 
     The policy is `engine` if given, else `model` (a ModelSpec id: Hub id, folder or alias
