@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "wildchat" / "train-00000-of-00001.parquet"
 MIN_CHARS, MAX_CHARS = 15, 300  # no bare greetings, no pasted documents
+# Unflagged by moderation but asks for non-consensual image editing: not a request to replay.
+EXCLUDED_PHRASES = ("removing man clothes",)
 
 TEMPLATES = {
     "coding": ["How do I {x} in Python?", "Explain how to {x}.", "What's the best way to {x}?"],
@@ -50,7 +52,8 @@ def wildchat_first_turns(path: str = str(SAMPLE)) -> tuple[str, ...]:
         first = (row["conversation"] or [{}])[0]
         text = (first.get("content") or "").strip()
         if (row["language"] == "English" and not flagged and first.get("role") == "user"
-                and MIN_CHARS <= len(text) <= MAX_CHARS):
+                and MIN_CHARS <= len(text) <= MAX_CHARS
+                and not any(p in text.lower() for p in EXCLUDED_PHRASES)):
             out.append(text)
     return tuple(out)
 
