@@ -39,6 +39,8 @@ START = datetime(2024, 3, 1, tzinfo=timezone.utc)
 MAX_ANSWERS = 4            # policy answers per conversation at most
 MAX_FEEDBACK = 2           # a user gives up after this much feedback in one conversation
 CONTEXT_MESSAGES = 5       # the policy sees this many latest messages (bounds CPU cost)
+LEAVE_AFTER_DROP = 0.6     # a user who drops a bad answer leaves, else asks something new
+LEAVE_WHEN_SATISFIED = 0.35
 PLACES = [("United States", "California", "en-US,en;q=0.9"), ("United Kingdom", "England", "en-GB,en;q=0.8"),
           ("India", "Karnataka", "en-IN,en;q=0.9"), ("Canada", "Ontario", "en-CA,en;q=0.9"),
           ("Australia", "Victoria", "en-AU,en;q=0.9")]
@@ -64,9 +66,11 @@ class Conversation:
 
     @property
     def conversation_hash(self) -> str:
+        """Stable per user and conversation (WildChat's own is a hash of the text)."""
         return hashlib.md5(f"{self.profile.hashed_ip}/{self.index}".encode()).hexdigest()
 
     def user_says(self, text: str, followup: FollowUp | None = None) -> None:
+        """Append a user message; a follow-up also records its label by construction."""
         if followup is not None:
             self.labels.append({"conversation_hash": self.conversation_hash,
                                 "message_index": len(self.messages), "label": followup.label,
@@ -105,13 +109,13 @@ def react(conv: Conversation, answer: str) -> None:
             conv.feedback_given += 1
             conv.user_says(followup.text, followup)
             return
-        conv.done = rng.random() < 0.6  # dropped: leave, or try something else
+        conv.done = rng.random() < LEAVE_AFTER_DROP  # dropped without a word
     elif check is not None and rng.random() < profile.gratitude:
         thanks = thanks_message(rng)
         conv.user_says(thanks.text, thanks)
         conv.judge_next = False
         return
-    elif rng.random() < 0.35:
+    elif rng.random() < LEAVE_WHEN_SATISFIED:
         conv.done = True
     if not conv.done:
         conv.request = make_request(_draw_topic(profile, rng), rng)
