@@ -21,7 +21,7 @@ CONTEXT = [{"role": "user", "content": "What is 2+2?"},
            {"role": "user", "content": "How do I sort a list?"}]
 FIELDS = {"policy": {}, "rewriter": {"answer": "5", "message": "wrong"},
           "followup": {"answer": "5", "message": "wrong"},
-          "judge": {"answer_a": "4", "answer_b": "5"}, "reward_judge": {"candidate": "4"}}
+          "judge": {"answer_a": "4", "answer_b": "5"}, "reward_judge": {"candidate": "4"}, "persona": {}}
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM"
 
 
