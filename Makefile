@@ -20,10 +20,10 @@ install: $(STAMP)
 demo: models
 	$(VENV)/bin/rlhi run --config configs/default.yaml --out runs/demo
 
-# Tests that start their own Ray cluster run in a second pytest process (exit 5 = none yet).
+# Tests marked `cluster` start their own Ray cluster and belong in a second pytest process;
+# none exist yet (issues 6/8 and 7/8 bring them), so the suite is one process for now.
 test: models
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not cluster"
-	$(PY) -m pytest -q -p no:cacheprovider --durations=5 -m cluster || [ $$? -eq 5 ]
 
 bench: models
 	$(PY) bench/ingest.py --quick
