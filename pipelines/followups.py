@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import RunConfig
 from pipelines.schema import CONVERSATIONS, FOLLOWUPS
-from pipelines.stage import StageWriter, read_manifest
+from pipelines.stage import StageWriter, require_stage
 
 STAGE = "followups"
 UNLABELLED = [name for name in FOLLOWUPS.names if name not in ("label", "confidence", "backend", "unclassified_reason")]
@@ -109,9 +109,7 @@ def label_with_ray(parts: list[Path], config: RunConfig, out: Path) -> tuple[int
 def run_followups(config: RunConfig) -> dict[str, Any]:
     """Run the stage into `<run_dir>/followups/`; returns its summary."""
     run_dir = Path(config.run_dir)
-    upstream = read_manifest(run_dir, "ingest")
-    if upstream is None:
-        raise RuntimeError(f"{run_dir}/ingest is missing or unfinished: run the ingest stage first")
+    upstream = require_stage(run_dir, "ingest")
     parts = sorted((run_dir / "ingest" / "conversations").glob("*.parquet"))
     with StageWriter(run_dir, STAGE) as stage:
         table_dir = stage.tmp / "followups"
@@ -132,7 +130,7 @@ def run_followups(config: RunConfig) -> dict[str, Any]:
         }
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         stage.commit(config_hash=config.section_hash("followups", "models"), inputs=[],
-                     upstream={"ingest": upstream["config_hash"] + ":" + upstream["started_at"]},
+                     upstream={"ingest": upstream},
                      models=[config.models.classifier.model_dump()] if config.followups.backend != "rules" else [],
                      counts=summary, seed=config.seed)
     summary["output"] = str(run_dir / STAGE)

@@ -158,17 +158,18 @@ def finalize(work: Path, out: Path, cap: int) -> Counter:
         task_id = part_keys.column("task_id")[0].as_py() if part_keys.num_rows else -1
         keep = [(task_id, row) not in drops for row in range(part_keys.num_rows)]
         per_user.update(u for u, k in zip(part_keys.column("user_id").to_pylist(), keep) if k)
-        rejects = pq.read_table(work / "rejects" / part.name)
-        if all(keep):
+        if all(keep):  # the common case: both parts move as they are
             part.rename(out / "conversations" / part.name)
+            (work / "rejects" / part.name).rename(out / "rejects" / part.name)
         else:
+            rejects = pq.read_table(work / "rejects" / part.name)
             table = pq.read_table(part)
             pq.write_table(table.filter(pa.array(keep)), out / "conversations" / part.name)
             dropped = table.filter(pc.invert(pa.array(keep))).to_pylist()
             extra = [reject_row(rec, "filtered", *drops[(task_id, row)], rec["user_id"], rec["conversation_id"])
                      for rec, row in zip(dropped, [r for r, k in enumerate(keep) if not k])]
             rejects = pa.concat_tables([rejects, pa.Table.from_pylist(extra, schema=REJECTS)])
-        pq.write_table(rejects, out / "rejects" / part.name)
+            pq.write_table(rejects, out / "rejects" / part.name)
     return per_user
 
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import PersonasConfig, RunConfig
 from pipelines.schema import FEEDBACK_LABELS, PERSONAS, USERS, check_schema
-from pipelines.stage import StageWriter, read_manifest
+from pipelines.stage import StageWriter, require_stage
 
 STAGE = "personas"
 BEGINNING = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -180,10 +180,7 @@ def run_personas(config: RunConfig) -> dict[str, Any]:
     import ray
 
     run_dir, settings = Path(config.run_dir), config.personas
-    upstream = {name: read_manifest(run_dir, name) for name in ("ingest", "followups")}
-    for name, manifest in upstream.items():
-        if manifest is None:
-            raise RuntimeError(f"{run_dir}/{name} is missing or unfinished: run the {name} stage first")
+    upstream = {name: require_stage(run_dir, name) for name in ("ingest", "followups")}
     conversations = pq.read_table(run_dir / "ingest" / "conversations")
     followups = pq.read_table(run_dir / "followups" / "followups")
     table = with_feedback(conversations, followups)
@@ -218,7 +215,7 @@ def run_personas(config: RunConfig) -> dict[str, Any]:
         }
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         stage.commit(config_hash=config.section_hash("personas", "models"), inputs=[], seed=config.seed,
-                     upstream={k: m["config_hash"] + ":" + m["started_at"] for k, m in upstream.items()},
+                     upstream=upstream,
                      models=[config.models.persona.model_dump()] if settings.backend == "llm" else [],
                      counts=summary)
     summary["output"] = str(run_dir / STAGE)

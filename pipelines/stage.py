@@ -75,6 +75,14 @@ def read_manifest(run_dir: Path | str, stage: str) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def require_stage(run_dir: Path | str, stage: str) -> dict[str, Any]:
+    """The manifest of a stage another stage reads; an error saying what to run if missing."""
+    manifest = read_manifest(run_dir, stage)
+    if manifest is None:
+        raise RuntimeError(f"{run_dir}/{stage} is missing or unfinished: run the {stage} stage first")
+    return manifest
+
+
 @dataclass
 class StageWriter:
     """Write one stage's output atomically.
@@ -110,13 +118,14 @@ class StageWriter:
 
     def commit(self, *, config_hash: str, inputs: list[dict[str, Any]], counts: dict[str, Any],
                seed: int, models: list[dict[str, Any]] | None = None,
-               upstream: dict[str, str] | None = None) -> dict[str, Any]:
-        """Write the manifest, then move the finished folder into place."""
+               upstream: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Write the manifest, then move the finished folder into place. `upstream` maps
+        the stages read to their manifests; each is recorded by its config hash and start."""
         manifest = {
             "stage": self.name,
             "config_hash": config_hash,
             "inputs": inputs,
-            "upstream": upstream or {},
+            "upstream": {name: f"{m['config_hash']}:{m['started_at']}" for name, m in (upstream or {}).items()},
             "models": models or [],
             "code_version": code_version(),
             "seed": seed,
