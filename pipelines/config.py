@@ -90,6 +90,9 @@ class ModelsConfig(_Section):
     """The policy: samples candidates (rewards stage) and answers the serving chat app."""
     rewriter: ModelSpec = ModelSpec()
     """Rewrites answers using the user's feedback (rewrites stage, serving rewrite app)."""
+    judge: ModelSpec = ModelSpec()
+    """Pairwise judge: the rewrites quality filter (does the rewrite beat the rejected
+    answer?) and evaluation. Never a model trained on this run's pairs."""
     reward: ModelSpec = ModelSpec()
     """Reward model of `serve.reward.backend`: an instruct model for `judge` (the default,
     SmolLM2 until 6/8 trains one), a reward-model id or folder for `classifier`, the
@@ -126,6 +129,147 @@ class PersonasConfig(_Section):
     min_eval_users_with_history: int = Field(2, ge=0)
     """Evaluation users who have two or more conversations, guaranteed."""
     workers: PositiveInt | None = None
+
+
+class AblationConfig(_Section):
+    """The paper's ablations, applied to every stage that reads them."""
+
+    user_agnostic: bool = False
+    """Drop the persona block everywhere: sampler, reward model, rewriter, judge, prompts."""
+    rewrites_from_scratch: bool = False
+    """The rewriter does not see the user's follow-up (it rewrites from the persona alone)."""
+
+
+class QualityFilterConfig(_Section):
+    """Which rewrite pairs are kept (the paper finds the filter essential)."""
+
+    min_tokens: PositiveInt = 2
+    """A rewrite or rejected answer shorter than this (tokenizer of models.policy) is dropped."""
+    max_tokens: PositiveInt = 1024
+    """A rewrite longer than this is dropped (`too_long`)."""
+    max_length_ratio: float = Field(4.0, gt=1)
+    """A rewrite more than this many times longer or shorter than the rejected answer is
+    dropped (`length_ratio`)."""
+    truncate_tokens: PositiveInt = 1024
+    """Rewrite and rejected answer identical in their first this-many tokens: dropped
+    (`identical_after_truncation`); the training max_length cuts them to the same text."""
+    margin: float = Field(0.05, ge=0, le=0.5)
+    """The judge (models.judge, both orders) must give P(rewrite better) >= 0.5 + margin."""
+    judge: bool = True
+    """False skips the judge check (no margin recorded); the other checks still run."""
+    drop_refusal_to_compliance: bool = True
+    """A rewrite that complies where the rejected answer refused is dropped and counted:
+    jailbreak re-attempts must not become training signal."""
+
+
+class RewritesConfig(_Section):
+    """Stage `rewrites`: user-guided rewrites from feedback follow-ups (pipelines/rewrites.py)."""
+
+    rejected: Literal["regenerated", "original"] = "regenerated"
+    """`regenerated` (the paper, on-policy): the policy re-answers the context and that is
+    the rejected answer; `original`: the logged answer, for comparison."""
+    labels: list[Literal["reattempt_feedback", "correction", "complaint"]] = Field(
+        default_factory=lambda: ["reattempt_feedback", "correction", "complaint"])
+    """Follow-up labels that carry feedback and get a rewrite."""
+    max_followups: PositiveInt | None = None
+    """Cap on follow-ups rewritten (the first ones by conversation and turn); None: all."""
+    batch_size: PositiveInt = 8
+    workers: PositiveInt | None = None
+    """Actors per role pool; default: the CPUs Ray has."""
+    filter: QualityFilterConfig = QualityFilterConfig()
+
+
+class RewardsConfig(_Section):
+    """Stage `rewards`: user-based rewards, N candidates scored with the persona."""
+
+    n: int = Field(4, ge=2)
+    """Candidates the PolicySampler draws per prompt."""
+    backend: Literal["judge", "classifier", "trained"] = "judge"
+    """RewardModel backend on models.reward; `trained` uses this run's reward_model stage."""
+    threshold: Literal["zscore", "quantile"] = "zscore"
+    """Relative per prompt: `zscore` keeps best vs worst when (best - worst) / std of the
+    prompt's scores >= min_z; `quantile` when best - worst is in the top `1 - quantile` of
+    this run's per-prompt margins."""
+    min_z: float = Field(1.0, ge=0)
+    quantile: float = Field(0.5, ge=0, lt=1)
+    include_first_turns: bool = True
+    """First user turns of conversations are prompts."""
+    include_no_feedback_turns: bool = True
+    """Turns whose follow-up carries no feedback (or that have none) are prompts."""
+    max_prompts: PositiveInt | None = None
+    """Cap on prompts sampled (the first ones by conversation and turn); None: all."""
+    batch_size: PositiveInt = 8
+    workers: PositiveInt | None = None
+
+
+class RewardModelConfig(_Section):
+    """Stage `reward_model`: a Bradley-Terry reward model on training users' rewrite pairs."""
+
+    encoder: ModelSpec = ModelSpec(id="all-minilm-l6-v2")
+    """Encoder the one-output head is put on (all-MiniLM-L6-v2 by default)."""
+    epochs: float = Field(3.0, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    batch_size: PositiveInt = 8
+    max_length: PositiveInt = 512
+
+
+class LoraSettings(_Section):
+    """LoRA adapters (peft) instead of full fine-tuning."""
+
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainConfig(_Section):
+    """Stage `train`: persona-DPO with TRL's DPOTrainer on Ray Train (pipelines/train.py)."""
+
+    sources: list[Literal["rewrite", "reward"]] = Field(default_factory=lambda: ["rewrite", "reward"])
+    """Pair sources trained on."""
+    beta: float = Field(0.1, gt=0)
+    learning_rate: float = Field(5e-7, gt=0)
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"])
+    """TRL loss type(s); several are combined with `loss_weights`."""
+    loss_weights: list[float] | None = None
+    max_steps: int = Field(-1, ge=-1)
+    """Optimizer steps; -1 trains `epochs` epochs."""
+    epochs: float = Field(1.0, gt=0)
+    per_device_batch_size: PositiveInt = 2
+    gradient_accumulation_steps: PositiveInt = 1
+    max_length: PositiveInt = 1024
+    """Prompt + answer tokens; longer pairs are cut from the end of the answers."""
+    lora: LoraSettings | None = None
+    precompute_ref_log_probs: bool = False
+    """Reference log-probs computed once before training; the reference model is then not
+    kept in memory."""
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None
+    """None: bf16 on GPUs that support it, fp32 on CPU."""
+    fsdp: bool = False
+    """FSDP full sharding (parameters, gradients, optimizer state) for models that do not
+    fit one GPU."""
+    workers: PositiveInt = 1
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    save_steps: PositiveInt = 50
+    """A checkpoint every this many steps (and at the end)."""
+    logging_steps: PositiveInt = 1
+    max_failures: int = Field(1, ge=0)
+    """Ray Train restarts a failed worker group this many times, from the last checkpoint."""
+    resources_timeout_s: float = Field(300, gt=0)
+    """Fail when the workers' resources are not free after this long."""
+
+
+class OnlineConfig(_Section):
+    """Online rounds after the first training: sample and score with the newest policy,
+    build new pairs, train with the previous policy as reference."""
+
+    rounds: int = Field(0, ge=0)
+    """Extra rounds after round 0; each writes `<run_dir>/round-<k>/`."""
+    stages: list[Literal["rewrites", "rewards", "pairs", "train"]] = Field(
+        default_factory=lambda: ["rewards", "pairs", "train"])
+    """Stages each online round reruns with the newest policy."""
 
 
 class ResourcesConfig(_Section):
@@ -212,12 +356,20 @@ class RunConfig(_Section):
     run_dir: str = "runs/default"
     """Where every stage writes its tables, manifests and summaries."""
     seed: int = 0
-    stages: list[Literal["ingest", "followups", "personas"]] = Field(
-        default_factory=lambda: ["ingest", "followups", "personas"])
-    """Stages to run, in pipeline order. Later stages arrive with later releases."""
+    stages: list[Literal["ingest", "followups", "personas", "rewrites", "reward_model",
+                         "rewards", "pairs", "train"]] = Field(
+        default_factory=lambda: ["ingest", "followups", "personas", "rewrites", "rewards",
+                                 "pairs", "train"])
+    """Stages to run, in pipeline order (`reward_model` is optional)."""
     ingest: IngestConfig = IngestConfig()
     followups: FollowupsConfig = FollowupsConfig()
     personas: PersonasConfig = PersonasConfig()
+    ablation: AblationConfig = AblationConfig()
+    rewrites: RewritesConfig = RewritesConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
+    train: TrainConfig = TrainConfig()
+    online: OnlineConfig = OnlineConfig()
     models: ModelsConfig = ModelsConfig()
     resources: ResourcesConfig = ResourcesConfig()
     serve: ServeConfig = ServeConfig()

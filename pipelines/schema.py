@@ -102,6 +102,27 @@ USERS = pa.schema([
     ("has_history", pa.bool_()),          # two or more conversations
 ])
 
+# One row per feedback follow-up the rewrites stage saw: kept pairs and every filtered one
+# with its reason (DESIGN.md source 1). `prompt` is the DPO prompt (base system prompt +
+# persona block + context); it ends at the user turn the answer responds to.
+REWRITE_STATUSES = ("kept", "filtered")
+REWRITES = pa.schema([
+    ("followup_id", pa.string()),
+    ("conversation_id", pa.string()),
+    ("user_id", pa.string()),
+    ("persona_id", pa.string()),          # null: no snapshot before the turn, or user-agnostic
+    ("turn_index", pa.int32()),
+    ("prompt", MESSAGES),
+    ("chosen", pa.string()),              # the rewrite
+    ("rejected", pa.string()),            # the regenerated (or original) answer
+    ("rejected_source", pa.string()),     # "regenerated" or "original"
+    ("label", pa.string()),               # the follow-up's label
+    ("margin", pa.float32()),             # scorer's P(rewrite better) - 0.5; null if not scored
+    ("status", pa.string()),
+    ("reason", pa.string()),              # why filtered; null when kept
+    ("round", pa.int32()),
+])
+
 SAMPLES = pa.schema([
     ("sample_id", pa.string()),
     ("user_id", pa.string()),
@@ -113,6 +134,9 @@ SAMPLES = pa.schema([
     ("scores", pa.list_(pa.float32())),
     ("reward_backend", pa.string()),
     ("round", pa.int32()),
+    ("status", pa.string()),              # "kept" (became a pair) or "filtered"
+    ("reason", pa.string()),              # why no pair: e.g. below_threshold, tied_scores
+    ("margin", pa.float32()),             # best - worst score; null with fewer than 2
 ])
 
 PAIR_SOURCES = ("rewrite", "reward")
@@ -140,6 +164,7 @@ TABLES: dict[str, pa.Schema] = {
     "followups": FOLLOWUPS,
     "personas": PERSONAS,
     "users": USERS,
+    "rewrites": REWRITES,
     "samples": SAMPLES,
     "pairs": PAIRS,
 }

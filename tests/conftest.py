@@ -72,5 +72,6 @@ def pipeline_run(ray_session, tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("pipeline-run")
     config = parse_config({"run_dir": str(run_dir), "ingest": {"inputs": [str(WILDCHAT_SAMPLE)]},
-                           "resources": {"progress_bars": False}})
+                           "resources": {"progress_bars": False},
+                           "stages": ["ingest", "followups", "personas"]})
     return run_dir, run_stages(config)
