@@ -1,0 +1,232 @@
+"""Stage `rewards`: which turns are prompts, the relative threshold, and the stage on Ray."""
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timedelta, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from actors.policy_sampler import Samples
+from pipelines.config import RewardsConfig, parse_config
+from pipelines.rewards import (apply_threshold, margin_zscore, quantile_cutoff, reward_prompts,
+                               run_rewards, sample_and_score, sample_id, select_pair)
+from pipelines.rounds import attach_personas
+from pipelines.schema import CONVERSATIONS, FOLLOWUPS, PERSONAS, SAMPLES, check_schema
+
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+
+def scored(candidates, scores):
+    return {"candidates": candidates, "scores": scores}
+
+
+# --- pair selection and threshold ---------------------------------------------------------
+
+def test_best_is_chosen_and_worst_rejected_with_their_margin():
+    selection = select_pair(["a", "b", "c"], [0.2, 0.9, 0.1])
+    assert (selection.chosen, selection.rejected, selection.reason) == (1, 2, None)
+    assert selection.margin == pytest.approx(0.8)
+
+
+def test_zscore_is_the_range_over_the_population_std():
+    assert margin_zscore([0.0, 1.0]) == pytest.approx(2.0)
+    assert margin_zscore([0.0, 1.0, 1.0, 2.0]) == pytest.approx(2 / 0.5 ** 0.5)
+    assert margin_zscore([3.0, 3.0, 3.0]) == 0.0
+
+
+def test_zscore_threshold_keeps_only_prompts_whose_extremes_stand_out():
+    rows = [scored(["a", "b", "c", "d"], [0.0, 1.0, 1.0, 2.0]),   # z = 2.83
+            scored(["a", "b", "c", "d"], [0.0, 0.0, 2.0, 2.0])]   # z = 2.0
+    apply_threshold(rows, RewardsConfig(threshold="zscore", min_z=2.5))
+    assert [(r["status"], r["reason"]) for r in rows] == [("kept", None), ("filtered", "below_threshold")]
+    assert [r["margin"] for r in rows] == [2.0, 2.0]
+
+
+def test_quantile_threshold_keeps_the_top_share_of_this_runs_margins():
+    rows = [scored(["a", "b"], [0.0, m]) for m in (1.0, 2.0, 3.0, 4.0)]
+    assert quantile_cutoff([1.0, 2.0, 3.0, 4.0], 0.5) == pytest.approx(2.5)
+    apply_threshold(rows, RewardsConfig(threshold="quantile", quantile=0.5))
+    assert [r["status"] for r in rows] == ["filtered", "filtered", "kept", "kept"]
+    assert {r["reason"] for r in rows[:2]} == {"below_threshold"}
+
+
+def test_tied_scores_make_no_pair_and_do_not_count_towards_the_quantile():
+    rows = [scored(["a", "b", "c"], [0.5, 0.5, 0.5]), scored(["a", "b"], [0.0, 1.0])]
+    apply_threshold(rows, RewardsConfig(threshold="quantile", quantile=0.5))
+    assert (rows[0]["status"], rows[0]["reason"], rows[0]["margin"]) == ("filtered", "tied_scores", 0.0)
+    assert rows[1]["status"] == "kept"
+
+
+def test_a_single_candidate_is_guarded_not_divided_by_zero():
+    rows = [scored(["only"], [0.7])]
+    apply_threshold(rows, RewardsConfig())
+    assert (rows[0]["status"], rows[0]["reason"], rows[0]["margin"]) == ("filtered", "too_few_candidates", None)
+
+
+def test_identical_or_empty_candidates_make_no_pair():
+    assert select_pair(["same", "same "], [0.1, 0.9]).reason == "identical_candidates"
+    assert select_pair(["same", "other", "same"], [0.9, 0.5, 0.1]).reason == "identical_candidates"
+    assert select_pair(["", "answer"], [0.1, 0.9]).reason == "empty_candidate"
+    assert select_pair(["a", "b"], [float("nan"), 0.9]).reason == "invalid_scores"
+
+
+def test_over_cap_rows_stay_filtered():
+    rows = [{"candidates": [], "scores": [], "status": "filtered", "reason": "over_cap", "margin": None}]
+    apply_threshold(rows, RewardsConfig())
+    assert rows[0]["reason"] == "over_cap"
+
+
+def test_sample_id_is_stable_and_differs_by_round():
+    assert sample_id("c1", 2, 0) == sample_id("c1", 2, 0)
+    assert sample_id("c1", 2, 0) != sample_id("c1", 2, 1)
+    assert sample_id("c1", 2, 0) != sample_id("c1", 4, 0)
+
+
+# --- which turns are prompts --------------------------------------------------------------
+
+def turn(role, content, minutes):
+    return {"role": role, "content": content, "timestamp": T0 + timedelta(minutes=minutes), "turn_identifier": 1}
+
+
+def conversations_table():
+    return pa.Table.from_pylist([
+        {"conversation_id": "c1", "user_id": "u1", "timestamp": T0 + timedelta(minutes=9), "system": "Be brief.",
+         "turns": [turn("user", "Write a poem.", 0), turn("assistant", "Roses.", 1),
+                   turn("user", "Longer, please.", 2), turn("assistant", "Roses are red.", 3),
+                   turn("user", "Thanks! Now a limerick.", 4), turn("assistant", "There once...", 5),
+                   turn("user", "Now a haiku.", 6), turn("assistant", "Old pond.", 7)]},
+        {"conversation_id": "c2", "user_id": "u2", "timestamp": T0, "system": None,
+         "turns": [turn("user", "Capital of France?", 0), turn("assistant", "Lyon.", 1),
+                   turn("user", "No, that's wrong.", 2), turn("assistant", "Paris.", 3)]},
+    ], schema=CONVERSATIONS)
+
+
+def followups_table():
+    labels = [("c1", 2, "reattempt_feedback"), ("c1", 4, "new_request"), ("c1", 6, "new_request"),
+              ("c2", 2, "correction")]
+    return pa.Table.from_pylist([{"conversation_id": c, "turn_index": i, "label": label}
+                                 for c, i, label in labels], schema=FOLLOWUPS)
+
+
+def prompts(**flags):
+    settings = {"include_first_turns": True, "include_no_feedback_turns": True, **flags}
+    found, covered = reward_prompts(conversations_table(), followups_table(), **settings)
+    return [(p["conversation_id"], p["turn_index"]) for p in found], covered, found
+
+
+def test_first_turns_and_turns_without_feedback_are_prompts():
+    keys, covered, _ = prompts()
+    # c1 turn 2 is followed by new_request: a prompt; c1 turn 4 and 6 too. First turns are
+    # prompts even when their follow-up is feedback (c1 turn 0, c2 turn 0); a last turn has
+    # no follow-up at all, so no feedback (c2 turn 2).
+    assert keys == [("c1", 0), ("c1", 2), ("c1", 4), ("c1", 6), ("c2", 0), ("c2", 2)]
+    assert covered == 0
+
+
+def test_turns_followed_by_feedback_are_left_to_rewrites():
+    keys, covered, _ = prompts(include_first_turns=False)
+    assert keys == [("c1", 2), ("c1", 4), ("c1", 6), ("c2", 2)]
+    assert covered == 2   # both first turns have feedback follow-ups
+
+
+def test_only_first_turns_when_no_feedback_turns_are_off():
+    keys, _, _ = prompts(include_no_feedback_turns=False)
+    assert keys == [("c1", 0), ("c2", 0)]
+
+
+def test_the_context_starts_with_the_system_message_and_ends_with_the_user_turn():
+    _, _, found = prompts()
+    by_key = {(p["conversation_id"], p["turn_index"]): p for p in found}
+    context = by_key[("c1", 2)]["context"]
+    assert context[0] == {"role": "system", "content": "Be brief."}
+    assert context[-1] == {"role": "user", "content": "Longer, please."}
+    assert len(context) == 4
+    assert by_key[("c2", 0)]["context"] == [{"role": "user", "content": "Capital of France?"}]
+    assert by_key[("c1", 2)]["time"] == T0 + timedelta(minutes=2)
+
+
+def test_a_turn_sees_only_the_persona_built_strictly_before_it(tmp_path):
+    (tmp_path / "personas" / "personas").mkdir(parents=True)
+    snapshots = [("p0", T0 - timedelta(days=1), "early"), ("p1", T0 + timedelta(minutes=2), "at the turn"),
+                 ("p2", T0 + timedelta(minutes=3), "later")]
+    pq.write_table(pa.Table.from_pylist(
+        [{"persona_id": pid, "user_id": "u1", "as_of": as_of, "persona": text, "serving": False}
+         for pid, as_of, text in snapshots], schema=PERSONAS), tmp_path / "personas" / "personas" / "part-0.parquet")
+    import pandas as pd
+
+    frame = pd.DataFrame(prompts()[2])
+    frame = frame[frame["user_id"] == "u1"]
+    joined = attach_personas(frame, tmp_path, user_agnostic=False)
+    # turn 2 happens exactly at p1's as_of: strictly before means it still sees p0.
+    assert dict(zip(joined["turn_index"], joined["persona_id"])) == {0: "p0", 2: "p0", 4: "p2", 6: "p2"}
+    assert list(joined["persona"])[:2] == ["early", "early"]
+    agnostic = attach_personas(frame, tmp_path, user_agnostic=True)
+    assert set(agnostic["persona"]) == {""} and agnostic["persona_id"].isna().all()
+
+
+# --- sampling and scoring, without Ray ----------------------------------------------------
+
+class FakeSampler:
+    def sample_batch(self, personas, contexts):
+        return [Samples([{"role": "system", "content": f"base {p}"}, *c], [f"{p}-a", f"{p}-b"], 0)
+                for p, c in zip(personas, contexts)]
+
+
+class FakeRewardModel:
+    seen = None
+
+    def score_batch(self, personas, contexts, candidates):
+        self.seen = personas
+        return [[float(len(c)) for c in cands] for cands in candidates]
+
+
+def test_sample_and_score_keeps_every_candidate_and_gives_the_reward_model_the_persona():
+    rm = FakeRewardModel()
+    context = [{"role": "user", "content": "Hi"}]
+    rows = sample_and_score(FakeSampler(), rm, ["likes cats", ""], [context, context])
+    assert rows[0]["candidates"] == ["likes cats-a", "likes cats-b"] and len(rows[0]["scores"]) == 2
+    assert rows[0]["prompt"][-1] == {"role": "user", "content": "Hi"}
+    assert rm.seen == ["likes cats", None]
+
+
+# --- the stage on Ray ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def rewards_run(pipeline_run, tiny_models, tmp_path_factory):
+    """run_rewards on a copy of the shared pipeline run (the fixture is never modified)."""
+    source, _ = pipeline_run
+    run_dir = tmp_path_factory.mktemp("rewards-run") / "run"
+    shutil.copytree(source, run_dir)
+    tiny = {"id": str(tiny_models.causal_lm), "max_new_tokens": 8, "max_context_tokens": 512}
+    config = parse_config({"run_dir": str(run_dir), "resources": {"progress_bars": False},
+                           "models": {"policy": tiny, "reward": tiny},
+                           "rewards": {"n": 3, "max_prompts": 12, "batch_size": 4}})
+    return config, run_rewards(config)
+
+
+def test_run_rewards_accounts_for_every_prompt_and_stores_all_candidates(rewards_run):
+    config, summary = rewards_run
+    samples = pq.read_table(f"{config.run_dir}/rewards/samples")
+    check_schema(samples.select(SAMPLES.names).cast(SAMPLES), SAMPLES, "samples")
+    rows = samples.to_pylist()
+    assert summary["prompts"] == len(rows) > 12
+    assert summary["kept"] + sum(summary["filtered"].values()) == len(rows)
+    sampled = [r for r in rows if r["reason"] != "over_cap"]
+    assert len(sampled) == summary["sampled"] == 12
+    assert all(len(r["candidates"]) == len(r["scores"]) == 3 for r in sampled)
+    assert all(0 <= s <= 1 for r in sampled for s in r["scores"])   # judge backend: P(yes)
+    assert all(r["prompt"][-1]["role"] == "user" for r in sampled)
+    assert all(r["candidates"] == [] and r["status"] == "filtered"
+               for r in rows if r["reason"] == "over_cap")
+    assert len({r["sample_id"] for r in rows}) == len(rows)
+
+
+def test_run_rewards_writes_summary_and_manifest_with_upstream(rewards_run):
+    config, summary = rewards_run
+    folder = f"{config.run_dir}/rewards"
+    assert json.loads(open(f"{folder}/summary.json").read())["prompts"] == summary["prompts"]
+    manifest = json.loads(open(f"{folder}/manifest.json").read())
+    assert set(manifest["upstream"]) == {"ingest", "followups", "personas"}
