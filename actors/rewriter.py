@@ -3,7 +3,9 @@
 DESIGN.md source 1: when the user's next message says the answer fell short, the rewrite
 becomes the chosen answer and the original the rejected one. The rewriter sees the
 persona, the conversation before the answer, the answer and the follow-up, all quoted as
-data (`actors/prompts/rewriter.jinja`). Decoding is greedy unless the spec sets a
+data (`actors/prompts/rewriter.jinja`). A follow-up of None leaves the follow-up section out
+(the rewrites_from_scratch ablation: the rewriter improves the answer from the persona
+alone). Decoding is greedy unless the spec sets a
 temperature, so a rerun rewrites the same way.
 
 Ray Data columns: `persona`, `context`, `answer`, `message` in; `rewrite`,
@@ -51,13 +53,13 @@ class Rewriter:
                                      stop=STOP)
 
     def rewrite(self, persona: str | None, context: Sequence[Any], answer: str,
-                message: str) -> Rewrite:
+                message: str | None) -> Rewrite:
         """Revise one answer."""
         return self.rewrite_batch([persona], [context], [answer], [message])[0]
 
     def rewrite_batch(self, personas: Sequence[str | None], contexts: Sequence[Sequence[Any]],
-                      answers: Sequence[str], messages: Sequence[str]) -> list[Rewrite]:
-        """Revise many answers in one engine call."""
+                      answers: Sequence[str], messages: Sequence[str | None]) -> list[Rewrite]:
+        """Revise many answers in one engine call (a None message: no follow-up shown)."""
         prompts = [fit_to_budget("rewriter", p, c, answer=a, message=m,
                                  count_tokens=self.engine.count_tokens,
                                  max_tokens=self.engine.max_context_tokens,
