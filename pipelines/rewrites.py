@@ -1,0 +1,219 @@
+"""Stage `rewrites`: feedback follow-ups -> (rewrite, rejected) pairs, each kept or filtered.
+
+User-guided rewrites, on-policy as in the paper (Jin et al. 2025, "RLHI", source 1 of
+DESIGN.md): for each follow-up whose label carries feedback, the round's policy re-answers
+the context (one sample at T=0.6, top-p 0.9, seeded), the Rewriter revises that answer
+using the follow-up and the persona, and the pair is rewrite = chosen, regenerated answer =
+rejected. `rewrites.rejected: original` takes the logged answer as rejected instead.
+
+The row's `prompt` is the policy's own prompt (base system prompt + persona block + the
+context up to the user turn the answer responds to): the DPO prompt. The follow-up never
+enters it (`check_prompt`, per row). The persona is the latest snapshot strictly before the
+follow-up's timestamp (`attach_personas`). The followups table carries the follow-up turn's
+time, not the answered turn's; snapshots follow whole conversations (as_of = a
+conversation's timestamp + 1 µs) and this conversation's own snapshot is never strictly
+before its turns, so the two times pick different snapshots only if another conversation of
+the same user ended between the answered turn and the follow-up. Neither contains the
+follow-up or anything after it.
+
+Top to bottom: read the eligible follow-ups and their personas, mark those over the cap,
+run `rewrite_rows` batch by batch in a Ray Data actor pool (sampler, rewriter and judge
+built once per actor), filter with pipelines/quality.py, write every follow-up's row.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines import quality
+from pipelines.config import RewritesConfig, RunConfig
+from pipelines.rounds import attach_personas, policy_spec, round_dir
+from pipelines.schema import FOLLOWUPS, REWRITES, check_schema
+from pipelines.stage import StageWriter, require_stage
+
+STAGE = "rewrites"
+OVER_CAP = "over_cap"
+# Columns of the follow-ups fed to the workers (a follow-up plus its persona).
+INPUT = pa.schema([*(FOLLOWUPS.field(n) for n in ("followup_id", "conversation_id", "user_id", "turn_index",
+                                                  "context", "answer", "message", "label")),
+                   ("persona_id", pa.string()), ("persona", pa.string())])
+
+
+# --- one batch, plain Python (tested without Ray) -------------------------------------------
+
+def check_prompt(prompt: Sequence[dict], context: Sequence[dict], message: str, followup_id: str) -> None:
+    """Raise unless `prompt` is a policy prompt of `context`: a system message, then the
+    context's last turns (older ones may be dropped to fit), ending with the user turn the
+    answer responds to, and the follow-up nowhere as a message of its own. A follow-up that
+    repeats a context turn word for word may appear as often as it does in the context."""
+    turns = list(prompt[1:])
+    problem = None
+    if not prompt or prompt[0]["role"] != "system":
+        problem = "does not start with the system prompt"
+    elif not turns or turns[-1]["role"] != "user":
+        problem = "does not end with a user turn"
+    elif len(turns) > len(context) or [t["role"] for t in turns] != [t["role"] for t in context[len(context) - len(turns):]]:
+        problem = "is not the end of the context"
+    elif sum(t["content"] == message for t in turns) > sum(t["content"] == message for t in context):
+        problem = "contains the follow-up message"
+    if problem:
+        raise ValueError(f"follow-up {followup_id}: the DPO prompt {problem}; the prompt must be "
+                         "the policy prompt of the context before the answer (pipelines/rewrites.py)")
+
+
+def rewrite_rows(rows: Sequence[dict[str, Any]], *, sampler, rewriter, judge,
+                 tokenize: quality.Tokenize, settings: RewritesConfig, from_scratch: bool = False,
+                 round_index: int = 0) -> list[dict[str, Any]]:
+    """REWRITES rows for one batch of follow-ups (INPUT columns): sample the rejected answer
+    (or take the logged one), rewrite it, run the quality filter; the judge only sees pairs
+    that passed the cheap checks. `judge` may be None when settings.filter.judge is off."""
+    if not rows:
+        return []
+    personas = [r["persona"] or None for r in rows]
+    contexts = [list(r["context"]) for r in rows]
+    if settings.rejected == "regenerated":
+        samples = sampler.sample_batch(personas, contexts)
+        prompts, rejected = [s.prompt for s in samples], [s.candidates[0].strip() for s in samples]
+    else:
+        prompts, rejected = [sampler.prompt(p, c).messages for p, c in zip(personas, contexts)], [r["answer"] for r in rows]
+    for row, prompt, context in zip(rows, prompts, contexts):
+        check_prompt(prompt, context, row["message"], row["followup_id"])
+    # From scratch (ablation): the rewriter is not shown the follow-up.
+    messages = [None if from_scratch else r["message"] for r in rows]
+    rewrites = [r.text for r in rewriter.rewrite_batch(personas, contexts, rejected, messages)]
+    reasons = [quality.cheap_reason(c, j, tokenize, settings.filter) for c, j in zip(rewrites, rejected)]
+    margins: list[float | None] = [None] * len(rows)
+    if settings.filter.judge:
+        passed = [i for i, reason in enumerate(reasons) if reason is None]
+        scored = quality.judge_margins(judge, [personas[i] for i in passed], [contexts[i] for i in passed],
+                                       [rewrites[i] for i in passed], [rejected[i] for i in passed])
+        for i, margin in zip(passed, scored):
+            margins[i] = margin
+            if quality.below_margin(margin, settings.filter):
+                reasons[i] = "below_margin"
+    return [output_row(row, prompt=[dict(m) for m in prompt], chosen=c, rejected=j, margin=m, reason=reason,
+                       settings=settings, round_index=round_index)
+            for row, prompt, c, j, m, reason in zip(rows, prompts, rewrites, rejected, margins, reasons)]
+
+
+def output_row(row: dict[str, Any], *, prompt: list[dict] | None, chosen: str | None, rejected: str | None,
+               margin: float | None, reason: str | None, settings: RewritesConfig, round_index: int) -> dict[str, Any]:
+    return {"followup_id": row["followup_id"], "conversation_id": row["conversation_id"], "user_id": row["user_id"],
+            "persona_id": row["persona_id"], "turn_index": row["turn_index"], "prompt": prompt, "chosen": chosen,
+            "rejected": rejected, "rejected_source": settings.rejected, "label": row["label"], "margin": margin,
+            "status": "kept" if reason is None else "filtered", "reason": reason, "round": round_index}
+
+
+# --- the stage on Ray Data ------------------------------------------------------------------
+
+class RewriteWorker:
+    """Ray Data callable class: the policy sampler, rewriter, judge and tokenizer, built once
+    per actor; each call turns one batch of follow-ups into REWRITES rows."""
+
+    def __init__(self, config_json: str, round_index: int) -> None:
+        from actors.judge import Judge
+        from actors.models import load_tokenizer
+        from actors.policy_sampler import PolicySampler
+        from actors.rewriter import Rewriter
+
+        config = RunConfig.model_validate_json(config_json)
+        policy = policy_spec(config, round_index)
+        self.settings, self.round_index = config.rewrites, round_index
+        self.from_scratch = config.ablation.rewrites_from_scratch
+        self.sampler = PolicySampler(policy, n=1)
+        self.rewriter = Rewriter(config.models.rewriter)
+        self.judge = Judge(config.models.judge) if self.settings.filter.judge else None
+        tokenizer = load_tokenizer(policy)
+        self.tokenize: Callable[[str], list[int]] = lambda text: tokenizer.encode(text, add_special_tokens=False)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = rewrite_rows(batch.to_pylist(), sampler=self.sampler, rewriter=self.rewriter, judge=self.judge,
+                            tokenize=self.tokenize, settings=self.settings, from_scratch=self.from_scratch,
+                            round_index=self.round_index)
+        return pa.Table.from_pylist(rows, schema=REWRITES)
+
+
+def eligible_followups(config: RunConfig) -> pa.Table:
+    """Follow-ups whose label is in rewrites.labels, by conversation and turn, with the
+    persona each one sees (INPUT columns)."""
+    run_dir = Path(config.run_dir)
+    followups = pq.read_table(run_dir / "followups" / "followups", schema=FOLLOWUPS)
+    followups = followups.filter(pc.is_in(followups.column("label"), pa.array(config.rewrites.labels)))
+    followups = followups.sort_by([("conversation_id", "ascending"), ("turn_index", "ascending")])
+    frame = followups.select(["user_id", "timestamp"]).to_pandas().rename(columns={"timestamp": "time"})
+    frame = attach_personas(frame, run_dir, user_agnostic=config.ablation.user_agnostic)
+    table = followups.append_column("persona_id", pa.array(list(frame["persona_id"]), pa.string())) \
+                     .append_column("persona", pa.array(list(frame["persona"]), pa.string()))
+    return table.select(INPUT.names).cast(INPUT)
+
+
+def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int) -> pa.Table:
+    """Run RewriteWorker over `todo` in an actor pool, `rewrites.batch_size` rows a call."""
+    import ray
+
+    settings = config.rewrites
+    batches = -(-todo.num_rows // settings.batch_size)
+    workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    # One block per batch, so the whole pool gets work and a batch is the same rows on
+    # every rerun (sampling is seeded per engine call). Half a CPU per actor: a pool
+    # holding every CPU would starve Ray Data's own tasks.
+    blocks = [todo.slice(start, settings.batch_size) for start in range(0, todo.num_rows, settings.batch_size)]
+    results = ray.data.from_arrow(blocks).map_batches(
+        RewriteWorker, fn_constructor_kwargs={"config_json": config.model_dump_json(), "round_index": round_index},
+        batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, batches))))
+    parts = [batch.select(REWRITES.names).cast(REWRITES)
+             for batch in results.iter_batches(batch_format="pyarrow", batch_size=None)]
+    return pa.concat_tables(parts) if parts else REWRITES.empty_table()
+
+
+def summarize(table: pa.Table, followups_in: int, seconds: float, round_index: int, rejected: str) -> dict[str, Any]:
+    rows = table.select(["status", "reason", "label"]).to_pylist()
+    kept = sum(r["status"] == "kept" for r in rows)
+    filtered = Counter(r["reason"] for r in rows if r["status"] == "filtered")
+    if kept + sum(filtered.values()) != followups_in:
+        raise RuntimeError(f"rewrites lost follow-ups: {followups_in} in, {kept} kept, "
+                           f"{sum(filtered.values())} filtered")
+    by_label: dict[str, dict[str, int]] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], Counter())[r["status"]] += 1
+    return {"round": round_index, "followups_in": followups_in, "kept": kept,
+            "filtered": dict(sorted(filtered.items())),
+            "labels": {k: dict(v) for k, v in sorted(by_label.items())},
+            "rejected_source": rejected, "seconds": round(seconds, 3)}
+
+
+def run_rewrites(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
+    """Run the stage into `<round_dir>/rewrites/`; returns its summary. Every eligible
+    follow-up gets a row: kept, or filtered with its reason."""
+    started = time.time()
+    run_dir, settings = Path(config.run_dir), config.rewrites
+    upstream = {name: require_stage(run_dir, name) for name in ("followups", "personas")}
+    policy_spec(config, round_index)  # fails early when round k-1 exported no policy
+    eligible = eligible_followups(config)
+    cap = settings.max_followups if settings.max_followups is not None else eligible.num_rows
+    todo, over = eligible.slice(0, cap), eligible.slice(cap)
+    skipped = pa.Table.from_pylist(
+        [output_row(r, prompt=None, chosen=None, rejected=None, margin=None, reason=OVER_CAP,
+                    settings=settings, round_index=round_index) for r in over.to_pylist()], schema=REWRITES)
+    done = rewrite_with_ray(todo, config, round_index) if todo.num_rows else REWRITES.empty_table()
+    table = pa.concat_tables([done, skipped]).sort_by([("conversation_id", "ascending"), ("turn_index", "ascending")])
+    check_schema(table, REWRITES, "rewrites")
+    with StageWriter(round_dir(run_dir, round_index), STAGE) as stage:
+        (stage.tmp / "rewrites").mkdir()
+        pq.write_table(table, stage.tmp / "rewrites" / "part-000000.parquet")
+        summary = summarize(table, eligible.num_rows, time.time() - started, round_index, settings.rejected)
+        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        models = [policy_spec(config, round_index), config.models.rewriter]
+        models += [config.models.judge] if settings.filter.judge else []
+        stage.commit(config_hash=config.section_hash("rewrites", "ablation", "models"), inputs=[],
+                     upstream=upstream, models=[m.model_dump() for m in models], counts=summary, seed=config.seed)
+    summary["output"] = str(round_dir(run_dir, round_index) / STAGE)
+    return summary
