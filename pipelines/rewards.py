@@ -231,7 +231,9 @@ def score_with_ray(prompts: pd.DataFrame, config: RunConfig, round_index: int) -
                       "persona": pa.array(prompts["persona"].tolist(), pa.string()),
                       "context": pa.array(prompts["context"].tolist(), MESSAGES)})
     # Half a CPU per actor: a pool holding every CPU starves Ray Data's own tasks.
-    dataset = ray.data.from_arrow(table).map_batches(
+    # One block per batch, so every actor of the pool gets work.
+    blocks = [table.slice(start, settings.batch_size) for start in range(0, table.num_rows, settings.batch_size)]
+    dataset = ray.data.from_arrow(blocks).map_batches(
         RewardWorker, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
         fn_constructor_kwargs={"policy": policy_spec(config, round_index).model_dump(), "n": settings.n,
                                "backend": settings.backend, "reward": reward_model_spec(config)},
