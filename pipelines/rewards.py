@@ -34,6 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actors.models import ModelSpec
 from pipelines.config import RewardsConfig, RunConfig
 from pipelines.rounds import attach_personas, policy_spec, round_dir
 from pipelines.schema import FEEDBACK_LABELS, MESSAGES, SAMPLES, check_schema
@@ -220,8 +221,8 @@ def reward_model_spec(config: RunConfig) -> dict[str, Any]:
     return config.models.reward.model_copy(update={"id": str(folder)}).model_dump()
 
 
-def score_with_ray(prompts: pd.DataFrame, config: RunConfig, round_index: int) -> dict[str, dict[str, Any]]:
-    """sample_id -> prompt, candidates, scores for every row of `prompts`."""
+def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec) -> dict[str, dict[str, Any]]:
+    """sample_id -> prompt, candidates, scores for every row of `prompts`, sampled from `policy`."""
     import ray
 
     settings = config.rewards
@@ -235,7 +236,7 @@ def score_with_ray(prompts: pd.DataFrame, config: RunConfig, round_index: int) -
     blocks = [table.slice(start, settings.batch_size) for start in range(0, table.num_rows, settings.batch_size)]
     dataset = ray.data.from_arrow(blocks).map_batches(
         RewardWorker, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
-        fn_constructor_kwargs={"policy": policy_spec(config, round_index).model_dump(), "n": settings.n,
+        fn_constructor_kwargs={"policy": policy.model_dump(), "n": settings.n,
                                "backend": settings.backend, "reward": reward_model_spec(config)},
         compute=ray.data.ActorPoolStrategy(size=min(workers, batches)))
     return {row["sample_id"]: row for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None)
@@ -264,6 +265,7 @@ def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     """Run the stage into `<round_dir>/rewards/` (table `samples`); returns its summary."""
     run_dir, settings = Path(config.run_dir), config.rewards
     upstream = {name: require_stage(run_dir, name) for name in ("ingest", "followups", "personas")}
+    policy = policy_spec(config, round_index)  # fails early when round k-1 exported no policy
     if settings.backend == "trained":
         upstream["reward_model"] = require_stage(run_dir, "reward_model")
     conversations = pq.read_table(run_dir / "ingest" / "conversations")
@@ -271,12 +273,13 @@ def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     found, covered = reward_prompts(conversations, followups, include_first_turns=settings.include_first_turns,
                                     include_no_feedback_turns=settings.include_no_feedback_turns)
     prompts = pd.DataFrame(found, columns=["conversation_id", "user_id", "turn_index", "time", "context", "first_turn"])
-    prompts["sample_id"] = [sample_id(c, t, round_index) for c, t in zip(prompts["conversation_id"], prompts["turn_index"])]
+    prompts["sample_id"] = [sample_id(conversation, index, round_index)
+                            for conversation, index in zip(prompts["conversation_id"], prompts["turn_index"])]
     prompts = attach_personas(prompts, run_dir, user_agnostic=config.ablation.user_agnostic)
     capped = prompts if settings.max_prompts is None else prompts.iloc[: settings.max_prompts]
     out = round_dir(run_dir, round_index)
     with StageWriter(out, STAGE) as stage:
-        scored = score_with_ray(capped, config, round_index) if len(capped) else {}
+        scored = score_with_ray(capped, config, policy) if len(capped) else {}
         rows = apply_threshold(samples_rows(prompts, scored, settings.backend, round_index), settings)
         samples = pa.Table.from_pylist(rows, schema=SAMPLES)
         check_schema(samples, SAMPLES, "samples")
@@ -298,7 +301,7 @@ def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
             "round": round_index,
         }
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        models = [policy_spec(config, round_index).model_dump(), reward_model_spec(config)] if len(capped) else []
+        models = [policy.model_dump(), reward_model_spec(config)] if len(capped) else []
         stage.commit(config_hash=config.section_hash("rewards", "ablation", "models"), inputs=[],
                      upstream=upstream, models=models, counts=summary, seed=config.seed)
     summary["output"] = str(out / STAGE)

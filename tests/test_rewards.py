@@ -230,3 +230,11 @@ def test_run_rewards_writes_summary_and_manifest_with_upstream(rewards_run):
     assert json.loads(open(f"{folder}/summary.json").read())["prompts"] == summary["prompts"]
     manifest = json.loads(open(f"{folder}/manifest.json").read())
     assert set(manifest["upstream"]) == {"ingest", "followups", "personas"}
+
+
+def test_the_trained_backend_needs_this_runs_reward_model_stage(pipeline_run, tmp_path):
+    source, _ = pipeline_run
+    shutil.copytree(source, tmp_path / "run")
+    config = parse_config({"run_dir": str(tmp_path / "run"), "rewards": {"backend": "trained"}})
+    with pytest.raises(RuntimeError, match="run the reward_model stage first"):
+        run_rewards(config)
