@@ -39,7 +39,8 @@ from pipelines.schema import FOLLOWUPS, REWRITES, check_schema
 from pipelines.stage import StageWriter, require_stage
 
 STAGE = "rewrites"
-OVER_CAP = "over_cap"
+OVER_CAP = "over_cap"          # beyond rewrites.max_followups: no model calls
+NO_USER_TURN = "no_user_turn"  # the context does not end with the user turn answered
 # Columns of the follow-ups fed to the workers (a follow-up plus its persona).
 INPUT = pa.schema([*(FOLLOWUPS.field(n) for n in ("followup_id", "conversation_id", "user_id", "turn_index",
                                                   "context", "answer", "message", "label")),
@@ -73,9 +74,15 @@ def rewrite_rows(rows: Sequence[dict[str, Any]], *, sampler, rewriter, judge,
                  round_index: int = 0) -> list[dict[str, Any]]:
     """REWRITES rows for one batch of follow-ups (INPUT columns): sample the rejected answer
     (or take the logged one), rewrite it, run the quality filter; the judge only sees pairs
-    that passed the cheap checks. `judge` may be None when settings.filter.judge is off."""
+    that passed the cheap checks. `judge` may be None when settings.filter.judge is off.
+    A follow-up whose context does not end with a user turn has no request the policy could
+    re-answer: it is filtered (`no_user_turn`) without model calls."""
+    unanswerable = [output_row(r, prompt=None, chosen=None, rejected=None, margin=None, reason=NO_USER_TURN,
+                               settings=settings, round_index=round_index)
+                    for r in rows if not ends_with_user_turn(r["context"])]
+    rows = [r for r in rows if ends_with_user_turn(r["context"])]
     if not rows:
-        return []
+        return unanswerable
     personas = [r["persona"] or None for r in rows]
     contexts = [list(r["context"]) for r in rows]
     if settings.rejected == "regenerated":
@@ -100,7 +107,11 @@ def rewrite_rows(rows: Sequence[dict[str, Any]], *, sampler, rewriter, judge,
                 reasons[i] = "below_margin"
     return [output_row(row, prompt=[dict(m) for m in prompt], chosen=c, rejected=j, margin=m, reason=reason,
                        settings=settings, round_index=round_index)
-            for row, prompt, c, j, m, reason in zip(rows, prompts, rewrites, rejected, margins, reasons)]
+            for row, prompt, c, j, m, reason in zip(rows, prompts, rewrites, rejected, margins, reasons)] + unanswerable
+
+
+def ends_with_user_turn(context: Sequence[dict] | None) -> bool:
+    return bool(context) and context[-1]["role"] == "user"
 
 
 def output_row(row: dict[str, Any], *, prompt: list[dict] | None, chosen: str | None, rejected: str | None,
@@ -117,20 +128,20 @@ class RewriteWorker:
     """Ray Data callable class: the policy sampler, rewriter, judge and tokenizer, built once
     per actor; each call turns one batch of follow-ups into REWRITES rows."""
 
-    def __init__(self, config_json: str, round_index: int) -> None:
+    def __init__(self, policy: dict[str, Any], rewriter: dict[str, Any], judge: dict[str, Any] | None,
+                 settings_json: str, from_scratch: bool, round_index: int) -> None:
         from actors.judge import Judge
         from actors.models import load_tokenizer
         from actors.policy_sampler import PolicySampler
         from actors.rewriter import Rewriter
 
-        config = RunConfig.model_validate_json(config_json)
-        policy = policy_spec(config, round_index)
-        self.settings, self.round_index = config.rewrites, round_index
-        self.from_scratch = config.ablation.rewrites_from_scratch
+        self.settings = RewritesConfig.model_validate_json(settings_json)
+        self.from_scratch, self.round_index = from_scratch, round_index
         self.sampler = PolicySampler(policy, n=1)
-        self.rewriter = Rewriter(config.models.rewriter)
-        self.judge = Judge(config.models.judge) if self.settings.filter.judge else None
-        tokenizer = load_tokenizer(policy)
+        self.rewriter = Rewriter(rewriter)
+        self.judge = Judge(judge) if judge is not None else None
+        # Token counts for the filter are the policy's: it is what DPO trains on them.
+        tokenizer = load_tokenizer(self.sampler.spec)
         self.tokenize: Callable[[str], list[int]] = lambda text: tokenizer.encode(text, add_special_tokens=False)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -166,7 +177,11 @@ def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int) -> pa.
     # holding every CPU would starve Ray Data's own tasks.
     blocks = [todo.slice(start, settings.batch_size) for start in range(0, todo.num_rows, settings.batch_size)]
     results = ray.data.from_arrow(blocks).map_batches(
-        RewriteWorker, fn_constructor_kwargs={"config_json": config.model_dump_json(), "round_index": round_index},
+        RewriteWorker, fn_constructor_kwargs={
+            "policy": policy_spec(config, round_index).model_dump(), "rewriter": config.models.rewriter.model_dump(),
+            "judge": config.models.judge.model_dump() if settings.filter.judge else None,
+            "settings_json": settings.model_dump_json(), "from_scratch": config.ablation.rewrites_from_scratch,
+            "round_index": round_index},
         batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
         compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, batches))))
     parts = [batch.select(REWRITES.names).cast(REWRITES)

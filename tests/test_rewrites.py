@@ -197,6 +197,13 @@ def test_the_judge_only_sees_pairs_that_passed_the_cheap_checks():
     assert engines["judge"].prompts == [] and all(r["margin"] is None for r in out)
 
 
+def test_a_followup_without_an_answered_user_turn_is_filtered_without_model_calls():
+    rows = [_row(context=[]), _row(followup_id="f2", context=[{"role": "system", "content": "Be brief."}])]
+    out, engines = _run(rows)
+    assert [r["reason"] for r in out] == ["no_user_turn"] * 2
+    assert not any(e.prompts for e in engines.values())
+
+
 def test_a_refused_request_rewritten_into_compliance_is_dropped():
     [row], _ = _run([_row()], roles={"policy": "I'm sorry, but I can't help with that."})
     assert (row["status"], row["reason"]) == ("filtered", "refusal_to_compliance")
@@ -210,11 +217,12 @@ def test_run_rewrites_accounts_for_every_feedback_followup(pipeline_run, tiny_mo
     shutil.copytree(source, run_dir)
     followups = pq.read_table(run_dir / "followups" / "followups").to_pylist()
     feedback = {f["followup_id"] for f in followups if f["label"] in FEEDBACK_LABELS}
-    assert feedback, "the bundled sample should hold feedback follow-ups"
+    assert len(feedback) > 4, "the bundled sample should hold feedback follow-ups"
+    cap = 4  # model calls on CPU are slow: the rest are counted over the cap
     tiny = {"id": str(tiny_models.causal_lm), "max_new_tokens": 8}
     config = parse_config({"run_dir": str(run_dir), "resources": {"progress_bars": False},
                            "models": {"policy": tiny, "rewriter": tiny, "judge": tiny},
-                           "rewrites": {"batch_size": 4, "workers": 2, "max_followups": len(feedback) - 1}})
+                           "rewrites": {"batch_size": 2, "workers": 2, "max_followups": cap}})
 
     summary = run_rewrites(config)
 
@@ -224,7 +232,7 @@ def test_run_rewrites_accounts_for_every_feedback_followup(pipeline_run, tiny_mo
     assert {r["followup_id"] for r in rows} == feedback and len(rows) == len(feedback)
     assert summary["followups_in"] == len(feedback)
     assert summary["kept"] == sum(r["status"] == "kept" for r in rows)
-    assert summary["filtered"]["over_cap"] == 1
+    assert summary["filtered"]["over_cap"] == len(feedback) - cap
     assert summary["kept"] + sum(summary["filtered"].values()) == len(feedback)
     assert all(r["reason"] is not None for r in rows if r["status"] == "filtered")
     by_id = {f["followup_id"]: f for f in followups}
