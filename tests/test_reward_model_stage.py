@@ -1,0 +1,185 @@
+"""Stage `reward_model`: a Bradley-Terry reward model trained on training users' rewrites.
+
+A fake run directory holds the personas and rewrites tables (with manifests) the stage
+reads. Chosen answers follow a learnable pattern (they take up the user's topic and say
+how; rejected ones brush the request off), so a tiny BERT learns it in a few epochs.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from actors.models import MINILM, ModelSpec, ModelUnavailableError, resolve_model
+from actors.prompts import render
+from actors.reward_model import RewardModel, init_trained_reward_model
+from pipelines.config import RunConfig
+from pipelines.schema import PERSONAS, REWRITES, USERS
+from pipelines.stage import StageWriter
+
+TOPICS = {"u-train-0": "Python code", "u-train-1": "French cooking", "u-train-2": "robot stories",
+          "u-train-3": "Italian travel", "u-train-4": "tax forms", "u-train-5": "chess openings",
+          "u-eval-0": "garden design", "u-eval-1": "guitar chords"}
+PAIRS_PER_USER = 4
+BRUSH_OFFS = ["No.", "I can't help with that.", "Try searching online.", "Not sure, sorry."]
+
+
+def split_of(user: str) -> str:
+    return "eval" if user.startswith("u-eval") else "train"
+
+
+def rewrite_row(user: str, index: int, *, status: str = "kept") -> dict:
+    topic = TOPICS[user]
+    persona = f"Cares about {topic}; likes detailed, step-by-step answers."
+    context = [{"role": "user", "content": f"Question {index} about {topic}, please."}]
+    return {
+        "followup_id": f"{user}-f{index}", "conversation_id": f"{user}-c{index}",
+        "user_id": user, "persona_id": f"{user}-p", "turn_index": 0,
+        "prompt": render("policy", persona, context),
+        "chosen": f"Here is a detailed answer about {topic}, step {index + 1} by step: "
+                  f"first {topic}, then the example with {topic}.",
+        "rejected": BRUSH_OFFS[index % len(BRUSH_OFFS)],
+        "rejected_source": "original", "label": "reattempt_feedback", "margin": 0.4,
+        "status": status, "reason": None if status == "kept" else "judge_prefers_original",
+        "round": 0,
+    }
+
+
+def write_run(run_dir: Path, users: list[str], *, kept_for: set[str]) -> None:
+    """personas (personas + users tables) and rewrites stages, committed with manifests."""
+    now = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    with StageWriter(run_dir, "personas") as stage:
+        for name in ("personas", "users"):
+            (stage.tmp / name).mkdir()
+        personas = [{"persona_id": f"{u}-p", "user_id": u, "as_of": now,
+                     "persona": f"Cares about {TOPICS[u]}; likes detailed, step-by-step answers.",
+                     "history_conversations": 3, "history_tokens": 50, "redactions": 0,
+                     "backend": "extractive", "serving": False} for u in users]
+        pq.write_table(pa.Table.from_pylist(personas, schema=PERSONAS),
+                       stage.tmp / "personas" / "part-0.parquet")
+        rows = [{"user_id": u, "split": split_of(u), "conversations": 5, "has_history": True}
+                for u in users]
+        pq.write_table(pa.Table.from_pylist(rows, schema=USERS), stage.tmp / "users" / "part-0.parquet")
+        stage.commit(config_hash="test", inputs=[], counts={}, seed=0)
+    with StageWriter(run_dir, "rewrites") as stage:
+        (stage.tmp / "rewrites").mkdir()
+        rows = [rewrite_row(u, i) for u in users if u in kept_for for i in range(PAIRS_PER_USER)]
+        rows += [rewrite_row(u, 99, status="filtered") for u in users]
+        pq.write_table(pa.Table.from_pylist(rows, schema=REWRITES),
+                       stage.tmp / "rewrites" / "part-0.parquet")
+        stage.commit(config_hash="test", inputs=[], counts={}, seed=0)
+
+
+def stage_config(run_dir: Path, tiny_models, **settings) -> RunConfig:
+    encoder = ModelSpec(id=str(tiny_models.encoder_reward), device="cpu")
+    return RunConfig(run_dir=str(run_dir), seed=0, reward_model={
+        "encoder": encoder.model_dump(), "epochs": 4, "learning_rate": 1e-3, "batch_size": 4,
+        **settings})
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_models, tmp_path_factory):
+    """One trained stage shared by the tests that read its outputs."""
+    from pipelines.reward_model import run_reward_model
+
+    run_dir = tmp_path_factory.mktemp("run")
+    write_run(run_dir, list(TOPICS), kept_for=set(TOPICS))
+    summary = run_reward_model(stage_config(run_dir, tiny_models))
+    return run_dir, summary
+
+
+def test_summary_reports_pairs_and_accuracy_before_and_after_training(trained_run):
+    run_dir, summary = trained_run
+    saved = json.loads((run_dir / "reward_model" / "summary.json").read_text())
+    assert saved["train_pairs"] == 6 * PAIRS_PER_USER      # filtered rows are not pairs
+    assert saved["eval_pairs"] == 2 * PAIRS_PER_USER
+    for split in ("eval", "train"):
+        assert 0.0 <= saved["accuracy_before"][split] <= 1.0
+    assert saved["accuracy_after"]["train"] >= 0.9
+    assert saved["accuracy_after"]["eval"] >= 0.75         # unseen users, same pattern
+    assert saved["encoder"] == summary["encoder"] and saved["loss"] > 0
+    manifest = json.loads((run_dir / "reward_model" / "manifest.json").read_text())
+    assert set(manifest["upstream"]) == {"rewrites", "personas"}
+
+
+def test_the_saved_model_loads_as_the_trained_backend_and_ranks_chosen_first(trained_run):
+    run_dir, _ = trained_run
+    folder = run_dir / "reward_model" / "model"
+    assert (folder / "model.safetensors").is_file()
+    reward = RewardModel("trained", str(folder))
+    rows = [rewrite_row(user, i) for user in TOPICS if split_of(user) == "train"
+            for i in range(PAIRS_PER_USER)]
+    contexts = [[m for m in row["prompt"] if m["role"] != "system"] for row in rows]
+    personas = [f"Cares about {TOPICS[row['user_id']]}; likes detailed, step-by-step answers."
+                for row in rows]
+    scores = reward.score_batch(personas, contexts, [[r["chosen"], r["rejected"]] for r in rows])
+    ranked_right = sum(chosen > rejected for chosen, rejected in scores)
+    assert ranked_right >= 0.9 * len(rows)
+
+
+def test_the_split_is_respected_no_eval_user_trains(trained_run):
+    from pipelines.reward_model import rewrite_pairs
+
+    run_dir, summary = trained_run
+    pairs = rewrite_pairs(run_dir)
+    train_users = set(pairs[pairs["split"] == "train"]["user_id"])
+    eval_users = set(pairs[pairs["split"] == "eval"]["user_id"])
+    assert train_users == {u for u in TOPICS if split_of(u) == "train"}
+    assert eval_users == {u for u in TOPICS if split_of(u) == "eval"}
+    assert summary["train_users"] == len(train_users) and summary["eval_users"] == len(eval_users)
+
+
+def encoder_folder(name: str, tiny_models) -> str:
+    """The tiny BERT (no segment ids), or the real MiniLM (segment ids) when installed."""
+    if name == "tiny-bert":
+        return str(tiny_models.encoder_reward)
+    try:
+        return resolve_model(MINILM)
+    except ModelUnavailableError as err:
+        pytest.skip(str(err))
+
+
+@pytest.mark.parametrize("encoder", ["tiny-bert", "minilm"])
+def test_training_encodes_pairs_exactly_as_scoring_does(encoder, tiny_models, tmp_path):
+    """The collated training batch, run through the model, gives the scores RewardModel gives."""
+    import torch
+
+    from actors.engines.reward_scorer import SequenceRewardScorer
+    from pipelines.reward_model import PairCollator, encode_pairs, rewrite_pairs
+
+    write_run(tmp_path, ["u-train-0", "u-eval-0"], kept_for={"u-train-0", "u-eval-0"})
+    pairs = rewrite_pairs(tmp_path)
+    spec = ModelSpec(id=encoder_folder(encoder, tiny_models), device="cpu")
+    scorer = SequenceRewardScorer(spec, *init_trained_reward_model(spec))
+    dataset = encode_pairs(pairs, scorer)
+    batch = PairCollator(pad_token_id=scorer.tokenizer.pad_token_id)(list(dataset))
+    with torch.inference_mode():
+        trained_view = scorer.model(**batch).logits[:, 0].tolist()
+    scores = RewardModel("trained", scorer.spec, scorer=scorer).score_batch(
+        list(pairs["persona"]), list(pairs["context"]),
+        [[c, r] for c, r in zip(pairs["chosen"], pairs["rejected"])])
+    scoring_view = [s[0] for s in scores] + [s[1] for s in scores]
+    assert trained_view == pytest.approx(scoring_view, abs=1e-4)
+
+
+def test_the_stage_is_deterministic_for_a_seed(trained_run, tiny_models, tmp_path):
+    from pipelines.reward_model import run_reward_model
+
+    _, first = trained_run
+    write_run(tmp_path, list(TOPICS), kept_for=set(TOPICS))
+    again = run_reward_model(stage_config(tmp_path, tiny_models))
+    assert again["loss"] == first["loss"]
+    assert again["accuracy_after"] == first["accuracy_after"]
+
+
+def test_zero_training_pairs_is_a_clear_error_and_publishes_nothing(tiny_models, tmp_path):
+    from pipelines.reward_model import run_reward_model
+
+    write_run(tmp_path, list(TOPICS), kept_for={"u-eval-0", "u-eval-1"})
+    with pytest.raises(RuntimeError, match=r"no training pairs.*rewrites/rewrites.*drop 'reward_model'"):
+        run_reward_model(stage_config(tmp_path, tiny_models))
+    assert not (tmp_path / "reward_model").exists()
