@@ -1,0 +1,279 @@
+"""What each Ray Train worker runs for the `train` stage: TRL's DPOTrainer on the pairs.
+
+Every worker builds the same dataset from the pairs table; the trainer's distributed
+sampler (accelerate) gives each rank its own share of every global batch, so nothing is
+sharded twice. Rank 0 reports Hugging Face checkpoints (safetensors) to Ray Train, which
+keeps them under the run's storage path; after a failure Ray Train restarts the worker
+group and `ray.train.get_checkpoint()` hands back the newest one, from which the
+transformers Trainer restores weights, optimizer, scheduler and its place in the data.
+
+The ledger: each optimizer step appends the pair indices every rank trained on to
+`<storage>/ledger/rank-<r>.jsonl`. A resumed attempt redoes the steps after its checkpoint,
+so the latest record of a step wins; `read_ledger` then shows whether every pair was seen
+exactly once per epoch (the fault test checks this).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+LEDGER = "ledger"
+EXPORT = "export"          # <storage>/export: the final policy, moved into the stage folder
+RESULT = "result.json"     # <storage>/result.json: final metrics, written by rank 0
+
+
+def load_pair_datasets(pairs_dir: str, sources: list[str], global_batch: int):
+    """Train and eval `datasets.Dataset`s in TRL's conversational preference format.
+
+    Rows are ordered by pair_id so every worker (and every rerun) builds the same dataset;
+    `pair_index` is each train row's position, for the ledger. The train set is cut to a
+    multiple of the global batch (workers x per-device batch): accelerate would otherwise
+    pad the last batch with repeated pairs. The cut pairs are returned for the summary.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    table = pq.read_table(pairs_dir)
+    table = table.filter(pc.is_in(table.column("source"), value_set=__import__("pyarrow").array(sources)))
+    table = table.sort_by("pair_id")
+    columns = ["prompt", "chosen", "rejected", "pair_id"]
+    train = table.filter(pc.equal(table.column("split"), "train")).select(columns).to_pylist()
+    evaluation = table.filter(pc.equal(table.column("split"), "eval")).select(columns).to_pylist()
+    keep = len(train) - len(train) % global_batch
+    cut = [row["pair_id"] for row in train[keep:]]
+    train = [{**row, "pair_index": i} for i, row in enumerate(train[:keep])]
+    strip = lambda rows: [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]  # noqa: E731
+    eval_set = Dataset.from_list(strip(evaluation)) if evaluation else None
+    train_set = Dataset.from_list([{**{k: r[k] for k in ("prompt", "chosen", "rejected")},
+                                    "pair_index": r["pair_index"]} for r in train]) if train else None
+    return train_set, eval_set, cut
+
+
+def _ledger_trainer_class():
+    from trl import DPOTrainer
+
+    class LedgerDPOTrainer(DPOTrainer):
+        """DPOTrainer that records which pairs each optimizer step trained on."""
+
+        ledger_path: Path | None = None
+        attempt = time.time()  # tells a resumed attempt's records from the failed one's
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            indices = inputs.pop("pair_index", None)
+            if indices is not None and self.ledger_path is not None:
+                record = {"step": self.state.global_step + 1, "attempt": self.attempt,
+                          "pairs": [int(i) for i in indices.tolist()]}
+                with open(self.ledger_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def compute_ref_log_probs(self, model, inputs):
+            inputs = {k: v for k, v in inputs.items() if k != "pair_index"}
+            return super().compute_ref_log_probs(model, inputs)
+
+    return LedgerDPOTrainer
+
+
+class _IndexCollator:
+    """TRL's preference collator, plus the `pair_index` of every example in the batch."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __call__(self, examples):
+        import torch
+
+        batch = self.base([{k: v for k, v in e.items() if k != "pair_index"} for e in examples])
+        if "pair_index" in examples[0]:
+            batch["pair_index"] = torch.tensor([e["pair_index"] for e in examples])
+        return batch
+
+
+def _report_callback(rank: int, worker_count: int):
+    """Rank 0 reports each saved checkpoint; every rank calls `report` (it is a barrier)."""
+    import shutil
+    import tempfile
+
+    import ray.train
+    import transformers
+    from transformers import TrainerCallback
+
+    class ReportCheckpoints(TrainerCallback):
+        def __init__(self) -> None:
+            self.last_log_time = time.time()
+            self.last_log_step = 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            # Throughput between logs, next to TRL's loss, reward accuracy, margins, log-probs.
+            now = time.time()
+            steps = state.global_step - self.last_log_step
+            if logs is not None and steps > 0 and "loss" in logs:
+                per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * worker_count
+                logs["samples_per_second"] = round(steps * per_step / max(now - self.last_log_time, 1e-9), 3)
+                self.last_log_time, self.last_log_step = now, state.global_step
+
+        def on_save(self, args, state, control, **kwargs):
+            metrics = {}
+            for log in state.log_history:
+                metrics.update(log)
+            metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            metrics["step"] = state.global_step
+            source = transformers.trainer_utils.get_last_checkpoint(args.output_dir)
+            if rank == 0 and source is not None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    shutil.copytree(source, Path(tmp) / "checkpoint")
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
+
+    return ReportCheckpoints()
+
+
+def train_loop_per_worker(job: dict[str, Any]) -> None:
+    """The Ray Train worker function. `job` carries paths and the TrainConfig as JSON."""
+    import ray.train
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from pipelines.config import TrainConfig
+
+    settings = TrainConfig.model_validate(job["train"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    storage = Path(job["storage"])
+    (storage / LEDGER).mkdir(parents=True, exist_ok=True)
+    use_gpu = settings.gpus_per_worker > 0
+    torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(storage / "tensorboard")  # read by transformers
+
+    global_batch = settings.per_device_batch_size * world
+    train_set, eval_set, _ = load_pair_datasets(job["pairs"], settings.sources, global_batch)
+    tokenizer = AutoTokenizer.from_pretrained(job["policy"], trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    bf16 = settings.bf16 if settings.bf16 is not None else bool(use_gpu and torch.cuda.is_bf16_supported())
+    model = AutoModelForCausalLM.from_pretrained(
+        job["policy"], trust_remote_code=False, use_safetensors=True,
+        dtype=torch.bfloat16 if bf16 else torch.float32)
+    peft_config = None
+    if settings.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=settings.lora.r, lora_alpha=settings.lora.alpha,
+                                 lora_dropout=settings.lora.dropout, task_type="CAUSAL_LM",
+                                 target_modules=settings.lora.target_modules)
+    args = DPOConfig(
+        output_dir=str(Path(job["scratch"]) / f"rank-{rank}"),
+        per_device_train_batch_size=settings.per_device_batch_size,
+        per_device_eval_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate, beta=settings.beta,
+        loss_type=settings.loss_type, loss_weights=settings.loss_weights,
+        max_steps=settings.max_steps, num_train_epochs=settings.epochs,
+        max_length=settings.max_length, precompute_ref_log_probs=settings.precompute_ref_log_probs,
+        gradient_checkpointing=settings.gradient_checkpointing, bf16=bf16, use_cpu=not use_gpu,
+        save_strategy="steps", save_steps=settings.save_steps, save_total_limit=2,
+        logging_steps=settings.logging_steps,
+        report_to=["tensorboard"] if rank == 0 else [], disable_tqdm=True,
+        seed=job["seed"], data_seed=job["seed"], remove_unused_columns=False,
+        dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        fsdp="full_shard auto_wrap" if settings.fsdp else "",
+        fsdp_config={"use_orig_params": True} if settings.fsdp else None,
+    )
+    trainer = _ledger_trainer_class()(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        processing_class=tokenizer, peft_config=peft_config,
+        data_collator=_IndexCollator(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)),
+        callbacks=[_report_callback(rank, world)])
+    trainer.ledger_path = storage / LEDGER / f"rank-{rank}.jsonl"
+    if job.get("fail_at_step") is not None:
+        trainer.add_callback(_FailOnce(int(job["fail_at_step"]), storage / "failed-once"))
+
+    checkpoint = ray.train.get_checkpoint()
+    resumed_from = _checkpoint_step(checkpoint)  # before training: old checkpoints get pruned
+    started = time.time()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            output = trainer.train(resume_from_checkpoint=str(Path(folder) / "checkpoint"))
+    else:
+        output = trainer.train()
+    train_seconds = time.time() - started
+    final = {"train_" + k if not k.startswith("train") else k: v for k, v in output.metrics.items()}
+    final["resumed_from_step"] = resumed_from
+    if eval_set is not None:
+        final.update(trainer.evaluate())
+    if rank == 0:
+        export = storage / EXPORT
+        to_save = trainer.model
+        if settings.lora is not None:
+            to_save = trainer.model.merge_and_unload()
+        to_save.save_pretrained(export, safe_serialization=True)
+        tokenizer.save_pretrained(export)
+        final.update(global_step=trainer.state.global_step, train_wall_seconds=round(train_seconds, 3),
+                     log_history=trainer.state.log_history)
+        (storage / RESULT).write_text(json.dumps(final, indent=2, default=float))
+    ray.train.report({k: v for k, v in final.items() if isinstance(v, (int, float))})
+
+
+def _checkpoint_step(checkpoint) -> int | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        state = json.loads((Path(folder) / "checkpoint" / "trainer_state.json").read_text())
+    return int(state["global_step"])
+
+
+class _FailOnce:
+    """Test hook: the worker process dies at a step, once per run (a marker file remembers)."""
+
+    def __new__(cls, step: int, marker: Path):
+        from transformers import TrainerCallback
+
+        class FailOnce(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step and not marker.exists():
+                    marker.write_text(str(step))
+                    # A crash well after the last checkpoint: Ray Train's controller polls
+                    # workers for reports, and a report still unread when a worker dies
+                    # is lost (the retry would then start from an older checkpoint).
+                    time.sleep(3)
+                    os._exit(1)
+
+        return FailOnce()
+
+
+def read_ledger(storage: Path | str) -> list[dict[str, Any]]:
+    """The micro-batches that count. A resumed attempt redoes the steps after its
+    checkpoint, so for each (rank, step) only the latest attempt's records are kept."""
+    by_step: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for path in sorted((Path(storage) / LEDGER).glob("rank-*.jsonl")):
+        rank = int(path.stem.split("-")[1])
+        for line in path.read_text().splitlines():
+            record = {**json.loads(line), "rank": rank}
+            by_step.setdefault((rank, record["step"]), []).append(record)
+    kept = []
+    for records in by_step.values():
+        latest = max(r["attempt"] for r in records)
+        kept.extend(r for r in records if r["attempt"] == latest)
+    return sorted(kept, key=lambda r: (r["step"], r["rank"]))
+
+
+def coverage(records: list[dict[str, Any]], train_pairs: int, steps_per_epoch: int) -> dict[str, Any]:
+    """Per epoch: pairs seen, pairs repeated, pairs never seen (in a complete epoch)."""
+    epochs: dict[int, list[int]] = {}
+    for record in records:
+        epochs.setdefault((record["step"] - 1) // steps_per_epoch, []).extend(record["pairs"])
+    out = {}
+    for epoch, seen in sorted(epochs.items()):
+        counts: dict[int, int] = {}
+        for index in seen:
+            counts[index] = counts.get(index, 0) + 1
+        out[epoch] = {"seen": len(counts), "repeated": sum(1 for c in counts.values() if c > 1),
+                      "missing": train_pairs - len(counts)}
+    return out

@@ -1,0 +1,155 @@
+"""Stage `train`: persona-DPO on the pairs, with TRL's DPOTrainer on Ray Train.
+
+Top to bottom: read the round's pairs (training users only; evaluation users' pairs measure
+reward accuracy at the end), check that Ray has the workers' resources, run a
+`TorchTrainer` whose workers each run `pipelines/dpo_worker.py`, then publish the exported
+policy, the checkpoints, the per-step metrics and the ledger of pairs seen.
+
+Checkpoints live under `<round_dir>/.train-storage/<key>/` while the stage runs (`key`
+hashes the train settings, the pairs and the policy), so rerunning an interrupted stage
+finds them and resumes: Ray Train resumes a run given the same storage path and name.
+Within one `fit()`, `FailureConfig(max_failures)` restarts a failed worker group from the
+newest checkpoint. When the stage commits, the storage folder moves into `<round_dir>/train/`.
+
+Round k >= 1 starts from the policy round k-1 exported, which is also the reference:
+DPOTrainer copies the starting model as its reference when given none.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from actors.models import resolve_model
+from pipelines.config import RunConfig
+from pipelines.dpo_worker import EXPORT, RESULT, coverage, read_ledger, train_loop_per_worker
+from pipelines.rounds import POLICY_FOLDER, policy_spec, round_dir
+from pipelines.stage import StageWriter, require_stage
+
+STAGE = "train"
+STORAGE = ".train-storage"
+
+
+def run_key(config: RunConfig, policy: str, pairs_manifest: dict[str, Any]) -> str:
+    """Names the training run: same settings, pairs and policy -> same checkpoints."""
+    blob = json.dumps({"train": config.train.model_dump(mode="json"), "seed": config.seed,
+                       "policy": policy, "pairs": pairs_manifest["started_at"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def pair_counts(pairs_dir: Path, sources: list[str]) -> dict[str, int]:
+    table = pq.read_table(pairs_dir, columns=["split", "source"])
+    table = table.filter(pc.is_in(table.column("source"), value_set=__import__("pyarrow").array(sources)))
+    splits = table.column("split").to_pylist()
+    return {"train": splits.count("train"), "eval": splits.count("eval")}
+
+
+def wait_for_resources(cpus: float, gpus: float, timeout_s: float) -> None:
+    """Block until Ray has the workers' CPUs and GPUs free; else fail naming what holds them.
+
+    Ray Train would wait forever; on a small machine the usual cause is an actor pool or
+    Serve replica left alive by an earlier stage.
+    """
+    import ray
+
+    deadline = time.time() + timeout_s
+    while True:
+        free = ray.available_resources()
+        if free.get("CPU", 0) >= cpus - 1e-9 and free.get("GPU", 0) >= gpus - 1e-9:
+            return
+        if time.time() > deadline:
+            break
+        time.sleep(1.0)
+    from ray.util.state import list_actors
+
+    holders = [f"{a.class_name} (pid {a.pid}, {a.required_resources})"
+               for a in list_actors(filters=[("state", "=", "ALIVE")], limit=50)
+               if a.required_resources]
+    raise RuntimeError(
+        f"train: needs {cpus:g} CPU and {gpus:g} GPU free for its workers but Ray has "
+        f"{free.get('CPU', 0):g} CPU and {free.get('GPU', 0):g} GPU free after {timeout_s:g} s "
+        f"(train.resources_timeout_s). Actors holding resources: {holders or 'none'}. "
+        "Stop them, or lower train.workers / train.cpus_per_worker.")
+
+
+def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | None = None) -> dict[str, Any]:
+    """Run the stage into `<round_dir>/train/`; `fail_at_step` kills a worker once (tests)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    settings = config.train
+    out_dir = round_dir(config.run_dir, round_index).resolve()
+    upstream = {"pairs": require_stage(out_dir, "pairs")}
+    pairs_dir = out_dir / "pairs" / "pairs"
+    counts = pair_counts(pairs_dir, settings.sources)
+    global_batch = settings.per_device_batch_size * settings.workers
+    if counts["train"] < global_batch:
+        raise RuntimeError(
+            f"train: {pairs_dir} has {counts['train']} training pairs from sources "
+            f"{settings.sources}; one global batch needs {global_batch} (train.workers x "
+            "train.per_device_batch_size). Lower those, or build more pairs.")
+    policy = policy_spec(config, round_index)
+    policy_path = resolve_model(policy.id)
+    key = run_key(config, policy_path, upstream["pairs"])
+    storage = out_dir / STORAGE / key
+    storage.mkdir(parents=True, exist_ok=True)
+    resumed_run = (storage / "ray").is_dir()
+
+    wait_for_resources(settings.workers * settings.cpus_per_worker,
+                       settings.workers * settings.gpus_per_worker, settings.resources_timeout_s)
+    job = {"train": settings.model_dump(mode="json"), "pairs": str(pairs_dir), "policy": policy_path,
+           "storage": str(storage), "scratch": str(Path(tempfile.gettempdir()) / f"rlhi-train-{key}"),
+           "seed": config.seed, "fail_at_step": fail_at_step}
+    resources = {"CPU": settings.cpus_per_worker}
+    if settings.gpus_per_worker:
+        resources["GPU"] = settings.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RayRunConfig(name="ray", storage_path=str(storage),
+                                failure_config=FailureConfig(max_failures=settings.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    with StageWriter(out_dir, STAGE) as stage:
+        started = time.time()
+        result = trainer.fit()
+        if result.error is not None:
+            raise RuntimeError(f"train: Ray Train failed after retries: {result.error}") from result.error
+        final = json.loads((storage / RESULT).read_text())
+        steps_per_epoch = max(1, (counts["train"] // global_batch) // settings.gradient_accumulation_steps)
+        seen = coverage(read_ledger(storage), counts["train"] - counts["train"] % global_batch, steps_per_epoch)
+        history = final.pop("log_history")
+        shutil.move(str(storage / EXPORT), stage.tmp / POLICY_FOLDER)
+        with open(stage.tmp / "metrics.jsonl", "w") as handle:
+            for row in history:
+                handle.write(json.dumps(row) + "\n")
+        summary = {
+            "round": round_index, "policy": policy_path, "workers": settings.workers,
+            "train_pairs": counts["train"], "eval_pairs": counts["eval"],
+            "pairs_left_out": counts["train"] % global_batch,
+            "steps": final["global_step"], "epochs": settings.epochs if settings.max_steps < 0 else None,
+            "final_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
+            "train_reward_accuracy": next((r["rewards/accuracies"] for r in reversed(history)
+                                           if "rewards/accuracies" in r), None),
+            "eval_reward_accuracy": final.get("eval_rewards/accuracies"),
+            "eval_loss": final.get("eval_loss"),
+            "train_wall_seconds": final["train_wall_seconds"],
+            "resumed_from_step": final.get("resumed_from_step"), "resumed_run": resumed_run,
+            "pairs_per_epoch": {str(k): v for k, v in seen.items()},
+            "checkpoints": sorted(p.name for p in (storage / "ray").glob("checkpoint_*")),
+            "seconds": round(time.time() - started, 3),
+        }
+        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        shutil.move(str(storage), stage.tmp / "storage")
+        stage.commit(config_hash=config.section_hash("train", "models"), inputs=[], seed=config.seed,
+                     upstream=upstream, models=[policy.model_dump()], counts=summary)
+    shutil.rmtree(job["scratch"], ignore_errors=True)
+    summary["output"] = str(out_dir / STAGE)
+    return summary
