@@ -187,9 +187,10 @@ class RewardsConfig(_Section):
     backend: Literal["judge", "classifier", "trained"] = "judge"
     """RewardModel backend on models.reward; `trained` uses this run's reward_model stage."""
     threshold: Literal["zscore", "quantile"] = "zscore"
-    """Relative per prompt: `zscore` keeps best vs worst when (best - worst) / std of the
-    prompt's scores >= min_z; `quantile` when best - worst is in the top `1 - quantile` of
-    this run's per-prompt margins."""
+    """Relative, since reward scales differ between models: `zscore` keeps best vs worst
+    when (best - worst) >= min_z x the run's pooled within-prompt std of scores (the reward
+    model's own scale); `quantile` when best - worst is in the top `1 - quantile` of this
+    run's per-prompt margins."""
     min_z: float = Field(1.0, ge=0)
     quantile: float = Field(0.5, ge=0, lt=1)
     include_first_turns: bool = True

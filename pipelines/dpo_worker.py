@@ -133,9 +133,13 @@ def _report_callback(rank: int, worker_count: int):
     return ReportCheckpoints()
 
 
-def train_loop_per_worker(job: dict[str, Any]) -> None:
-    """The Ray Train worker function. `job` carries paths and the TrainConfig as JSON."""
-    import ray.train
+def build_dpo_trainer(job: dict[str, Any], rank: int, world: int, callbacks: list | None = None):
+    """TRL's DPOTrainer (with the ledger) for one process of a `world`-process run.
+
+    Shared by the Ray Train workers and by `bench/train_dpo.py`'s plain-TRL baseline, so
+    both train exactly the same way. `job` holds the TrainConfig (`train`), the pairs
+    folder, the policy folder, the storage and scratch paths, and the seed.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
@@ -144,12 +148,9 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     from pipelines.config import TrainConfig
 
     settings = TrainConfig.model_validate(job["train"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     storage = Path(job["storage"])
     (storage / LEDGER).mkdir(parents=True, exist_ok=True)
     use_gpu = settings.gpus_per_worker > 0
-    torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(storage / "tensorboard")  # read by transformers
 
     global_batch = settings.per_device_batch_size * world
@@ -178,10 +179,10 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         max_steps=settings.max_steps, num_train_epochs=settings.epochs,
         max_length=settings.max_length, precompute_ref_log_probs=settings.precompute_ref_log_probs,
         gradient_checkpointing=settings.gradient_checkpointing, bf16=bf16, use_cpu=not use_gpu,
-        save_strategy="steps", save_steps=settings.save_steps, save_total_limit=2,
-        logging_steps=settings.logging_steps,
-        report_to=["tensorboard"] if rank == 0 else [], disable_tqdm=True,
-        seed=job["seed"], data_seed=job["seed"], remove_unused_columns=False,
+        save_strategy="steps" if job.get("save", True) else "no", save_steps=settings.save_steps,
+        save_total_limit=2, logging_steps=settings.logging_steps,
+        report_to=["tensorboard"] if rank == 0 and job.get("tensorboard", True) else [],
+        disable_tqdm=True, seed=job["seed"], data_seed=job["seed"], remove_unused_columns=False,
         dataloader_num_workers=0, ddp_find_unused_parameters=False,
         fsdp="full_shard auto_wrap" if settings.fsdp else "",
         fsdp_config={"use_orig_params": True} if settings.fsdp else None,
@@ -190,8 +191,25 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, peft_config=peft_config,
         data_collator=_IndexCollator(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)),
-        callbacks=[_report_callback(rank, world)])
+        callbacks=callbacks or [])
     trainer.ledger_path = storage / LEDGER / f"rank-{rank}.jsonl"
+    return trainer
+
+
+def train_loop_per_worker(job: dict[str, Any]) -> None:
+    """The Ray Train worker function. `job` carries paths and the TrainConfig as JSON."""
+    import ray.train
+    import torch
+
+    from pipelines.config import TrainConfig
+
+    settings = TrainConfig.model_validate(job["train"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    storage = Path(job["storage"])
+    torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
+    trainer = build_dpo_trainer(job, rank, world, callbacks=[_report_callback(rank, world)])
+    tokenizer, eval_set = trainer.processing_class, trainer.eval_dataset
     if job.get("fail_at_step") is not None:
         trainer.add_callback(_FailOnce(int(job["fail_at_step"]), storage / "failed-once"))
 

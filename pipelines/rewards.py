@@ -170,15 +170,21 @@ def select_pair(candidates: Sequence[str], scores: Sequence[float]) -> Selection
     return Selection(best, worst, margin, None)
 
 
-def margin_zscore(scores: Sequence[float]) -> float:
-    """(best - worst) / std of the prompt's scores (population std); 0 when they are tied.
+def pooled_std(score_lists: Sequence[Sequence[float]]) -> float:
+    """The reward model's typical spread within one prompt in this run: the square root of
+    the mean within-prompt (population) variance. It carries the model's scale, so a margin
+    divided by it reads the same for a judge in [0, 1] and a reward model's logits."""
+    variances = []
+    for scores in score_lists:
+        if len(scores) >= 2:
+            mean = sum(scores) / len(scores)
+            variances.append(sum((s - mean) ** 2 for s in scores) / len(scores))
+    return math.sqrt(sum(variances) / len(variances)) if variances else 0.0
 
-    With the population std this is at least 2 whenever the scores are not all equal, so
-    `min_z` above 2 is what filters; it grows when the extremes stand out from the rest.
-    """
-    mean = sum(scores) / len(scores)
-    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
-    return 0.0 if std == 0 else (max(scores) - min(scores)) / std
+
+def margin_zscore(margin: float, scale: float) -> float:
+    """best - worst in units of the run's within-prompt spread (`pooled_std`); 0 if none."""
+    return 0.0 if scale <= 0 else margin / scale
 
 
 def quantile_cutoff(margins: Sequence[float], quantile: float) -> float:
@@ -197,13 +203,13 @@ def apply_threshold(rows: list[dict[str, Any]], settings: RewardsConfig) -> list
         if row.get("reason"):
             continue
         selections[i] = select_pair(row["candidates"], row["scores"])
-    cutoff = None
+    cutoff, scale = None, pooled_std([rows[i]["scores"] for i, s in selections.items() if s.reason is None])
     if settings.threshold == "quantile":
         cutoff = quantile_cutoff([s.margin for s in selections.values() if s.reason is None], settings.quantile)
     for i, selection in selections.items():
         row, reason = rows[i], selection.reason
         if reason is None:
-            passes = (margin_zscore(row["scores"]) >= settings.min_z if cutoff is None
+            passes = (margin_zscore(selection.margin, scale) >= settings.min_z if cutoff is None
                       else selection.margin >= cutoff)
             reason = None if passes else BELOW_THRESHOLD
         row["margin"] = selection.margin

@@ -11,7 +11,7 @@ import pytest
 
 from actors.policy_sampler import Samples
 from pipelines.config import RewardsConfig, parse_config
-from pipelines.rewards import (apply_threshold, margin_zscore, quantile_cutoff, reward_prompts,
+from pipelines.rewards import (apply_threshold, margin_zscore, pooled_std, quantile_cutoff, reward_prompts,
                                run_rewards, sample_and_score, sample_id, select_pair)
 from pipelines.rounds import attach_personas
 from pipelines.schema import CONVERSATIONS, FOLLOWUPS, PERSONAS, SAMPLES, check_schema
@@ -31,18 +31,22 @@ def test_best_is_chosen_and_worst_rejected_with_their_margin():
     assert selection.margin == pytest.approx(0.8)
 
 
-def test_zscore_is_the_range_over_the_population_std():
-    assert margin_zscore([0.0, 1.0]) == pytest.approx(2.0)
-    assert margin_zscore([0.0, 1.0, 1.0, 2.0]) == pytest.approx(2 / 0.5 ** 0.5)
-    assert margin_zscore([3.0, 3.0, 3.0]) == 0.0
+def test_zscore_is_the_margin_over_the_runs_pooled_within_prompt_std():
+    # within-prompt variances 0.25 and 0.5 -> pooled std sqrt(0.375)
+    assert pooled_std([[0.0, 1.0], [0.0, 1.0, 1.0, 2.0], [7.0]]) == pytest.approx(0.375 ** 0.5)
+    assert margin_zscore(2.0, 0.5) == pytest.approx(4.0)
+    assert margin_zscore(1.0, 0.0) == 0.0
+    # the same prompts on a 100x larger scale give the same z: scale-free
+    small, large = [[0.0, 0.1, 0.3], [0.2, 0.25]], [[0.0, 10.0, 30.0], [20.0, 25.0]]
+    assert 0.3 / pooled_std(small) == pytest.approx(30.0 / pooled_std(large))
 
 
-def test_zscore_threshold_keeps_only_prompts_whose_extremes_stand_out():
-    rows = [scored(["a", "b", "c", "d"], [0.0, 1.0, 1.0, 2.0]),   # z = 2.83
-            scored(["a", "b", "c", "d"], [0.0, 0.0, 2.0, 2.0])]   # z = 2.0
-    apply_threshold(rows, RewardsConfig(threshold="zscore", min_z=2.5))
+def test_zscore_threshold_keeps_prompts_whose_margin_is_large_for_this_model():
+    rows = [scored(["a", "b", "c", "d"], [0.0, 1.0, 1.0, 2.0]),   # margin 2, var 0.5
+            scored(["a", "b", "c", "d"], [0.0, 0.1, 0.1, 0.2])]   # margin 0.2, var 0.005
+    apply_threshold(rows, RewardsConfig(threshold="zscore", min_z=1.0))   # pooled std 0.51
     assert [(r["status"], r["reason"]) for r in rows] == [("kept", None), ("filtered", "below_threshold")]
-    assert [r["margin"] for r in rows] == [2.0, 2.0]
+    assert [r["margin"] for r in rows] == pytest.approx([2.0, 0.2])
 
 
 def test_quantile_threshold_keeps_the_top_share_of_this_runs_margins():
