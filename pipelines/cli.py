@@ -1,7 +1,7 @@
 """The `rlhi` command line.
 
     rlhi ingest --input PATH [PATH ...] --out RUN_DIR [--config FILE] [--json]
-    rlhi run --config FILE [--out RUN_DIR] [--json]
+    rlhi run --config FILE [--out RUN_DIR] [--dry-run] [--json]
     rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--json]
     rlhi serve --config FILE [--port N]
     rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--json]
@@ -22,46 +22,6 @@ from pipelines.config import InputFormat, RunConfig, UserKey, load_config, parse
 from pipelines.sources import resolve_inputs
 
 
-def _ingest_summary_lines(summary: dict[str, Any]) -> list[str]:
-    reasons = lambda counts: ", ".join(f"{n} {k}" for k, n in counts.items()) or "none"  # noqa: E731
-    per_user = summary["conversations_per_user"]
-    return [
-        f"ingest: {summary['rows_in']} rows in, {summary['kept']} kept, "
-        f"{sum(summary['filtered'].values())} filtered, {sum(summary['rejected'].values())} rejected",
-        f"  filtered: {reasons(summary['filtered'])}",
-        f"  rejected: {reasons(summary['rejected'])}",
-        f"  users: {summary['users']} (conversations per user: min {per_user['min']}, "
-        f"median {per_user['median']}, max {per_user['max']})",
-        f"  redacted: {reasons(summary['redacted'])}",
-        *(f"  skipped bad file: {bad['error']}" for bad in summary["bad_files"]),
-        f"  output: {summary['output']}",
-    ]
-
-
-def _stage_line(name: str, summary: dict[str, Any]) -> str:
-    shown = {k: v for k, v in summary.items() if k not in ("output", "backend")}
-    return f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f"\n  output: {summary['output']}"
-
-
-def run_stages(config: RunConfig) -> dict[str, Any]:
-    """Run the configured stages in order on Ray; returns each stage's summary."""
-    from pipelines.followups import run_followups
-    from pipelines.ingest import run_ingest
-    from pipelines.personas import run_personas
-    from pipelines.runtime import start_ray
-
-    if "ingest" in config.stages:
-        resolve_inputs(config.ingest.inputs)  # a missing input fails before Ray starts
-    start_ray(config.resources)
-    runners = {"ingest": run_ingest, "followups": run_followups, "personas": run_personas}
-    results: dict[str, Any] = {}
-    for stage in config.stages:
-        results[stage] = runners[stage](config)
-        lines = _ingest_summary_lines(results[stage]) if stage == "ingest" else [_stage_line(stage, results[stage])]
-        print("\n".join(lines), flush=True)
-    return results
-
-
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
     base = load_config(args.config) if args.config else RunConfig()
     ingest = base.ingest.model_dump()
@@ -76,9 +36,22 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
     return run_stages(config)["ingest"]
 
 
+def run_stages(config: RunConfig) -> dict[str, Any]:
+    """Run the configured stages and online rounds (pipelines/driver.py); print each."""
+    from pipelines.driver import run_pipeline
+
+    return run_pipeline(config)
+
+
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.driver import dry_run, format_dry_run
+
     overrides = {"run_dir": args.out} if args.out else {}
     config = load_config(args.config, overrides)
+    if args.dry_run:
+        report = dry_run(config)
+        print(format_dry_run(report))
+        return report
     return {"run_dir": str(Path(config.run_dir).resolve()), "stages": run_stages(config)}
 
 
@@ -147,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the stages of a run configuration")
     run.add_argument("--config", required=True, metavar="FILE", help="run configuration YAML (e.g. configs/default.yaml)")
     run.add_argument("--out", metavar="RUN_DIR", help="run directory (overrides run_dir in the config)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="start nothing: print the plan and the per-GPU memory estimate of each training setting")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     run.set_defaults(handler=cmd_run)
 

@@ -260,6 +260,8 @@ class TrainConfig(_Section):
     """Ray Train restarts a failed worker group this many times, from the last checkpoint."""
     resources_timeout_s: float = Field(300, gt=0)
     """Fail when the workers' resources are not free after this long."""
+    gpu_memory_gib: float | None = Field(None, gt=0)
+    """Memory of one GPU (80 for an H100 80GB); `rlhi run --dry-run` says which settings fit."""
 
 
 class OnlineConfig(_Section):

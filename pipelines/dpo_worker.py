@@ -113,7 +113,10 @@ def _report_callback(rank: int, worker_count: int):
             steps = state.global_step - self.last_log_step
             if logs is not None and steps > 0 and "loss" in logs:
                 per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * worker_count
-                logs["samples_per_second"] = round(steps * per_step / max(now - self.last_log_time, 1e-9), 3)
+                rate = round(steps * per_step / max(now - self.last_log_time, 1e-9), 3)
+                logs["samples_per_second"] = rate
+                if state.log_history:   # the Trainer stored a copy of `logs` before callbacks
+                    state.log_history[-1]["samples_per_second"] = rate
                 self.last_log_time, self.last_log_step = now, state.global_step
 
         def on_save(self, args, state, control, **kwargs):
@@ -198,6 +201,7 @@ def build_dpo_trainer(job: dict[str, Any], rank: int, world: int, callbacks: lis
 
 def train_loop_per_worker(job: dict[str, Any]) -> None:
     """The Ray Train worker function. `job` carries paths and the TrainConfig as JSON."""
+    import ray
     import ray.train
     import torch
 
@@ -208,6 +212,8 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     storage = Path(job["storage"])
     torch.set_num_threads(max(1, int(settings.cpus_per_worker)))
+    (storage / "nodes").mkdir(parents=True, exist_ok=True)   # where each rank ran, for the summary
+    (storage / "nodes" / f"rank-{rank}").write_text(ray.get_runtime_context().get_node_id())
     trainer = build_dpo_trainer(job, rank, world, callbacks=[_report_callback(rank, world)])
     tokenizer, eval_set = trainer.processing_class, trainer.eval_dataset
     if job.get("fail_at_step") is not None:

@@ -119,9 +119,14 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
     with StageWriter(out_dir, STAGE) as stage:
         started = time.time()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as error:  # Ray Train raises the workers' error once retries are spent
+            raise RuntimeError(f"train: Ray Train failed after {settings.max_failures} retries "
+                               f"(train.max_failures); rerun the stage to resume from {storage}: "
+                               f"{error}") from error
         if result.error is not None:
-            raise RuntimeError(f"train: Ray Train failed after retries: {result.error}") from result.error
+            raise RuntimeError(f"train: Ray Train failed: {result.error}") from result.error
         final = json.loads((storage / RESULT).read_text())
         steps_per_epoch = max(1, (counts["train"] // global_batch) // settings.gradient_accumulation_steps)
         seen = coverage(read_ledger(storage), counts["train"] - counts["train"] % global_batch, steps_per_epoch)
@@ -143,7 +148,8 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
             "train_wall_seconds": final["train_wall_seconds"],
             "resumed_from_step": final.get("resumed_from_step"), "resumed_run": resumed_run,
             "pairs_per_epoch": {str(k): v for k, v in seen.items()},
-            "checkpoints": sorted(p.name for p in (storage / "ray").glob("checkpoint_*")),
+            "checkpoints": sorted(p.name for p in (storage / "ray").glob("checkpoint_*") if p.is_dir()),
+            "nodes": len({p.read_text() for p in (storage / "nodes").glob("rank-*")}),
             "seconds": round(time.time() - started, 3),
         }
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
