@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, get_args
 
 from pipelines.config import InputFormat, RunConfig, UserKey, load_config, parse_config
-from pipelines.sources import resolve_inputs
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:

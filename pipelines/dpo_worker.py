@@ -25,32 +25,61 @@ EXPORT = "export"          # <storage>/export: the final policy, moved into the 
 RESULT = "result.json"     # <storage>/result.json: final metrics, written by rank 0
 
 
-def load_pair_datasets(pairs_dir: str, sources: list[str], global_batch: int):
-    """Train and eval `datasets.Dataset`s in TRL's conversational preference format.
+def prepare_pairs(pairs_dir: str, sources: list[str], tokenizer, max_length: int,
+                  global_batch: int) -> tuple[list[dict], list[dict], dict[str, list[str]]]:
+    """Train and eval rows in TRL's conversational preference format, and what was left out.
 
     Rows are ordered by pair_id so every worker (and every rerun) builds the same dataset;
-    `pair_index` is each train row's position, for the ledger. The train set is cut to a
-    multiple of the global batch (workers x per-device batch): accelerate would otherwise
-    pad the last batch with repeated pairs. The cut pairs are returned for the summary.
+    `pair_index` is each train row's position, for the ledger. Left out, by pair_id:
+    `too_long`, a prompt that alone fills max_length (TRL would drop it silently, shifting
+    every batch), and `remainder`, the train pairs after the last whole global batch
+    (workers x per-device batch), which accelerate would otherwise pad with repeats.
     """
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    from datasets import Dataset
 
     table = pq.read_table(pairs_dir)
-    table = table.filter(pc.is_in(table.column("source"), value_set=__import__("pyarrow").array(sources)))
-    table = table.sort_by("pair_id")
+    table = table.filter(pc.is_in(table.column("source"), value_set=pa.array(sources))).sort_by("pair_id")
     columns = ["prompt", "chosen", "rejected", "pair_id"]
-    train = table.filter(pc.equal(table.column("split"), "train")).select(columns).to_pylist()
-    evaluation = table.filter(pc.equal(table.column("split"), "eval")).select(columns).to_pylist()
+    left_out: dict[str, list[str]] = {"too_long": [], "remainder": []}
+
+    def fits(row: dict) -> bool:
+        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
+                                            return_dict=True)["input_ids"]
+        if len(ids) < max_length:
+            return True
+        left_out["too_long"].append(row["pair_id"])
+        return False
+
+    split = lambda name: [r for r in table.filter(pc.equal(table.column("split"), name))  # noqa: E731
+                          .select(columns).to_pylist() if fits(r)]
+    train, evaluation = split("train"), split("eval")
     keep = len(train) - len(train) % global_batch
-    cut = [row["pair_id"] for row in train[keep:]]
+    left_out["remainder"] = [row["pair_id"] for row in train[keep:]]
     train = [{**row, "pair_index": i} for i, row in enumerate(train[:keep])]
-    strip = lambda rows: [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]  # noqa: E731
-    eval_set = Dataset.from_list(strip(evaluation)) if evaluation else None
-    train_set = Dataset.from_list([{**{k: r[k] for k in ("prompt", "chosen", "rejected")},
-                                    "pair_index": r["pair_index"]} for r in train]) if train else None
-    return train_set, eval_set, cut
+    return train, evaluation, left_out
+
+
+def load_pair_datasets(pairs_dir: str, sources: list[str], tokenizer, max_length: int, global_batch: int):
+    """`prepare_pairs` as `datasets.Dataset`s (train with `pair_index`; eval None if empty)."""
+    from datasets import Dataset
+
+    train, evaluation, left_out = prepare_pairs(pairs_dir, sources, tokenizer, max_length, global_batch)
+    fields = ("prompt", "chosen", "rejected")
+    train_set = Dataset.from_list([{**{k: r[k] for k in fields}, "pair_index": r["pair_index"]}
+                                   for r in train]) if train else None
+    eval_set = Dataset.from_list([{k: r[k] for k in fields} for r in evaluation]) if evaluation else None
+    return train_set, eval_set, left_out
+
+
+def load_policy_tokenizer(policy: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _ledger_trainer_class():
@@ -107,6 +136,11 @@ def _report_callback(rank: int, worker_count: int):
             self.last_log_time = time.time()
             self.last_log_step = 0
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            # Start the clock at training, not at model load; after a resume, count steps
+            # from the checkpoint's step.
+            self.last_log_time, self.last_log_step = time.time(), state.global_step
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             # Throughput between logs, next to TRL's loss, reward accuracy, margins, log-probs.
             now = time.time()
@@ -144,7 +178,7 @@ def build_dpo_trainer(job: dict[str, Any], rank: int, world: int, callbacks: lis
     folder, the policy folder, the storage and scratch paths, and the seed.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -157,10 +191,9 @@ def build_dpo_trainer(job: dict[str, Any], rank: int, world: int, callbacks: lis
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(storage / "tensorboard")  # read by transformers
 
     global_batch = settings.per_device_batch_size * world
-    train_set, eval_set, _ = load_pair_datasets(job["pairs"], settings.sources, global_batch)
-    tokenizer = AutoTokenizer.from_pretrained(job["policy"], trust_remote_code=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_policy_tokenizer(job["policy"])
+    train_set, eval_set, _ = load_pair_datasets(job["pairs"], settings.sources, tokenizer,
+                                                settings.max_length, global_batch)
     bf16 = settings.bf16 if settings.bf16 is not None else bool(use_gpu and torch.cuda.is_bf16_supported())
     model = AutoModelForCausalLM.from_pretrained(
         job["policy"], trust_remote_code=False, use_safetensors=True,

@@ -11,12 +11,11 @@ training setting (pipelines/train_memory.py).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.config import RunConfig, load_config
+from pipelines.config import RunConfig
 from pipelines.sources import resolve_inputs
 
 ROUND_STAGES = ("rewrites", "rewards", "pairs", "train")

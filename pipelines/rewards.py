@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from actors.models import ModelSpec
 from pipelines.config import RewardsConfig, RunConfig
-from pipelines.rounds import attach_personas, policy_spec, round_dir
+from pipelines.rounds import actor_gpus, attach_personas, policy_spec, round_dir
 from pipelines.schema import FEEDBACK_LABELS, MESSAGES, SAMPLES, check_schema
 from pipelines.stage import StageWriter, require_stage
 
@@ -242,6 +242,7 @@ def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec) 
     blocks = [table.slice(start, settings.batch_size) for start in range(0, table.num_rows, settings.batch_size)]
     dataset = ray.data.from_arrow(blocks).map_batches(
         RewardWorker, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
+        num_gpus=actor_gpus(policy, reward_model_spec(config)),
         fn_constructor_kwargs={"policy": policy.model_dump(), "n": settings.n,
                                "backend": settings.backend, "reward": reward_model_spec(config)},
         compute=ray.data.ActorPoolStrategy(size=min(workers, batches)))

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipelines import quality
 from pipelines.config import RewritesConfig, RunConfig
-from pipelines.rounds import attach_personas, policy_spec, round_dir
+from pipelines.rounds import actor_gpus, attach_personas, policy_spec, round_dir
 from pipelines.schema import FOLLOWUPS, REWRITES, check_schema
 from pipelines.stage import StageWriter, require_stage
 
@@ -183,6 +183,8 @@ def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int) -> pa.
             "settings_json": settings.model_dump_json(), "from_scratch": config.ablation.rewrites_from_scratch,
             "round_index": round_index},
         batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
+        num_gpus=actor_gpus(policy_spec(config, round_index), config.models.rewriter,
+                            config.models.judge if settings.filter.judge else None),
         compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, batches))))
     parts = [batch.select(REWRITES.names).cast(REWRITES)
              for batch in results.iter_batches(batch_format="pyarrow", batch_size=None)]

@@ -61,3 +61,16 @@ def user_splits(run_dir: Path | str) -> dict[str, str]:
 
 def empty(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()
+
+
+def actor_gpus(*specs: ModelSpec | dict | None) -> float:
+    """GPUs one role actor asks Ray for: a whole GPU when any of its models runs on one
+    (a vLLM engine, or a transformers model with device cuda), else none. Without it Ray
+    hides the GPUs from the actor and the engine would fail to start."""
+    for spec in specs:
+        if spec is None:
+            continue
+        spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
+        if spec.engine == "vllm" or spec.device == "cuda":
+            return 1.0
+    return 0.0

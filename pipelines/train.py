@@ -24,12 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 from actors.models import resolve_model
 from pipelines.config import RunConfig
-from pipelines.dpo_worker import EXPORT, RESULT, coverage, read_ledger, train_loop_per_worker
+from pipelines.dpo_worker import (EXPORT, RESULT, coverage, load_policy_tokenizer, prepare_pairs,
+                                  read_ledger, train_loop_per_worker)
 from pipelines.rounds import POLICY_FOLDER, policy_spec, round_dir
 from pipelines.stage import StageWriter, require_stage
 
@@ -42,13 +40,6 @@ def run_key(config: RunConfig, policy: str, pairs_manifest: dict[str, Any]) -> s
     blob = json.dumps({"train": config.train.model_dump(mode="json"), "seed": config.seed,
                        "policy": policy, "pairs": pairs_manifest["started_at"]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def pair_counts(pairs_dir: Path, sources: list[str]) -> dict[str, int]:
-    table = pq.read_table(pairs_dir, columns=["split", "source"])
-    table = table.filter(pc.is_in(table.column("source"), value_set=__import__("pyarrow").array(sources)))
-    splits = table.column("split").to_pylist()
-    return {"train": splits.count("train"), "eval": splits.count("eval")}
 
 
 def wait_for_resources(cpus: float, gpus: float, timeout_s: float) -> None:
@@ -88,15 +79,17 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
     out_dir = round_dir(config.run_dir, round_index).resolve()
     upstream = {"pairs": require_stage(out_dir, "pairs")}
     pairs_dir = out_dir / "pairs" / "pairs"
-    counts = pair_counts(pairs_dir, settings.sources)
     global_batch = settings.per_device_batch_size * settings.workers
-    if counts["train"] < global_batch:
-        raise RuntimeError(
-            f"train: {pairs_dir} has {counts['train']} training pairs from sources "
-            f"{settings.sources}; one global batch needs {global_batch} (train.workers x "
-            "train.per_device_batch_size). Lower those, or build more pairs.")
     policy = policy_spec(config, round_index)
     policy_path = resolve_model(policy.id)
+    train, evaluation, left_out = prepare_pairs(str(pairs_dir), settings.sources, load_policy_tokenizer(policy_path),
+                                                settings.max_length, global_batch)
+    if not train:
+        raise RuntimeError(
+            f"train: {pairs_dir} has {len(train) + len(left_out['remainder'])} training pairs from sources "
+            f"{settings.sources} that fit train.max_length={settings.max_length} "
+            f"({len(left_out['too_long'])} prompts are longer); one global batch needs {global_batch} "
+            "(train.workers x train.per_device_batch_size). Lower those, raise max_length, or build more pairs.")
     key = run_key(config, policy_path, upstream["pairs"])
     storage = out_dir / STORAGE / key
     storage.mkdir(parents=True, exist_ok=True)
@@ -128,8 +121,8 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
         if result.error is not None:
             raise RuntimeError(f"train: Ray Train failed: {result.error}") from result.error
         final = json.loads((storage / RESULT).read_text())
-        steps_per_epoch = max(1, (counts["train"] // global_batch) // settings.gradient_accumulation_steps)
-        seen = coverage(read_ledger(storage), counts["train"] - counts["train"] % global_batch, steps_per_epoch)
+        steps_per_epoch = max(1, (len(train) // global_batch) // settings.gradient_accumulation_steps)
+        seen = coverage(read_ledger(storage), len(train), steps_per_epoch)
         history = final.pop("log_history")
         shutil.move(str(storage / EXPORT), stage.tmp / POLICY_FOLDER)
         with open(stage.tmp / "metrics.jsonl", "w") as handle:
@@ -137,8 +130,8 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
                 handle.write(json.dumps(row) + "\n")
         summary = {
             "round": round_index, "policy": policy_path, "workers": settings.workers,
-            "train_pairs": counts["train"], "eval_pairs": counts["eval"],
-            "pairs_left_out": counts["train"] % global_batch,
+            "train_pairs": len(train), "eval_pairs": len(evaluation),
+            "left_out_too_long": len(left_out["too_long"]), "left_out_remainder": len(left_out["remainder"]),
             "steps": final["global_step"], "epochs": settings.epochs if settings.max_steps < 0 else None,
             "final_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
             "train_reward_accuracy": next((r["rewards/accuracies"] for r in reversed(history)

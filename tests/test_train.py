@@ -56,14 +56,22 @@ def train_config(run_dir: Path, policy: Path, **train) -> "RunConfig":  # noqa: 
 
 # ---- plain functions ------------------------------------------------------------------------
 
-def test_pair_datasets_are_ordered_split_and_cut_to_whole_global_batches(tmp_path):
+def test_pair_datasets_are_ordered_split_and_cut_to_whole_global_batches(tmp_path, tiny_models):
+    from pipelines.dpo_worker import load_policy_tokenizer
+
     write_pairs_stage(tmp_path, n_train=15, n_eval=3)
-    train, evaluation, cut = load_pair_datasets(str(tmp_path / "pairs" / "pairs"), ["rewrite", "reward"], 4)
-    assert len(train) == 12 and len(evaluation) == 3 and len(cut) == 3
+    tokenizer = load_policy_tokenizer(str(tiny_models.causal_lm))
+    folder = str(tmp_path / "pairs" / "pairs")
+    train, evaluation, left_out = load_pair_datasets(folder, ["rewrite", "reward"], tokenizer, 512, 4)
+    assert len(train) == 12 and len(evaluation) == 3
+    assert len(left_out["remainder"]) == 3 and left_out["too_long"] == []
     assert train["pair_index"] == list(range(12))
     assert set(train.column_names) == {"prompt", "chosen", "rejected", "pair_index"}
-    only_rewrites, _, _ = load_pair_datasets(str(tmp_path / "pairs" / "pairs"), ["rewrite"], 1)
+    only_rewrites, _, _ = load_pair_datasets(folder, ["rewrite"], tokenizer, 512, 1)
     assert len(only_rewrites) == 7
+    # a prompt that alone fills max_length is left out by name, not dropped silently by TRL
+    none_fit, _, left_out = load_pair_datasets(folder, ["rewrite", "reward"], tokenizer, 8, 1)
+    assert none_fit is None and len(left_out["too_long"]) == 18
 
 
 def test_ledger_keeps_the_latest_attempt_of_each_step(tmp_path):
@@ -106,8 +114,7 @@ def test_dry_run_prints_plan_and_memory_without_starting_ray(capsys):
     assert "round-1/train" in out and "configured" in out and "fits" in out
     report = json.loads(out.strip().splitlines()[-1])
     assert report["plan"][-1] == "round-1/train"
-    import ray
-    assert not ray.is_initialized()
+    assert not Path(report["run_dir"]).exists()   # nothing ran
 
 
 # ---- real Ray Train -------------------------------------------------------------------------
