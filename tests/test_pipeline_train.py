@@ -113,3 +113,31 @@ def test_online_round_samples_with_the_trained_policy_and_trains_from_it(trained
     pairs = table(round_one, "pairs", "pairs")
     assert set(pairs["source"]) == {"reward"} and set(pairs["round"]) == {1}
     assert (round_one / "train" / "model" / "model.safetensors").is_file()
+
+
+def test_simulated_users_end_to_end(ray_session, tiny_models, tmp_path):
+    """Simulated users' logs (5/8) through every stage to a trained policy."""
+    from pipelines.driver import run_pipeline
+    from pipelines.sim.generate import generate_logs
+    from test_sim import ScriptedEngine
+
+    sim = tmp_path / "sim"
+    generate_logs(12, sim, seed=3, engine=ScriptedEngine(3), log=lambda s: None)
+    tiny = {"id": str(tiny_models.causal_lm), "max_new_tokens": 12}
+    config = parse_config({
+        "run_dir": str(tmp_path / "run"), "ingest": {"inputs": [str(sim / "logs")]},
+        "resources": {"progress_bars": False},
+        "models": {"policy": tiny, "rewriter": tiny, "judge": tiny, "reward": tiny},
+        "rewrites": {"max_followups": 8, "batch_size": 4, "filter": {"margin": 0.0}},
+        "rewards": {"n": 3, "max_prompts": 12, "batch_size": 6, "min_z": 0.5},
+        "train": {"workers": 1, "per_device_batch_size": 2, "max_steps": 3, "save_steps": 3,
+                  "learning_rate": 1e-3, "max_length": 1024, "resources_timeout_s": 60},
+    })
+    results = run_pipeline(config)
+    assert list(results) == ["ingest", "followups", "personas", "rewrites", "rewards", "pairs", "train"]
+    assert results["ingest"]["users"] == 12 and results["followups"]["followups"] > 0
+    pairs = table(tmp_path / "run", "pairs", "pairs")
+    assert set(pairs["source"]) == {"rewrite", "reward"}
+    users = table(tmp_path / "run", "personas", "users").set_index("user_id")
+    assert (pairs["split"] == users.loc[pairs["user_id"], "split"].to_numpy()).all()
+    assert results["train"]["steps"] == 3 and (tmp_path / "run" / "train" / "model" / "model.safetensors").is_file()
