@@ -176,6 +176,10 @@ class RewritesConfig(_Section):
     batch_size: PositiveInt = 8
     workers: PositiveInt | None = None
     """Actors per role pool; default: the CPUs Ray has."""
+    rewriter_via: Literal["pool", "serve"] = "pool"
+    """`pool`: each actor loads models.rewriter itself; `serve`: the actors call the running
+    `rlhi serve` app (POST /v1/rewrite at serve.url) for the rewrites, so one batched set
+    of replicas serves them. The policy and the judge stay in the pool either way."""
     filter: QualityFilterConfig = QualityFilterConfig()
 
 
@@ -201,6 +205,11 @@ class RewardsConfig(_Section):
     """Cap on prompts sampled (the first ones by conversation and turn); None: all."""
     batch_size: PositiveInt = 8
     workers: PositiveInt | None = None
+    reward_via: Literal["pool", "serve"] = "pool"
+    """`pool`: each actor loads the RewardModel (`backend` on models.reward) itself;
+    `serve`: the actors call the running `rlhi serve` app (POST /v1/score at serve.url),
+    whose model is `serve.reward.backend` on its models.reward, and `backend` is unused.
+    The policy sampler stays in the pool either way."""
 
 
 class RewardModelConfig(_Section):
@@ -328,6 +337,9 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     """Interface to bind; this machine only unless set (e.g. 0.0.0.0 behind a firewall)."""
     port: int = Field(8000, ge=1, le=65535)
+    url: str | None = None
+    """Where stages with `rewriter_via` / `reward_via: serve` reach the running server
+    (e.g. http://serve-node:8000); None: http://{host}:{port}."""
     token_file: str | None = None
     """File holding the bearer token; None reads the environment variable RLHI_API_TOKEN.
     The token itself never goes in a config file."""

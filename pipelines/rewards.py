@@ -10,7 +10,12 @@ Top to bottom:
    under `ablation.user_agnostic`.
 3. Sampling and scoring in a Ray Data actor pool (`RewardWorker`): the PolicySampler draws
    `rewards.n` candidates, the RewardModel scores them with the persona. The per-batch
-   logic is `sample_and_score`, a plain function on the two roles.
+   logic is `sample_and_score`, a plain function on the two roles. With
+   `rewards.reward_via: serve` the scores come from the running `rlhi serve` app instead
+   (serve/roles.py ServedRewardModel, POST /v1/score; its model is serve.reward.backend on
+   models.reward), checked healthy before any actor starts. The sampler stays in the pool:
+   the chat app would condition on the user's serving persona, built from ALL their
+   history, leaking later conversations into earlier turns' prompts.
 4. Pair selection and threshold on the driver (`select_pair`, `apply_threshold`): best
    versus worst, kept only when the margin clears a threshold relative to the prompt's own
    scores (`zscore`) or to this run's margins (`quantile`), because reward scales differ
@@ -28,7 +33,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -39,6 +44,9 @@ from pipelines.config import RewardsConfig, RunConfig
 from pipelines.rounds import actor_gpus, attach_personas, policy_spec, round_dir
 from pipelines.schema import FEEDBACK_LABELS, MESSAGES, SAMPLES, check_schema
 from pipelines.stage import StageWriter, require_stage
+
+if TYPE_CHECKING:
+    from serve.roles import Endpoint
 
 STAGE = "rewards"
 TRAINED_MODEL = Path("reward_model") / "model"  # where the reward_model stage saves its model
@@ -115,14 +123,17 @@ def sample_and_score(sampler, reward_model, personas: Sequence[str], contexts: S
 
 class RewardWorker:
     """Ray Data callable class: builds the sampler and the reward model once per actor,
-    then samples and scores each batch (columns sample_id, persona, context)."""
+    then samples and scores each batch (columns sample_id, persona, context). With
+    `served` (a serve/roles.py Endpoint) the reward model is the served app."""
 
-    def __init__(self, policy: dict[str, Any], n: int, backend: str, reward: dict[str, Any]) -> None:
+    def __init__(self, policy: dict[str, Any], n: int, backend: str, reward: dict[str, Any],
+                 served: Endpoint | None = None) -> None:
         from actors.policy_sampler import PolicySampler
         from actors.reward_model import RewardModel
+        from serve.roles import ServedRewardModel
 
         self.sampler = PolicySampler(policy, n)
-        self.reward_model = RewardModel(backend, reward)
+        self.reward_model = ServedRewardModel(served) if served is not None else RewardModel(backend, reward)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = sample_and_score(self.sampler, self.reward_model, batch.column("persona").to_pylist(),
@@ -227,8 +238,10 @@ def reward_model_spec(config: RunConfig) -> dict[str, Any]:
     return config.models.reward.model_copy(update={"id": str(folder)}).model_dump()
 
 
-def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec) -> dict[str, dict[str, Any]]:
-    """sample_id -> prompt, candidates, scores for every row of `prompts`, sampled from `policy`."""
+def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec,
+                   served: Endpoint | None = None) -> dict[str, dict[str, Any]]:
+    """sample_id -> prompt, candidates, scores for every row of `prompts`, sampled from
+    `policy`; scored by the server at `served`, else by a RewardModel in each actor."""
     import ray
 
     settings = config.rewards
@@ -242,9 +255,10 @@ def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec) 
     blocks = [table.slice(start, settings.batch_size) for start in range(0, table.num_rows, settings.batch_size)]
     dataset = ray.data.from_arrow(blocks).map_batches(
         RewardWorker, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
-        num_gpus=actor_gpus(policy, reward_model_spec(config)),
+        num_gpus=actor_gpus(policy, None if served else reward_model_spec(config)),
         fn_constructor_kwargs={"policy": policy.model_dump(), "n": settings.n,
-                               "backend": settings.backend, "reward": reward_model_spec(config)},
+                               "backend": settings.backend, "reward": reward_model_spec(config),
+                               "served": served},
         compute=ray.data.ActorPoolStrategy(size=min(workers, batches)))
     return {row["sample_id"]: row for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None)
             for row in batch.to_pylist()}
@@ -268,12 +282,29 @@ def samples_rows(prompts: pd.DataFrame, scored: dict[str, dict[str, Any]], backe
     return rows
 
 
+def connect_reward_model(config: RunConfig) -> Endpoint | None:
+    """The serve/roles.py Endpoint when rewards.reward_via is serve (checked healthy now,
+    before any actor starts), else None."""
+    if config.rewards.reward_via != "serve":
+        return None
+    if config.rewards.n > config.serve.max_candidates:
+        raise ValueError(f"rewards.n = {config.rewards.n} candidates, but the server takes at most "
+                         f"serve.max_candidates = {config.serve.max_candidates} per request")
+    from serve.roles import connect
+
+    return connect(config)
+
+
 def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     """Run the stage into `<round_dir>/rewards/` (table `samples`); returns its summary."""
     run_dir, settings = Path(config.run_dir), config.rewards
     upstream = {name: require_stage(run_dir, name) for name in ("ingest", "followups", "personas")}
     policy = policy_spec(config, round_index)  # fails early when round k-1 exported no policy
-    if settings.backend == "trained":
+    served = connect_reward_model(config)
+    # Scores come from the server's RewardModel when served: its backend, on models.reward.
+    backend = config.serve.reward.backend if served else settings.backend
+    reward_spec = config.models.reward.model_dump() if served else None
+    if settings.backend == "trained" and not served:
         upstream["reward_model"] = require_stage(run_dir, "reward_model")
     conversations = pq.read_table(run_dir / "ingest" / "conversations")
     followups = pq.read_table(run_dir / "followups" / "followups")
@@ -286,8 +317,8 @@ def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     capped = prompts if settings.max_prompts is None else prompts.iloc[: settings.max_prompts]
     out = round_dir(run_dir, round_index)
     with StageWriter(out, STAGE) as stage:
-        scored = score_with_ray(capped, config, policy) if len(capped) else {}
-        rows = apply_threshold(samples_rows(prompts, scored, settings.backend, round_index), settings)
+        scored = score_with_ray(capped, config, policy, served) if len(capped) else {}
+        rows = apply_threshold(samples_rows(prompts, scored, backend, round_index), settings)
         samples = pa.Table.from_pylist(rows, schema=SAMPLES)
         check_schema(samples, SAMPLES, "samples")
         (stage.tmp / "samples").mkdir()
@@ -304,12 +335,16 @@ def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
             "filtered": dict(sorted(reasons.items())),
             "candidates": sum(len(r["candidates"]) for r in rows),
             "with_persona": int(sum(1 for p in prompts["persona"] if p)),
-            "n": settings.n, "backend": settings.backend, "threshold": settings.threshold,
-            "round": round_index,
+            "n": settings.n, "backend": backend, "threshold": settings.threshold,
+            "round": round_index, "reward_via": settings.reward_via,
         }
+        if served is not None:
+            # What the config says the server runs: the stage cannot see inside it.
+            summary["served"] = {"url": served.url, "backend": backend, "model": config.models.reward.id}
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        models = [policy.model_dump(), reward_model_spec(config)] if len(capped) else []
-        stage.commit(config_hash=config.section_hash("rewards", "ablation", "models"), inputs=[],
+        models = [policy.model_dump(), reward_spec or reward_model_spec(config)] if len(capped) else []
+        sections = ("rewards", "ablation", "models") + (("serve",) if served is not None else ())
+        stage.commit(config_hash=config.section_hash(*sections), inputs=[],
                      upstream=upstream, models=models, counts=summary, seed=config.seed)
     summary["output"] = str(out / STAGE)
     return summary

@@ -19,6 +19,12 @@ follow-up or anything after it.
 Top to bottom: read the eligible follow-ups and their personas, mark those over the cap,
 run `rewrite_rows` batch by batch in a Ray Data actor pool (sampler, rewriter and judge
 built once per actor), filter with pipelines/quality.py, write every follow-up's row.
+
+With `rewrites.rewriter_via: serve` the actors send the rewrites to the running `rlhi
+serve` app (serve/roles.py ServedRewriter, POST /v1/rewrite) instead of loading the
+rewriter; the stage checks the server is healthy before any actor starts. The policy
+sampler stays in the pool: the chat app would condition on the user's serving persona,
+built from ALL their history, leaking later conversations into earlier turns' prompts.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,6 +43,9 @@ from pipelines.config import RewritesConfig, RunConfig
 from pipelines.rounds import actor_gpus, attach_personas, policy_spec, round_dir
 from pipelines.schema import FOLLOWUPS, REWRITES, check_schema
 from pipelines.stage import StageWriter, require_stage
+
+if TYPE_CHECKING:
+    from serve.roles import Endpoint
 
 STAGE = "rewrites"
 OVER_CAP = "over_cap"          # beyond rewrites.max_followups: no model calls
@@ -126,20 +135,22 @@ def output_row(row: dict[str, Any], *, prompt: list[dict] | None, chosen: str | 
 
 class RewriteWorker:
     """Ray Data callable class: the policy sampler, rewriter, judge and tokenizer, built once
-    per actor; each call turns one batch of follow-ups into REWRITES rows."""
+    per actor; each call turns one batch of follow-ups into REWRITES rows. With `served`
+    (a serve/roles.py Endpoint) the rewriter is the served app, not a local model."""
 
     def __init__(self, policy: dict[str, Any], rewriter: dict[str, Any], judge: dict[str, Any] | None,
-                 settings_json: str, from_scratch: bool, round_index: int) -> None:
+                 settings_json: str, from_scratch: bool, round_index: int, served: Endpoint | None = None) -> None:
         from actors.judge import Judge
         from actors.models import load_tokenizer
         from actors.policy_sampler import PolicySampler
         from actors.rewriter import Rewriter
+        from serve.roles import ServedRewriter
 
         self.settings = RewritesConfig.model_validate_json(settings_json)
         self.from_scratch, self.round_index = from_scratch, round_index
         self.sampler = PolicySampler(policy, n=1)
-        self.rewriter = Rewriter(rewriter)
         self.judge = Judge(judge) if judge is not None else None
+        self.rewriter = ServedRewriter(served) if served is not None else Rewriter(rewriter)
         # Token counts for the filter are the policy's: it is what DPO trains on them.
         tokenizer = load_tokenizer(self.sampler.spec)
         self.tokenize: Callable[[str], list[int]] = lambda text: tokenizer.encode(text, add_special_tokens=False)
@@ -165,8 +176,10 @@ def eligible_followups(config: RunConfig) -> pa.Table:
     return table.select(INPUT.names).cast(INPUT)
 
 
-def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int) -> pa.Table:
-    """Run RewriteWorker over `todo` in an actor pool, `rewrites.batch_size` rows a call."""
+def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int,
+                     served: Endpoint | None = None) -> pa.Table:
+    """Run RewriteWorker over `todo` in an actor pool, `rewrites.batch_size` rows a call;
+    `served`: the serve/roles.py Endpoint that rewrites, else each actor loads the rewriter."""
     import ray
 
     settings = config.rewrites
@@ -181,9 +194,9 @@ def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int) -> pa.
             "policy": policy_spec(config, round_index).model_dump(), "rewriter": config.models.rewriter.model_dump(),
             "judge": config.models.judge.model_dump() if settings.filter.judge else None,
             "settings_json": settings.model_dump_json(), "from_scratch": config.ablation.rewrites_from_scratch,
-            "round_index": round_index},
+            "round_index": round_index, "served": served},
         batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
-        num_gpus=actor_gpus(policy_spec(config, round_index), config.models.rewriter,
+        num_gpus=actor_gpus(policy_spec(config, round_index), None if served else config.models.rewriter,
                             config.models.judge if settings.filter.judge else None),
         compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, batches))))
     parts = [batch.select(REWRITES.names).cast(REWRITES)
@@ -207,6 +220,19 @@ def summarize(table: pa.Table, followups_in: int, seconds: float, round_index: i
             "rejected_source": rejected, "seconds": round(seconds, 3)}
 
 
+def connect_rewriter(config: RunConfig) -> Endpoint | None:
+    """The serve/roles.py Endpoint when rewrites.rewriter_via is serve (checked healthy
+    now, before any actor starts), else None."""
+    if config.rewrites.rewriter_via != "serve":
+        return None
+    if config.ablation.rewrites_from_scratch:
+        raise ValueError("ablation.rewrites_from_scratch hides the follow-up from the rewriter, "
+                         "but POST /v1/rewrite requires it: set rewrites.rewriter_via: pool")
+    from serve.roles import connect
+
+    return connect(config)
+
+
 def run_rewrites(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     """Run the stage into `<round_dir>/rewrites/`; returns its summary. Every eligible
     follow-up gets a row: kept, or filtered with its reason."""
@@ -214,23 +240,28 @@ def run_rewrites(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     run_dir, settings = Path(config.run_dir), config.rewrites
     upstream = {name: require_stage(run_dir, name) for name in ("followups", "personas")}
     policy_spec(config, round_index)  # fails early when round k-1 exported no policy
+    served = connect_rewriter(config)
     eligible = eligible_followups(config)
     cap = settings.max_followups if settings.max_followups is not None else eligible.num_rows
     todo, over = eligible.slice(0, cap), eligible.slice(cap)
     skipped = pa.Table.from_pylist(
         [output_row(r, prompt=None, chosen=None, rejected=None, margin=None, reason=OVER_CAP,
                     settings=settings, round_index=round_index) for r in over.to_pylist()], schema=REWRITES)
-    done = rewrite_with_ray(todo, config, round_index) if todo.num_rows else REWRITES.empty_table()
+    done = rewrite_with_ray(todo, config, round_index, served) if todo.num_rows else REWRITES.empty_table()
     table = pa.concat_tables([done, skipped]).sort_by([("conversation_id", "ascending"), ("turn_index", "ascending")])
     check_schema(table, REWRITES, "rewrites")
     with StageWriter(round_dir(run_dir, round_index), STAGE) as stage:
         (stage.tmp / "rewrites").mkdir()
         pq.write_table(table, stage.tmp / "rewrites" / "part-000000.parquet")
         summary = summarize(table, eligible.num_rows, time.time() - started, round_index, settings.rejected)
+        summary["rewriter_via"] = settings.rewriter_via
+        if served is not None:
+            summary["serve_url"] = served.url
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         models = [policy_spec(config, round_index), config.models.rewriter]
         models += [config.models.judge] if settings.filter.judge else []
-        stage.commit(config_hash=config.section_hash("rewrites", "ablation", "models"), inputs=[],
+        sections = ("rewrites", "ablation", "models") + (("serve",) if served is not None else ())
+        stage.commit(config_hash=config.section_hash(*sections), inputs=[],
                      upstream=upstream, models=[m.model_dump() for m in models], counts=summary, seed=config.seed)
     summary["output"] = str(round_dir(run_dir, round_index) / STAGE)
     return summary
