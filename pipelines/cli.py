@@ -1,7 +1,7 @@
 """The `rlhi` command line.
 
     rlhi ingest --input PATH [PATH ...] --out RUN_DIR [--config FILE] [--json]
-    rlhi run --config FILE [--out RUN_DIR] [--dry-run] [--json]
+    rlhi run --config FILE [--out RUN_DIR] [--from STEP | --only STEP] [--dry-run] [--json]
     rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--json]
     rlhi serve --config FILE [--port N]
     rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--json]
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any, get_args
 
 from pipelines.config import InputFormat, RunConfig, UserKey, load_config, parse_config
@@ -35,11 +34,13 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
     return run_stages(config)["ingest"]
 
 
-def run_stages(config: RunConfig) -> dict[str, Any]:
-    """Run the configured stages and online rounds (pipelines/driver.py); print each."""
+def run_stages(config: RunConfig, **options: Any) -> dict[str, Any]:
+    """Run the configured stages and online rounds (pipelines/driver.py); print each.
+    Returns each step's summary by name (a skipped step: its manifest's counts)."""
     from pipelines.driver import run_pipeline
 
-    return run_pipeline(config)
+    result = run_pipeline(config, report=False, **options)
+    return {name: {**step["counts"], "output": step["output"]} for name, step in result["stages"].items()}
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -51,7 +52,9 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
         report = dry_run(config)
         print(format_dry_run(report))
         return report
-    return {"run_dir": str(Path(config.run_dir).resolve()), "stages": run_stages(config)}
+    from pipelines.driver import run_pipeline
+
+    return run_pipeline(config, start=args.start, only=args.only)
 
 
 def followup_classify_batch(backend: str, config: RunConfig):
@@ -119,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the stages of a run configuration")
     run.add_argument("--config", required=True, metavar="FILE", help="run configuration YAML (e.g. configs/default.yaml)")
     run.add_argument("--out", metavar="RUN_DIR", help="run directory (overrides run_dir in the config)")
+    run.add_argument("--from", dest="start", metavar="STEP",
+                     help="rerun STEP and every step after it (e.g. rewards, round-1/train); earlier ones are kept")
+    run.add_argument("--only", metavar="STEP", help="run only STEP (its inputs must exist)")
     run.add_argument("--dry-run", action="store_true",
                      help="start nothing: print the plan and the per-GPU memory estimate of each training setting")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")

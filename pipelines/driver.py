@@ -1,6 +1,6 @@
 """The driver: run a configuration's stages in order, then its online rounds.
 
-    python -m pipelines.driver --config FILE [--out RUN_DIR] [--dry-run] [--json]
+    python -m pipelines.driver --config FILE [--out RUN_DIR] [--from STEP | --only STEP] [--dry-run] [--json]
 
 (the same as `rlhi run`). Round 0 runs `config.stages` (ingest, followups, personas,
 rewrites, reward_model, rewards, pairs, train); online round k = 1..online.rounds reruns
@@ -11,7 +11,11 @@ training setting (pipelines/train_memory.py).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,22 +76,120 @@ def stage_line(name: str, summary: dict[str, Any]) -> str:
     return f"{name}: " + ", ".join(f"{k} {v}" for k, v in shown.items()) + f"\n  output: {summary.get('output')}"
 
 
-def run_pipeline(config: RunConfig) -> dict[str, Any]:
-    """Run every planned stage on Ray; returns each step's summary by name."""
-    from pipelines.runtime import start_ray
+# What each stage's output depends on, besides the steps before it in the plan.
+STAGE_SETTINGS = {
+    "ingest": ["ingest"],
+    "followups": ["followups", "models.classifier"],
+    "personas": ["personas", "models.persona"],
+    "rewrites": ["rewrites", "ablation", "models.policy", "models.rewriter", "models.judge"],
+    "reward_model": ["reward_model"],
+    "rewards": ["rewards", "ablation", "models.policy", "models.reward", "serve.reward"],
+    "pairs": ["train.sources", "ablation"],
+    "train": ["train", "models.policy"],
+}
 
-    if "ingest" in config.stages:
+
+def _setting(config: RunConfig, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+def step_key(config: RunConfig, round_index: int, stage: str, previous: str | None) -> str:
+    """A hash of what one step's output depends on: its settings, the seed, the round, its
+    inputs' content (ingest) and the key of the step before it. Chaining the keys along the
+    plan makes a change rerun that step and every step after it."""
+    from pipelines.stage import fingerprint
+
+    data: dict[str, Any] = {"stage": stage, "round": round_index, "seed": config.seed, "previous": previous,
+                            **{name: _setting(config, name) for name in STAGE_SETTINGS[stage]}}
+    if stage == "ingest":
+        data["inputs"] = [(f["path"], f["sha256"]) for f in fingerprint(resolve_inputs(config.ingest.inputs))]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def step_dir(config: RunConfig, round_index: int) -> Path:
+    from pipelines.rounds import round_dir
+
+    return round_dir(config.run_dir, round_index)
+
+
+def select_steps(config: RunConfig, start: str | None, only: str | None) -> list[tuple[int, str, str]]:
+    """(round, stage, mode) per planned step; mode is "auto" (skip when current), "force",
+    or "keep" (before --from: reuse what is there)."""
+    steps = plan(config)
+    names = [step_name(k, s) for k, s in steps]
+    for flag, wanted in (("--from", start), ("--only", only)):
+        if wanted is not None and wanted not in names:
+            raise ValueError(f"{flag} {wanted}: not a step of this configuration's plan; the plan is "
+                             + ", ".join(names))
+    out = []
+    for (k, stage), name in zip(steps, names):
+        if only is not None:
+            if name == only:
+                out.append((k, stage, "force"))
+        elif start is not None:
+            out.append((k, stage, "keep" if names.index(name) < names.index(start) else "force"))
+        else:
+            out.append((k, stage, "auto"))
+    return out
+
+
+def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | None = None,
+                 report: bool = True) -> dict[str, Any]:
+    """Run the planned steps on Ray, skipping those whose output is current; returns
+    {"run_dir", "report", "stages": {name: {"status", "seconds", "counts", "output"}}}."""
+    from pipelines.metrics import export_stage_metrics
+    from pipelines.runtime import start_ray
+    from pipelines.stage import RUN_KEY, read_manifest
+
+    steps = select_steps(config, start, only)
+    if any(stage == "ingest" for _, stage, mode in steps if mode != "keep"):
         resolve_inputs(config.ingest.inputs)  # a missing input fails before Ray starts
-    start_ray(config.resources)
+    dashboard = start_ray(config.resources)
+    if dashboard:
+        print(f"Ray dashboard: {dashboard}", flush=True)
     runners = stage_runners()
     results: dict[str, Any] = {}
-    for round_index, stage in plan(config):
-        runner = runners[stage]
-        summary = runner(config, round_index) if stage in ROUND_STAGES else runner(config)
-        results[step_name(round_index, stage)] = summary
+    previous, dirty = None, False
+    for round_index, stage, mode in steps:
         name = step_name(round_index, stage)
-        print("\n".join(ingest_lines(summary)) if stage == "ingest" else stage_line(name, summary), flush=True)
-    return results
+        key = step_key(config, round_index, stage, previous)
+        previous = key
+        manifest = read_manifest(step_dir(config, round_index), stage)
+        current = manifest is not None and manifest.get("run_key") == key
+        if mode == "keep" or (mode == "auto" and current and not dirty):
+            if manifest is None:
+                raise RuntimeError(f"--from: step {name} before it has not finished; run without --from first")
+            results[name] = {"status": "skipped", "seconds": 0.0, "counts": manifest["counts"],
+                             "output": str(step_dir(config, round_index) / stage)}
+            print(f"[{name}] skipped: its output matches its settings and inputs"
+                  + ("" if current else " (kept by --from)"), flush=True)
+            continue
+        dirty = True
+        print(f"[{name}] starting", flush=True)
+        started = time.time()
+        token = RUN_KEY.set(key)
+        try:
+            runner = runners[stage]
+            summary = runner(config, round_index) if stage in ROUND_STAGES else runner(config)
+        finally:
+            RUN_KEY.reset(token)
+        seconds = round(time.time() - started, 1)
+        output = summary.pop("output", None)
+        results[name] = {"status": "ran", "seconds": seconds, "counts": summary, "output": output}
+        export_stage_metrics(stage, round_index, summary)
+        lines = ingest_lines({**summary, "output": output}) if stage == "ingest" \
+            else [stage_line(name, {**summary, "output": output})]
+        print("\n".join(lines) + f"\n[{name}] done in {seconds:.1f} s", flush=True)
+    out: dict[str, Any] = {"run_dir": str(Path(config.run_dir).resolve()), "report": None, "stages": results}
+    if report and importlib.util.find_spec("pipelines.report") is not None:
+        from pipelines.report import write_report
+
+        out["report"] = str(write_report(Path(config.run_dir), results).resolve())
+        print(f"report: {out['report']}", flush=True)
+    return out
 
 
 def dry_run(config: RunConfig) -> dict[str, Any]:
@@ -123,12 +225,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.driver", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, metavar="FILE")
     parser.add_argument("--out", metavar="RUN_DIR")
+    parser.add_argument("--from", dest="start", metavar="STEP")
+    parser.add_argument("--only", metavar="STEP")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--json", action="store_true")
     from pipelines.cli import main as cli_main
 
     args = parser.parse_args(argv)
     forwarded = ["run", "--config", args.config] + (["--out", args.out] if args.out else [])
+    forwarded += (["--from", args.start] if args.start else []) + (["--only", args.only] if args.only else [])
     forwarded += (["--dry-run"] if args.dry_run else []) + (["--json"] if args.json else [])
     return cli_main(forwarded)
 

@@ -245,7 +245,7 @@ def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec,
     import ray
 
     settings = config.rewards
-    workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     batches = math.ceil(len(prompts) / settings.batch_size)
     table = pa.table({"sample_id": pa.array(prompts["sample_id"].tolist(), pa.string()),
                       "persona": pa.array(prompts["persona"].tolist(), pa.string()),

@@ -149,8 +149,8 @@ class RewriteWorker:
         self.settings = RewritesConfig.model_validate_json(settings_json)
         self.from_scratch, self.round_index = from_scratch, round_index
         self.sampler = PolicySampler(policy, n=1)
-        self.judge = Judge(judge) if judge is not None else None
         self.rewriter = ServedRewriter(served) if served is not None else Rewriter(rewriter)
+        self.judge = Judge(judge, reason_tokens=0) if judge is not None else None  # the margin only
         # Token counts for the filter are the policy's: it is what DPO trains on them.
         tokenizer = load_tokenizer(self.sampler.spec)
         self.tokenize: Callable[[str], list[int]] = lambda text: tokenizer.encode(text, add_special_tokens=False)
@@ -184,7 +184,7 @@ def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int,
 
     settings = config.rewrites
     batches = -(-todo.num_rows // settings.batch_size)
-    workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     # One block per batch, so the whole pool gets work and a batch is the same rows on
     # every rerun (sampling is seeded per engine call). Half a CPU per actor: a pool
     # holding every CPU would starve Ray Data's own tasks.

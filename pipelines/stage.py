@@ -18,6 +18,7 @@ import platform
 import shutil
 import time
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
@@ -25,6 +26,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 MANIFEST = "manifest.json"
+# The driver's key for the stage being run (pipelines/driver.py): recorded in the manifest so
+# a rerun can tell that this output came from the same settings and upstream outputs.
+RUN_KEY: ContextVar[str | None] = ContextVar("rlhi_run_key", default=None)
 _PACKAGES = ("actors", "pipelines", "serve")
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -133,6 +137,7 @@ class StageWriter:
             "started_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
             "seconds": round(time.time() - self.started, 3),
             "python": platform.python_version(),
+            "run_key": RUN_KEY.get(),
         }
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         old = None

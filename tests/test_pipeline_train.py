@@ -20,7 +20,7 @@ from pipelines.rewrites import check_prompt
 
 @pytest.fixture(scope="module")
 def trained_run(pipeline_run, tiny_models, tmp_path_factory):
-    from pipelines.driver import run_pipeline
+    from pipelines.cli import run_stages
 
     source, _ = pipeline_run
     run_dir = tmp_path_factory.mktemp("pipeline-train") / "run"
@@ -36,7 +36,7 @@ def trained_run(pipeline_run, tiny_models, tmp_path_factory):
                   "save_steps": 2, "learning_rate": 1e-3, "max_length": 1024, "resources_timeout_s": 60},
         "online": {"rounds": 1, "stages": ["rewards", "pairs", "train"]},
     })
-    return run_dir, run_pipeline(config)
+    return run_dir, run_stages(config)
 
 
 def table(run_dir: Path, *parts: str) -> pd.DataFrame:
@@ -117,7 +117,7 @@ def test_online_round_samples_with_the_trained_policy_and_trains_from_it(trained
 
 def test_simulated_users_end_to_end(ray_session, tiny_models, tmp_path):
     """Simulated users' logs (5/8) through every stage to a trained policy."""
-    from pipelines.driver import run_pipeline
+    from pipelines.cli import run_stages
     from pipelines.sim.generate import generate_logs
     from test_sim import ScriptedEngine
 
@@ -133,7 +133,7 @@ def test_simulated_users_end_to_end(ray_session, tiny_models, tmp_path):
         "train": {"workers": 1, "per_device_batch_size": 2, "max_steps": 3, "save_steps": 3,
                   "learning_rate": 1e-3, "max_length": 1024, "resources_timeout_s": 60},
     })
-    results = run_pipeline(config)
+    results = run_stages(config)
     assert list(results) == ["ingest", "followups", "personas", "rewrites", "rewards", "pairs", "train"]
     assert results["ingest"]["users"] == 12 and results["followups"]["followups"] > 0
     pairs = table(tmp_path / "run", "pairs", "pairs")

@@ -1,0 +1,83 @@
+"""The driver's resume behaviour (pipelines/driver.py) on a copy of the session's run of
+ingest, followups and personas: an unchanged rerun does no work, a changed setting reruns
+that stage and the ones after it, a stage that died midway is redone, --from and --only."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import WILDCHAT_SAMPLE
+from pipelines.config import parse_config
+from pipelines.driver import plan, run_pipeline, select_steps, step_key
+
+
+def config_for(run_dir, **changes):
+    data = {"run_dir": str(run_dir), "ingest": {"inputs": [str(WILDCHAT_SAMPLE)]},
+            "resources": {"progress_bars": False}, "stages": ["ingest", "followups", "personas"]}
+    data.update(changes)
+    return parse_config(data)
+
+
+@pytest.fixture
+def run_copy(pipeline_run, tmp_path):
+    source, _ = pipeline_run
+    shutil.copytree(source, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def statuses(result):
+    return {name: step["status"] for name, step in result["stages"].items()}
+
+
+def test_keys_chain_along_the_plan():
+    config = config_for("/tmp/x")
+    changed = config_for("/tmp/x", personas={"cadence": 3})
+    keys, changed_keys, previous, previous_changed = [], [], None, None
+    for k, stage in plan(config):
+        previous = step_key(config, k, stage, previous)
+        previous_changed = step_key(changed, k, stage, previous_changed)
+        keys.append(previous)
+        changed_keys.append(previous_changed)
+    assert keys[:2] == changed_keys[:2] and keys[2] != changed_keys[2]
+
+
+def test_same_config_twice_does_no_work(run_copy, capsys):
+    result = run_pipeline(config_for(run_copy), report=False)
+    assert statuses(result) == {"ingest": "skipped", "followups": "skipped", "personas": "skipped"}
+    assert result["stages"]["ingest"]["counts"]["kept"] == 47
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_changed_setting_reruns_from_that_stage_and_a_killed_stage_is_redone(run_copy, monkeypatch):
+    import pipelines.personas
+
+    changed = config_for(run_copy, personas={"cadence": 2})
+    before = json.loads((run_copy / "personas" / "manifest.json").read_text())
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed midway")
+
+    monkeypatch.setattr(pipelines.personas, "split_users", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(changed, report=False)
+    # the old output stays in place, untouched; the half-written one is only a .tmp folder
+    assert json.loads((run_copy / "personas" / "manifest.json").read_text()) == before
+    assert list(run_copy.glob(".personas.tmp-*"))
+    monkeypatch.undo()
+
+    result = run_pipeline(changed, report=False)
+    assert statuses(result) == {"ingest": "skipped", "followups": "skipped", "personas": "ran"}
+    assert not list(run_copy.glob(".personas.tmp-*"))
+    again = run_pipeline(changed, report=False)
+    assert statuses(again) == {"ingest": "skipped", "followups": "skipped", "personas": "skipped"}
+
+
+def test_from_and_only_select_steps():
+    config = config_for("/tmp/x", stages=["ingest", "followups", "personas", "rewards", "pairs", "train"],
+                        online={"rounds": 1})
+    assert [m for _, _, m in select_steps(config, "personas", None)][:4] == ["keep", "keep", "force", "force"]
+    assert [(k, s) for k, s, _ in select_steps(config, None, "round-1/train")] == [(1, "train")]
+    with pytest.raises(ValueError, match="not a step of this configuration's plan"):
+        select_steps(config, "evaluate", None)
