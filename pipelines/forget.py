@@ -1,0 +1,173 @@
+"""Forget one user: remove their rows from every table of a run, and say what cannot be.
+
+`forget_user(run_dir, user_id)` walks the run's stage folders (round 0 and every
+`round-<k>/`) for Parquet files with a `user_id` column (conversations, rejects,
+followups, personas, users, rewrites, samples, pairs) and rewrites each file without that
+user's rows. Each file is rewritten atomically: the new file is written beside it under a
+name starting with "." (which pyarrow datasets skip) and moved over it with os.replace,
+with the same schema, so a reader sees either the old file or the new one. A table of
+several part files is consistent per file, not across files, while the command runs.
+
+Trained weights cannot be untrained. The summary lists the train stages whose `pairs`
+table held the user's rows in the train split, with their exported policy
+(`train/model`) and Ray Train checkpoints (`train/storage/ray/checkpoint_*`), the later
+rounds' train stages that started from such a policy, and the `reward_model` stage when
+the user had kept train-split rewrites in round 0 (its training pairs). Those must be
+retrained or deleted by the operator; this module deletes no weights.
+
+What it records:
+- each touched stage's `manifest.json` gains `"forgotten_users": n` (incremented per
+  forgotten user), so resume logic can tell that the stage's `counts` and summary describe
+  the tables before rows were removed, and that its outputs were edited after commit;
+- `<run_dir>/forget.jsonl` gains one line per call: the user id, the time, the rows
+  removed per table and the weights listed. The id is stored as given: in this project it
+  is already a pseudonym (a hash of WildChat's hashed IP and request headers, see
+  pipelines/sources.py), and the log must let an operator show which id was forgotten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.stage import MANIFEST
+
+LOG = "forget.jsonl"
+# Folders under a stage that hold no user tables: Ray Train's storage and exported models.
+_SKIP_PARTS = {"storage", "model", "report"}
+NOTE = ("Rows were removed from the run's tables, but weights cannot be untrained: the listed "
+        "checkpoints and models were trained on this user's data. Retrain them without the user "
+        "(rerun those stages) or delete them. Stage manifests marked `forgotten_users` have counts "
+        "from before the removal.")
+
+
+def forget_user(run_dir: Path, user_id: str) -> dict[str, Any]:
+    """Remove every row of `user_id` from the run's tables; return what was done.
+
+    Returns {"user_id", "rows_removed": {table path: n}, "total_rows_removed",
+    "checkpoints_trained_on_user": [...], "derived_checkpoints": [...], "note"}; each
+    checkpoint entry is {"stage": folder, "paths": [...]}.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist: pass the run_dir of a run")
+    files = user_tables(run_dir)
+    trained, derived = trained_on_user(run_dir, user_id)  # read before the rows are gone
+
+    removed: Counter[str] = Counter()
+    touched_stages: set[Path] = set()
+    for path in files:
+        n = remove_rows(path, user_id)
+        if n:
+            removed[str(path.parent.relative_to(run_dir))] += n
+            touched_stages.add(path.parent.parent)
+    for stage_dir in sorted(touched_stages):
+        mark_manifest(stage_dir)
+
+    total = sum(removed.values())
+    summary = {
+        "user_id": user_id,
+        "rows_removed": dict(sorted(removed.items())),
+        "total_rows_removed": total,
+        "checkpoints_trained_on_user": trained,
+        "derived_checkpoints": derived,
+        "note": NOTE if total else f"user {user_id!r} has no rows in {run_dir}: nothing was removed.",
+    }
+    record = {"time": datetime.now(timezone.utc).isoformat(), **summary}
+    with open(run_dir / LOG, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return summary
+
+
+def user_tables(run_dir: Path) -> list[Path]:
+    """Parquet files of finished stages that have a `user_id` column."""
+    found = []
+    for path in sorted(run_dir.rglob("*.parquet")):
+        parts = path.relative_to(run_dir).parts
+        if any(p.startswith(".") for p in parts) or _SKIP_PARTS & set(parts[:-1]):
+            continue  # unfinished stage folders (.tmp-), our own temp files, models, storage
+        if "user_id" in pq.read_schema(path).names:
+            found.append(path)
+    return found
+
+
+def user_mask(table: pa.Table, user_id: str) -> pa.ChunkedArray:
+    """True on the user's rows; a null user_id is not the user."""
+    return pc.fill_null(pc.equal(table.column("user_id"), user_id), False)
+
+
+def remove_rows(path: Path, user_id: str) -> int:
+    """Rewrite one Parquet file without the user's rows; the number removed (0: untouched)."""
+    table = pq.read_table(path)
+    mask = user_mask(table, user_id)
+    n = pc.sum(mask).as_py() or 0
+    if n:
+        tmp = path.parent / f".{path.name}.forget-{uuid.uuid4().hex[:8]}"
+        pq.write_table(table.filter(pc.invert(mask)), tmp)
+        os.replace(tmp, path)
+    return n
+
+
+def mark_manifest(stage_dir: Path) -> None:
+    """Add one to the stage manifest's `forgotten_users` (written atomically)."""
+    path = stage_dir / MANIFEST
+    if not path.is_file():
+        return
+    manifest = json.loads(path.read_text())
+    manifest["forgotten_users"] = int(manifest.get("forgotten_users", 0)) + 1
+    tmp = stage_dir / f".{MANIFEST}.forget-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def round_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    later = [(int(p.name[6:]), p) for p in run_dir.glob("round-*") if p.name[6:].isdigit()]
+    return [(0, run_dir)] + sorted(later)
+
+
+def user_rows(folder: Path, user_id: str, columns: list[str]) -> list[dict[str, Any]]:
+    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+        return []
+    table = pq.read_table(folder, columns=["user_id", *columns])
+    return table.filter(user_mask(table, user_id)).to_pylist()
+
+
+def weights(stage_dir: Path) -> dict[str, Any]:
+    """The weights a model-training stage folder holds."""
+    paths = [stage_dir / "model"] if (stage_dir / "model").exists() else []
+    paths += sorted(p for p in (stage_dir / "storage").rglob("checkpoint_*") if p.is_dir())
+    return {"stage": str(stage_dir), "paths": [str(p) for p in paths]}
+
+
+def trained_on_user(run_dir: Path, user_id: str) -> tuple[list[dict], list[dict]]:
+    """(stages trained on the user's rows, later train stages that started from one).
+
+    A round's train stage trained on the user when its pairs table has the user's rows in
+    the train split; round k > 0 starts from round k-1's policy (pipelines/rounds.py), so
+    every later round inherits it. The reward model trains on round 0's kept rewrites of
+    train-split users (pipelines/reward_model.py).
+    """
+    trained, derived, tainted = [], [], False
+    splits = {r["split"] for r in user_rows(run_dir / "personas" / "users", user_id, ["split"])}
+    kept = [r for r in user_rows(run_dir / "rewrites" / "rewrites", user_id, ["status"]) if r["status"] == "kept"]
+    if "train" in splits and kept and (run_dir / "reward_model").is_dir():
+        trained.append(weights(run_dir / "reward_model"))
+    for _, folder in round_dirs(run_dir):
+        train = folder / "train"
+        if not train.is_dir():
+            continue
+        pairs = user_rows(folder / "pairs" / "pairs", user_id, ["split"])
+        if any(r["split"] == "train" for r in pairs):
+            trained.append(weights(train))
+            tainted = True
+        elif tainted:
+            derived.append(weights(train))
+    return trained, derived
