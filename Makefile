@@ -19,9 +19,11 @@ install: $(STAMP)
 
 demo: models
 	$(VENV)/bin/rlhi run --config configs/default.yaml --out runs/demo
+	@echo
+	@echo "Serve the reward, rewrite and chat endpoints (chat with the trained policy: models.policy.id: runs/demo/train/model):"
+	@echo "  export RLHI_API_TOKEN=\$$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
+	@echo "  $(VENV)/bin/rlhi serve --config configs/default.yaml"
 
-# Tests marked `cluster` start their own Ray cluster and belong in a second pytest process;
-# none exist yet (issues 6/8 and 7/8 bring them), so the suite is one process for now.
 # Two pytest processes: the suite shares one local Ray; tests marked `cluster` start
 # their own multi-node Ray (tests/cluster/), which cannot live beside it in one process.
 test: models

@@ -2,6 +2,8 @@
 
     rlhi ingest --input PATH [PATH ...] --out RUN_DIR [--config FILE] [--json]
     rlhi run --config FILE [--out RUN_DIR] [--from STEP | --only STEP] [--dry-run] [--json]
+    rlhi report --run-dir RUN_DIR [--json]
+    rlhi forget --run-dir RUN_DIR --user ID [--json]
     rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--json]
     rlhi serve --config FILE [--port N]
     rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--json]
@@ -75,6 +77,35 @@ def followup_classify_batch(backend: str, config: RunConfig):
     return classify
 
 
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run directory")
+    path = write_report(run_dir)
+    print(f"report: {path}")
+    return {"report": str(path.resolve())}
+
+
+def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.forget import forget_user
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: no such run directory")
+    summary = forget_user(run_dir, args.user)
+    print(f"forget {args.user}: {summary['total_rows_removed']} rows removed")
+    for table, count in summary["rows_removed"].items():
+        print(f"  {table}: {count}")
+    for entry in summary["checkpoints_trained_on_user"] + summary.get("derived_checkpoints", []):
+        for path in entry["paths"]:
+            print(f"  trained on this user's data: {path}")
+    print(summary["note"])
+    print(f"Run `rlhi report --run-dir {run_dir}` to refresh the report.")
+    return summary
+
+
 def cmd_eval_followups(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.followup_eval import evaluate_backend, format_report
 
@@ -129,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start nothing: print the plan and the per-GPU memory estimate of each training setting")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     run.set_defaults(handler=cmd_run)
+
+    report = commands.add_parser("report", help="write RUN_DIR/report/report.md and its plots from a run's tables")
+    report.add_argument("--run-dir", required=True, metavar="RUN_DIR")
+    report.add_argument("--json", action="store_true", help="print the report path as JSON on the last line")
+    report.set_defaults(handler=cmd_report)
+
+    forget = commands.add_parser("forget", help="remove a user from every table of a run; list checkpoints trained on them")
+    forget.add_argument("--run-dir", required=True, metavar="RUN_DIR")
+    forget.add_argument("--user", required=True, metavar="ID", help="the user_id as in the run's tables")
+    forget.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    forget.set_defaults(handler=cmd_forget)
 
     evalf = commands.add_parser("eval-followups", help="score a follow-up classifier backend against gold labels")
     evalf.add_argument("--input", required=True, metavar="CONVERSATIONS",

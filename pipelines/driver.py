@@ -140,6 +140,7 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
                  report: bool = True) -> dict[str, Any]:
     """Run the planned steps on Ray, skipping those whose output is current; returns
     {"run_dir", "report", "stages": {name: {"status", "seconds", "counts", "output"}}}."""
+    from pipelines.forget import reapply_forgets
     from pipelines.metrics import export_stage_metrics
     from pipelines.runtime import start_ray
     from pipelines.stage import RUN_KEY, read_manifest
@@ -176,8 +177,10 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
             summary = runner(config, round_index) if stage in ROUND_STAGES else runner(config)
         finally:
             RUN_KEY.reset(token)
-        seconds = round(time.time() - started, 1)
         output = summary.pop("output", None)
+        if output and (removed := reapply_forgets(Path(config.run_dir), Path(output))):
+            print(f"[{name}] removed {removed} rows of users forgotten earlier (forget.jsonl)", flush=True)
+        seconds = round(time.time() - started, 1)
         results[name] = {"status": "ran", "seconds": seconds, "counts": summary, "output": output}
         export_stage_metrics(stage, round_index, summary)
         lines = ingest_lines({**summary, "output": output}) if stage == "ingest" \

@@ -171,3 +171,30 @@ def trained_on_user(run_dir: Path, user_id: str) -> tuple[list[dict], list[dict]
         elif tainted:
             derived.append(weights(train))
     return trained, derived
+
+
+def forgotten_users(run_dir: Path) -> list[str]:
+    """Every user `forget_user` has removed from this run (from `forget.jsonl`)."""
+    log = Path(run_dir) / LOG
+    if not log.is_file():
+        return []
+    users = [json.loads(line)["user_id"] for line in log.read_text().splitlines() if line.strip()]
+    return sorted(set(users))
+
+
+def reapply_forgets(run_dir: Path, stage_dir: Path) -> int:
+    """Remove forgotten users from a stage that was just (re)built: a rerun of ingest reads
+    the raw logs again, and forgetting must outlive it. Returns the rows removed."""
+    users = forgotten_users(run_dir)
+    if not users or not Path(stage_dir).is_dir():
+        return 0
+    removed = 0
+    for path in sorted(Path(stage_dir).rglob("*.parquet")):
+        parts = path.relative_to(stage_dir).parts
+        if any(p.startswith(".") for p in parts) or _SKIP_PARTS & set(parts[:-1]):
+            continue
+        if "user_id" in pq.read_schema(path).names:
+            removed += sum(remove_rows(path, user) for user in users)
+    if removed:
+        mark_manifest(Path(stage_dir))
+    return removed

@@ -128,12 +128,15 @@ class RewardWorker:
 
     def __init__(self, policy: dict[str, Any], n: int, backend: str, reward: dict[str, Any],
                  served: Endpoint | None = None) -> None:
+        from actors.engines import EngineCache
         from actors.policy_sampler import PolicySampler
         from actors.reward_model import RewardModel
         from serve.roles import ServedRewardModel
 
-        self.sampler = PolicySampler(policy, n)
-        self.reward_model = ServedRewardModel(served) if served is not None else RewardModel(backend, reward)
+        engines = EngineCache()  # policy and judge-backend reward model: one copy if the same model
+        self.sampler = PolicySampler(policy, n, engine=engines.get(policy))
+        self.reward_model = ServedRewardModel(served) if served is not None else RewardModel(
+            backend, reward, engine=engines.get(reward) if backend == "judge" else None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = sample_and_score(self.sampler, self.reward_model, batch.column("persona").to_pylist(),

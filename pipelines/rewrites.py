@@ -140,6 +140,7 @@ class RewriteWorker:
 
     def __init__(self, policy: dict[str, Any], rewriter: dict[str, Any], judge: dict[str, Any] | None,
                  settings_json: str, from_scratch: bool, round_index: int, served: Endpoint | None = None) -> None:
+        from actors.engines import EngineCache
         from actors.judge import Judge
         from actors.models import load_tokenizer
         from actors.policy_sampler import PolicySampler
@@ -148,9 +149,12 @@ class RewriteWorker:
 
         self.settings = RewritesConfig.model_validate_json(settings_json)
         self.from_scratch, self.round_index = from_scratch, round_index
-        self.sampler = PolicySampler(policy, n=1)
-        self.rewriter = ServedRewriter(served) if served is not None else Rewriter(rewriter)
-        self.judge = Judge(judge, reason_tokens=0) if judge is not None else None  # the margin only
+        engines = EngineCache()  # one copy of a model that plays several roles
+        self.sampler = PolicySampler(policy, n=1, engine=engines.get(policy))
+        self.rewriter = ServedRewriter(served) if served is not None \
+            else Rewriter(rewriter, engine=engines.get(rewriter))
+        self.judge = Judge(judge, engine=engines.get(judge), reason_tokens=0) \
+            if judge is not None else None  # the margin only: no reason generated
         # Token counts for the filter are the policy's: it is what DPO trains on them.
         tokenizer = load_tokenizer(self.sampler.spec)
         self.tokenize: Callable[[str], list[int]] = lambda text: tokenizer.encode(text, add_special_tokens=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import WILDCHAT_SAMPLE
@@ -81,3 +82,17 @@ def test_from_and_only_select_steps():
     assert [(k, s) for k, s, _ in select_steps(config, None, "round-1/train")] == [(1, "train")]
     with pytest.raises(ValueError, match="not a step of this configuration's plan"):
         select_steps(config, "evaluate", None)
+
+
+def test_forget_outlives_a_rerun_of_ingest(run_copy, capsys):
+    from pipelines.cli import main
+
+    users = pq.read_table(run_copy / "personas" / "users").column("user_id").to_pylist()
+    assert main(["forget", "--run-dir", str(run_copy), "--user", users[0], "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["total_rows_removed"] > 0
+    result = run_pipeline(config_for(run_copy, ingest={"inputs": [str(WILDCHAT_SAMPLE)], "rows_per_task": 500}),
+                          report=False)
+    assert result["stages"]["ingest"]["status"] == "ran"
+    for table in ("ingest/conversations", "followups/followups", "personas/personas", "personas/users"):
+        assert users[0] not in pq.read_table(run_copy / table).column("user_id").to_pylist(), table

