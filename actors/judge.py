@@ -6,6 +6,11 @@ order-dependent verdict is reported as a tie instead of a win. The verdict is re
 likelihood (P("A") vs P("B") as the reply to `actors/prompts/judge.jinja`); the reason is a
 short greedy generation from the first order's prompt.
 
+`criterion` narrows the question (evaluation asks personalization, instruction following
+and overall quality separately): it completes "decide which of two candidate answers ...",
+e.g. "better follows the instructions in the user's last message". None keeps the
+template's general criterion.
+
 Ray Data columns: `persona`, `context`, `answer_a`, `answer_b` in; `winner` ("a", "b" or
 "tie"), `prob_a`, `reason` out. Serve: `compare()` / `compare_batch()`.
 """
@@ -38,8 +43,10 @@ class Judge:
     OUTPUTS = ("winner", "prob_a", "reason")
 
     def __init__(self, model: ModelSpec | dict | str = SMOLLM2, *,
-                 engine: GenerationEngine | None = None, reason_tokens: int = 48) -> None:
+                 engine: GenerationEngine | None = None, reason_tokens: int = 48,
+                 criterion: str | None = None) -> None:
         self.spec = as_spec(model)
+        self.criterion = criterion
         self.engine = engine or make_engine(self.spec)
         self.reason_params = SamplingParams(max_new_tokens=reason_tokens, temperature=0.0,
                                             stop=("\n\n",)) if reason_tokens else None
@@ -73,8 +80,9 @@ class Judge:
     def _prompt(self, persona: str | None, context: Sequence[Any], answer_a: str,
                 answer_b: str):
         reserve = self.reason_params.max_new_tokens if self.reason_params else 2
+        criterion = {"criterion": self.criterion} if self.criterion else {}
         return fit_to_budget("judge", persona, context, answer_a=answer_a, answer_b=answer_b,
-                             count_tokens=self.engine.count_tokens,
+                             **criterion, count_tokens=self.engine.count_tokens,
                              max_tokens=self.engine.max_context_tokens,
                              reserve_tokens=reserve).messages
 

@@ -365,6 +365,47 @@ class ServeConfig(_Section):
     chat: ServeAppConfig = ServeAppConfig(max_batch_size=1)
 
 
+class BenchmarkConfig(_Section):
+    """One benchmark file of the evaluate stage and the subset of it to run."""
+
+    path: str
+    """JSON-lines file in the benchmark's own format (pipelines/eval_reasoning.py,
+    pipelines/evaluate.py); point it at the full set to evaluate all of it."""
+    n: int = Field(8, ge=0)
+    """Items to evaluate; 0 skips the benchmark."""
+    subset: Literal["first", "sample"] = "first"
+    """`first`: the first n items; `sample`: n items drawn with the run's seed."""
+
+
+class EvaluateConfig(_Section):
+    """The evaluate stage (`rlhi eval`): the last trained policy against the base policy,
+    judged by `models.judge` (any engine: `engine: openai` plugs in a strong hosted judge)."""
+
+    max_turns: int = Field(8, ge=0)
+    """UserEval: evaluation users' first turns to compare, and as many follow-up turns
+    (a user turn after an assistant answer); drawn round-robin over users, seeded. 0 skips."""
+    criteria: list[Literal["personalization", "instruction_following", "overall"]] = Field(
+        default_factory=lambda: ["personalization", "instruction_following", "overall"])
+    """UserEval judging criteria, each one judge question (actors/judge.py `criterion`)."""
+    gsm8k: BenchmarkConfig = BenchmarkConfig(path="data/eval/gsm8k_test.jsonl", n=8)
+    """GSM8K test problems (`question`, `answer` ending in `#### N`); accuracy by math-verify."""
+    math500: BenchmarkConfig = BenchmarkConfig(path="data/eval/math500_test.jsonl", n=4)
+    """MATH-500 problems (`problem`, `answer` in LaTeX); accuracy by math-verify."""
+    arena_hard: BenchmarkConfig = BenchmarkConfig(path="data/eval/arena-hard-v0.1_question.jsonl", n=4)
+    """Arena-Hard v0.1 questions (`uid`, `prompt`): pairwise trained vs base by the judge."""
+    judge_checks: int = Field(4, ge=0)
+    """Known-answer pairs per kind (gold GSM8K solution vs a wrong final number; vs the same
+    solution scrambled) on which the judge's accuracy is measured. 0 skips."""
+    max_new_tokens: PositiveInt = 128
+    """Generated tokens per answer, both arms (greedy decoding, so arms differ by weights)."""
+    reason_tokens: int = Field(0, ge=0)
+    """Tokens of the judge's one-sentence reason (0: none, judging by label likelihood only)."""
+    bootstrap_samples: PositiveInt = 1000
+    """Bootstrap draws (users resampled with replacement) behind every 95% interval."""
+    batch_size: PositiveInt = 8
+    """Prompts per engine call."""
+
+
 class RunConfig(_Section):
     """One run of the pipeline."""
 
@@ -372,10 +413,10 @@ class RunConfig(_Section):
     """Where every stage writes its tables, manifests and summaries."""
     seed: int = 0
     stages: list[Literal["ingest", "followups", "personas", "rewrites", "reward_model",
-                         "rewards", "pairs", "train"]] = Field(
+                         "rewards", "pairs", "train", "evaluate"]] = Field(
         default_factory=lambda: ["ingest", "followups", "personas", "rewrites", "rewards",
                                  "pairs", "train"])
-    """Stages to run, in pipeline order (`reward_model` is optional)."""
+    """Stages to run, in pipeline order (`reward_model` and `evaluate` are optional)."""
     ingest: IngestConfig = IngestConfig()
     followups: FollowupsConfig = FollowupsConfig()
     personas: PersonasConfig = PersonasConfig()
@@ -385,6 +426,7 @@ class RunConfig(_Section):
     reward_model: RewardModelConfig = RewardModelConfig()
     train: TrainConfig = TrainConfig()
     online: OnlineConfig = OnlineConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     models: ModelsConfig = ModelsConfig()
     resources: ResourcesConfig = ResourcesConfig()
     serve: ServeConfig = ServeConfig()

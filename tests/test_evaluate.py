@@ -1,0 +1,233 @@
+"""Stage `evaluate`: reasoning scoring, judged win rates, the bootstrap over users, and the
+stage's outputs on a small hand-made run directory."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from actors.engines.base import Completion, SamplingParams
+from actors.models import ModelSpec
+from actors.policy_sampler import PolicySampler
+from pipelines import eval_stats as stats
+from pipelines.config import BenchmarkConfig, parse_config
+from pipelines.eval_reasoning import extract_gsm8k, gsm8k_gold, matches, read_jsonl
+from pipelines.evaluate import (Arms, EvalItem, benchmark_items, benchmark_path, judge_pairs,
+                                reasoning_block, run_evaluate, win_block)
+from pipelines.schema import CONVERSATIONS, PERSONAS, USERS
+from pipelines.stage import StageWriter
+
+CANDIDATE = re.compile(r'<candidate id="([AB])">\n(.*?)\n</candidate>', re.S)
+
+
+class ScriptedEngine:
+    """An engine that behaves a known way: `answer(last user message) -> text` for
+    generation, `prefer(text of A, text of B) -> "A" or "B"` for the judge's label scores."""
+
+    max_context_tokens = 100_000
+
+    def __init__(self, answer=lambda question: "an answer", prefer=lambda a, b: "A"):
+        self.answer, self.prefer = answer, prefer
+
+    def generate(self, prompts, params: SamplingParams):
+        return [[Completion(self.answer(p[-1]["content"]), 3, "stop")] * params.n for p in prompts]
+
+    def score_continuations(self, prompts, continuations):
+        out = []
+        for prompt in prompts:
+            shown = dict(CANDIDATE.findall(prompt[-1]["content"]))
+            better = self.prefer(shown["A"], shown["B"])
+            out.append([0.0 if label == better else -5.0 for label in ("A", "B")])
+        return out
+
+    def count_tokens(self, messages):
+        return sum(len(m["content"].split()) + 1 for m in messages)
+
+
+def scripted_arms(trained="TRAINED answer", base="base answer", prefer=lambda a, b: "A", policy=None):
+    trained_engine = ScriptedEngine(policy or (lambda q: trained))
+    base_engine = ScriptedEngine(policy or (lambda q: base))
+    return Arms(base=PolicySampler("base", engine=base_engine), trained=PolicySampler("trained", engine=trained_engine),
+                judge_spec=ModelSpec(id="scripted-judge"),
+                judge_engine=ScriptedEngine(prefer=prefer), params=SamplingParams(max_new_tokens=16),
+                batch_size=3, reason_tokens=0, persona_in_prompt=True)
+
+
+def user_items(n_users=4, per_user=2):
+    return [EvalItem(f"u{u}-{t}", f"u{u}", "first", [{"role": "user", "content": f"question {u} {t}"}], "likes cats")
+            for u in range(n_users) for t in range(per_user)]
+
+
+# --- reasoning ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, gold", [("#### 42", "42"), ("The answer is 1,234.", "1234"), ("$18", "18"),
+                                        ("So she makes 9 * 2 = 18 dollars.", "18")])
+def test_gsm8k_final_answers_are_extracted_and_match(text, gold):
+    assert matches(gold, extract_gsm8k(text), latex=False)
+
+
+def test_gsm8k_gold_is_the_number_after_the_hashes():
+    assert gsm8k_gold("She has 2 + 3 = 5\n#### 1,005") == "1005"
+
+
+@pytest.mark.parametrize("gold, answer, equal", [
+    ("\\frac{1}{2}", "so \\boxed{0.5}", True), ("0.5", "\\boxed{\\frac{1}{2}}", True),
+    ("\\sqrt{2}", "The answer is \\boxed{\\sqrt 2}", True), ("(1,2]", "\\boxed{\\left(1, 2\\right]}", True),
+    ("(1,2]", "\\boxed{[1,2]}", False), ("\\frac{1}{2}", "\\boxed{\\frac{1}{3}}", False)])
+def test_math500_answers_match_by_math_verify(gold, answer, equal):
+    assert matches(gold, answer, latex=True) is equal
+
+
+@pytest.mark.parametrize("kind", ["gsm8k", "math500"])
+def test_a_policy_returning_the_gold_answer_scores_100_percent(kind):
+    path = f"data/eval/{'gsm8k_test' if kind == 'gsm8k' else 'math500_test'}.jsonl"
+    gold = {}
+    for row in read_jsonl(benchmark_path(path), ()):
+        question = row.get("question") or row["problem"]
+        gold[question] = (f"Step by step. The answer is {gsm8k_gold(row['answer'])}." if kind == "gsm8k"
+                          else f"Thus \\boxed{{{row['answer']}}}")
+    oracle = lambda prompt: gold[prompt.rsplit("\n\n", 1)[0]]
+    pairs = benchmark_items(kind, BenchmarkConfig(path=path, n=5, subset="sample"), seed=1)
+    block, rows = reasoning_block(scripted_arms(policy=oracle), kind, pairs, samples=200, seed=0, path=path)
+    assert block["trained"]["mean"] == block["base"]["mean"] == 1.0
+    assert len(rows) == 10 and all(r["correct"] for r in rows)
+
+
+# --- judged win rates ---------------------------------------------------------------------
+
+def test_a_judge_preferring_the_trained_answer_gives_a_win_rate_of_one():
+    arms = scripted_arms(prefer=lambda a, b: "A" if "TRAINED" in a else "B")
+    items = user_items()
+    rows = judge_pairs(arms, "usereval", "overall", items, arms.answer(arms.trained, items),
+                       arms.answer(arms.base, items))
+    block = win_block(rows, samples=200, seed=0)
+    assert block["win_rate"]["mean"] == 1.0 and block["loss"]["mean"] == 0.0
+    assert block["position_consistency"] == 1.0 and block["judge"] == "scripted-judge"
+
+
+def test_position_swapping_cancels_a_judge_that_always_prefers_a():
+    arms = scripted_arms(prefer=lambda a, b: "A")
+    items = user_items()
+    rows = judge_pairs(arms, "usereval", "overall", items, ["x"] * len(items), ["y"] * len(items))
+    block = win_block(rows, samples=200, seed=0)
+    assert {r.winner for r in rows} == {"tie"}
+    assert block["win_rate"]["mean"] == 0.5 and block["tie"]["mean"] == 1.0
+    assert block["position_consistency"] == 0.0
+
+
+def test_the_judge_prompt_carries_the_criterion():
+    seen = []
+    engine = ScriptedEngine()
+    engine.score_continuations = lambda prompts, c: seen.extend(prompts) or [[0.0, -1.0]] * len(prompts)
+    arms = scripted_arms()
+    arms.judge_engine = engine
+    judge_pairs(arms, "usereval", "personalization", user_items(1, 1), ["x"], ["y"])
+    assert "better fits this particular user" in seen[0][0]["content"]
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+def test_bootstrap_of_all_wins_is_one_to_one():
+    assert stats.bootstrap_users([1.0] * 12, [f"u{i % 4}" for i in range(12)], samples=200) == (1.0, 1.0)
+
+
+def test_bootstrap_over_users_covers_the_true_win_rate():
+    rng = np.random.default_rng(3)
+    users = [f"u{u}" for u in range(40) for _ in range(5)]
+    wins = (rng.random(len(users)) < 0.7).astype(float)
+    low, high = stats.bootstrap_users(wins, users, samples=500, seed=0)
+    assert low < 0.7 < high and high - low < 0.25
+
+
+def test_bootstrap_resamples_users_not_turns():
+    # Each user all wins or all losses: the turns are perfectly correlated within a user, so
+    # the interval must be as wide as with one turn per user (4 users), not 40 turns.
+    users = [f"u{u}" for u in range(4) for _ in range(10)]
+    wins = [1.0 if u in ("u0", "u1") else 0.0 for u in users]
+    low, high = stats.bootstrap_users(wins, users, samples=500, seed=0)
+    assert low <= 0.25 and high >= 0.75
+
+
+def test_length_control_recovers_one_half_when_length_explains_every_win():
+    rng = np.random.default_rng(0)
+    base = rng.integers(50, 150, size=400).astype(float)
+    trained = base * rng.uniform(0.8, 2.0, size=400)      # trained mostly longer
+    x = stats.relative_length_difference(trained, base)
+    wins = (rng.random(400) < 1 / (1 + np.exp(-4 * x))).astype(float)
+    users = [f"u{i % 80}" for i in range(400)]
+    result = stats.length_controlled(wins, trained, base, users, samples=100, seed=0)
+    assert wins.mean() > 0.7
+    assert abs(result["mean"] - 0.5) < 0.08 and result["ci_low"] < 0.5 < result["ci_high"]
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+def _write(folder, name, rows, schema):
+    (folder / name).mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / name / "part-0.parquet")
+
+
+@pytest.fixture
+def small_run(tmp_path, tiny_models):
+    """A run dir with 3 eval users (two conversations each, with follow-up turns), one train
+    user, their persona snapshots, and the tiny LM saved as the trained policy."""
+    t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    conversations, personas = [], []
+    for u, split in enumerate(["eval", "eval", "eval", "train"]):
+        for c in range(2):
+            when = t0 + timedelta(days=u * 10 + c)
+            turns = [{"role": "user", "content": f"Write a story {u} {c}"},
+                     {"role": "assistant", "content": "Once upon a time."},
+                     {"role": "user", "content": "Make it longer please."},
+                     {"role": "assistant", "content": "Once upon a long time."}]
+            conversations.append({"conversation_id": f"c{u}{c}", "user_id": f"user{u}", "timestamp": when,
+                                  "turns": [{**t, "timestamp": when} for t in turns]})
+            personas.append({"persona_id": f"p{u}{c}", "user_id": f"user{u}", "as_of": when - timedelta(hours=1),
+                             "persona": "" if c == 0 else f"user{u} likes stories", "serving": False})
+    users = [{"user_id": f"user{u}", "split": s} for u, s in enumerate(["eval", "eval", "eval", "train"])]
+    for stage, tables in (("ingest", [("conversations", conversations, CONVERSATIONS)]),
+                          ("personas", [("personas", personas, PERSONAS), ("users", users, USERS)])):
+        with StageWriter(tmp_path, stage) as writer:
+            for name, rows, schema in tables:
+                _write(writer.tmp, name, rows, schema)
+            writer.commit(config_hash="hand-made", inputs=[], counts={}, seed=0)
+    with StageWriter(tmp_path, "train") as writer:
+        shutil.copytree(tiny_models.causal_lm, writer.tmp / "model")
+        writer.commit(config_hash="hand-made", inputs=[], counts={}, seed=0)
+    return tmp_path
+
+
+def test_run_evaluate_writes_every_block_with_its_judge(small_run, tiny_models):
+    tiny = {"id": str(tiny_models.causal_lm), "engine": "transformers", "max_context_tokens": 1024}
+    config = parse_config({"run_dir": str(small_run), "models": {"policy": tiny, "judge": tiny},
+                           "evaluate": {"max_turns": 2, "max_new_tokens": 4, "bootstrap_samples": 50,
+                                        "gsm8k": {"path": "data/eval/gsm8k_test.jsonl", "n": 2},
+                                        "math500": {"path": "data/eval/math500_test.jsonl", "n": 1},
+                                        "arena_hard": {"path": "data/eval/arena-hard-v0.1_question.jsonl", "n": 1},
+                                        "judge_checks": 1}})
+    summary = run_evaluate(config)
+    out = small_run / "evaluate"
+    saved = json.loads((out / "summary.json").read_text())
+    assert (out / "manifest.json").is_file()
+    expected = {f"usereval_{k}_{c}_win" for k in ("first", "followup")
+                for c in ("personalization", "instruction_following", "overall")}
+    expected |= {"usereval_first_overall_win_lc", "usereval_followup_overall_win_lc", "gsm8k_base_acc",
+                 "gsm8k_trained_acc", "math500_base_acc", "math500_trained_acc", "arena_hard_overall_win",
+                 "judge_known_pair_accuracy"}
+    assert set(saved["arms"]) == expected
+    for arm in saved["arms"].values():
+        assert arm["ci_low"] <= arm["mean"] <= arm["ci_high"] and arm["judge"]
+    assert saved["arms"]["usereval_first_overall_win"]["judge"] == str(tiny_models.causal_lm)
+    assert saved["usereval"]["first"]["users"] == 2 and saved["usereval"]["followup"]["turns"] == 2
+    assert saved["policies"]["trained"] == str((small_run / "train" / "model").resolve())
+    judgements = [json.loads(line) for line in (out / "judgements.jsonl").read_text().splitlines()]
+    assert {j["judge"] for j in judgements} == {str(tiny_models.causal_lm)}
+    assert {j["block"] for j in judgements} == {"usereval", "arena_hard", "judge_check"}
+    assert len((out / "reasoning.jsonl").read_text().splitlines()) == 2 * (2 + 1)
+    assert summary["output"] == str(out)
