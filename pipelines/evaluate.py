@@ -22,19 +22,16 @@ Four blocks, each naming the judge (or scorer) behind its numbers:
 
 Generation and judging run in the driver process, batched by the engines: the stage is a
 few hundred prompts, and on a GPU one vLLM engine per model batches them better than a pool.
+What is asked (turns, benchmark items, known pairs) is built in pipelines/eval_items.py.
 Output: `<run_dir>/evaluate/summary.json` (with `arms` for the run report),
 `judgements.jsonl` (one row per comparison) and `reasoning.jsonl` (one row per answer).
 """
 from __future__ import annotations
 
 import json
-import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
-
-import pyarrow.parquet as pq
 
 from actors.engines import GenerationEngine, SamplingParams, make_engine
 from actors.judge import Judge
@@ -42,13 +39,12 @@ from actors.models import ModelSpec
 from actors.policy_sampler import PolicySampler
 from pipelines import eval_reasoning as reasoning
 from pipelines import eval_stats as stats
-from pipelines.config import BenchmarkConfig, RunConfig
-from pipelines.personas import turn_times
-from pipelines.rounds import attach_personas, policy_spec, round_dir, user_splits
+from pipelines.config import RunConfig
+from pipelines.eval_items import EvalItem, benchmark_items, benchmark_path, known_pairs, user_turns
+from pipelines.rounds import policy_spec, round_dir
 from pipelines.stage import StageWriter, fingerprint, require_stage
 
 STAGE = "evaluate"
-REPO = Path(__file__).resolve().parents[1]
 # Each completes the judge prompt's "decide which of two candidate answers ...".
 CRITERIA = {
     "personalization": "better fits this particular user: their persona, preferences, "
@@ -57,17 +53,6 @@ CRITERIA = {
                              "(what was asked, format, length and constraints)",
     "overall": None,   # the template's general criterion
 }
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    """One prompt both arms answer: a user turn, a benchmark problem or an Arena question."""
-
-    item_id: str
-    user_id: str           # the bootstrap's cluster: the user, or the item itself
-    kind: str              # "first", "followup", "gsm8k", "math500", "arena_hard"
-    context: list[dict[str, str]]
-    persona: str = ""      # the snapshot strictly before the turn ("" if none)
 
 
 @dataclass(frozen=True)
@@ -88,12 +73,6 @@ class Judgement:
 
 # --- inputs -------------------------------------------------------------------------------
 
-def benchmark_path(path: str) -> Path:
-    """A relative path is read from the working directory, else from the repository."""
-    candidate = Path(path)
-    return candidate if candidate.is_absolute() or candidate.exists() else REPO / path
-
-
 def last_train_round(config: RunConfig) -> int:
     """The last round whose train stage finished (online rounds first, then round 0)."""
     for k in range(config.online.rounds, -1, -1):
@@ -101,66 +80,6 @@ def last_train_round(config: RunConfig) -> int:
             return k
     require_stage(config.run_dir, "train")   # raises: say what to run
     return 0
-
-
-def user_turns(config: RunConfig) -> dict[str, list[EvalItem]]:
-    """Evaluation users' first and follow-up turns, at most `max_turns` of each, drawn
-    round-robin over users (seeded) so the bootstrap over users has as many users as it can."""
-    run_dir = Path(config.run_dir)
-    eval_users = {u for u, split in user_splits(run_dir).items() if split == "eval"}
-    conversations = pq.read_table(run_dir / "ingest" / "conversations",
-                                  columns=["conversation_id", "user_id", "timestamp", "turns"]).to_pylist()
-    found: dict[str, list[tuple[EvalItem, Any]]] = {"first": [], "followup": []}
-    for conv in conversations:
-        if conv["user_id"] not in eval_users:
-            continue
-        turns = conv["turns"] or []
-        for i, turn in enumerate(turns):
-            kind = "first" if i == 0 else "followup" if turns[i - 1]["role"] == "assistant" else None
-            if turn["role"] != "user" or kind is None:
-                continue
-            context = [{"role": t["role"], "content": t["content"] or ""} for t in turns[:i + 1]]
-            item = EvalItem(f"{conv['conversation_id']}:{i}", conv["user_id"], kind, context)
-            found[kind].append((item, turn_times(conv["timestamp"], turn)))
-    return {kind: _with_personas(_round_robin(rows, config.evaluate.max_turns, config.seed), run_dir)
-            for kind, rows in found.items()}
-
-
-def _round_robin(rows: list[tuple[EvalItem, Any]], n: int, seed: int) -> list[tuple[EvalItem, Any]]:
-    rng = random.Random(seed)
-    by_user: dict[str, list] = {}
-    for row in sorted(rows, key=lambda r: r[0].item_id):
-        by_user.setdefault(row[0].user_id, []).append(row)
-    queues = [by_user[u] for u in sorted(by_user)]
-    rng.shuffle(queues)
-    for queue in queues:
-        rng.shuffle(queue)
-    picked = []
-    while len(picked) < n and any(queues):
-        picked += [queue.pop() for queue in queues if queue][:n - len(picked)]
-    return picked
-
-
-def _with_personas(rows: list[tuple[EvalItem, Any]], run_dir: Path) -> list[EvalItem]:
-    import pandas as pd
-
-    if not rows:
-        return []
-    frame = pd.DataFrame({"user_id": [r[0].user_id for r in rows], "time": [r[1] for r in rows]})
-    personas = attach_personas(frame, run_dir, user_agnostic=False)["persona"]
-    return [EvalItem(**{**asdict(item), "persona": persona}) for (item, _), persona in zip(rows, personas)]
-
-
-def benchmark_items(kind: str, bench: BenchmarkConfig, seed: int) -> list[tuple[EvalItem, Any]]:
-    """(item, problem) pairs of one benchmark: problems for reasoning, None for Arena."""
-    path = benchmark_path(bench.path)
-    if kind == "arena_hard":
-        rows = reasoning.select(reasoning.read_jsonl(path, ("uid", "prompt")), bench.n, bench.subset, seed)
-        return [(EvalItem(row["uid"], row["uid"], kind, [{"role": "user", "content": row["prompt"]}]), None)
-                for _, row in rows]
-    load = reasoning.load_gsm8k if kind == "gsm8k" else reasoning.load_math500
-    return [(EvalItem(p.item_id, p.item_id, kind, [{"role": "user", "content": p.prompt}]), p)
-            for p in load(path, bench.n, bench.subset, seed)]
 
 
 # --- the two arms -------------------------------------------------------------------------
@@ -295,31 +214,6 @@ def reasoning_block(arms: Arms, kind: str, pairs: Sequence[tuple[EvalItem, Any]]
                          "extracted": extracted, "correct": ok, "answer": answer})
         block[arm] = stats.summarize(correct, [i.item_id for i in items], samples=samples, seed=seed)
     return block, rows
-
-
-def known_pairs(bench: BenchmarkConfig, n: int, seed: int) -> list[tuple[EvalItem, str, str]]:
-    """(item, better, worse) pairs with a known answer, from GSM8K's first `n` solutions:
-    the gold solution against a wrong final number, and against its words shuffled and cut."""
-    rows = reasoning.read_jsonl(benchmark_path(bench.path), ("question", "answer"))[:n]
-    rng, pairs = random.Random(seed), []
-    for i, row in enumerate(rows):
-        body, gold = row["answer"].rsplit("####", 1)
-        body = re.sub(r"<<[^>]*>>", "", body).strip()
-        good = f"{body}\nThe answer is {gold.strip()}."
-        wrong = f"{body}\nThe answer is {_wrong_number(reasoning.gsm8k_gold(row['answer']))}."
-        shuffled = good.split()
-        rng.shuffle(shuffled)
-        context = [{"role": "user", "content": row["question"]}]
-        pairs.append((EvalItem(f"gsm8k-{i}", f"gsm8k-{i}", "wrong_final", context), good, wrong))
-        pairs.append((EvalItem(f"gsm8k-{i}", f"gsm8k-{i}", "scrambled", context), good,
-                      " ".join(shuffled[:max(1, len(shuffled) // 2)])))
-    return pairs
-
-
-def _wrong_number(gold: str) -> str:
-    value = float(gold)
-    wrong = value * 2 + 3
-    return str(int(wrong)) if wrong.is_integer() else f"{wrong:g}"
 
 
 def judge_quality(arms: Arms, config: RunConfig, judged: Sequence[Judgement]) -> tuple[dict[str, Any], list[Judgement]]:

@@ -18,7 +18,8 @@ from actors.policy_sampler import PolicySampler
 from pipelines import eval_stats as stats
 from pipelines.config import BenchmarkConfig, parse_config
 from pipelines.eval_reasoning import extract_gsm8k, gsm8k_gold, matches, read_jsonl
-from pipelines.evaluate import (Arms, EvalItem, benchmark_items, benchmark_path, judge_pairs,
+from pipelines.eval_items import EvalItem, benchmark_items, benchmark_path
+from pipelines.evaluate import (Arms, judge_pairs,
                                 reasoning_block, run_evaluate, win_block)
 from pipelines.schema import CONVERSATIONS, PERSONAS, USERS
 from pipelines.stage import StageWriter
