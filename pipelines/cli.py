@@ -2,6 +2,7 @@
 
     rlhi ingest --input PATH [PATH ...] --out RUN_DIR [--config FILE] [--json]
     rlhi run --config FILE [--out RUN_DIR] [--from STEP | --only STEP] [--dry-run] [--json]
+    rlhi eval --config FILE [--run-dir RUN_DIR] [--json]
     rlhi report --run-dir RUN_DIR [--json]
     rlhi forget --run-dir RUN_DIR --user ID [--json]
     rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--json]
@@ -106,6 +107,18 @@ def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.driver import evaluate_lines
+    from pipelines.evaluate import run_evaluate
+    from pipelines.runtime import start_ray
+
+    config = load_config(args.config, {"run_dir": args.run_dir} if args.run_dir else {})
+    start_ray(config.resources)
+    summary = run_evaluate(config)
+    print("\n".join(evaluate_lines(summary)))
+    return summary
+
+
 def cmd_eval_followups(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.followup_eval import evaluate_backend, format_report
 
@@ -171,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--user", required=True, metavar="ID", help="the user_id as in the run's tables")
     forget.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     forget.set_defaults(handler=cmd_forget)
+
+    evaluate = commands.add_parser("eval", help="evaluate a run's trained policy against the base (UserEval, reasoning, Arena-Hard)")
+    evaluate.add_argument("--config", required=True, metavar="FILE", help="run configuration (its evaluate and models sections)")
+    evaluate.add_argument("--run-dir", metavar="RUN_DIR", help="run directory (overrides run_dir in the config)")
+    evaluate.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    evaluate.set_defaults(handler=cmd_eval)
 
     evalf = commands.add_parser("eval-followups", help="score a follow-up classifier backend against gold labels")
     evalf.add_argument("--input", required=True, metavar="CONVERSATIONS",

@@ -27,6 +27,7 @@ ROUND_STAGES = ("rewrites", "rewards", "pairs", "train")
 
 def stage_runners() -> dict[str, Callable[..., dict[str, Any]]]:
     """Stage name -> runner(config[, round_index]); imported lazily (some pull in torch)."""
+    from pipelines.evaluate import run_evaluate
     from pipelines.followups import run_followups
     from pipelines.ingest import run_ingest
     from pipelines.pairs import run_pairs
@@ -38,14 +39,17 @@ def stage_runners() -> dict[str, Callable[..., dict[str, Any]]]:
 
     return {"ingest": run_ingest, "followups": run_followups, "personas": run_personas,
             "rewrites": run_rewrites, "reward_model": run_reward_model, "rewards": run_rewards,
-            "pairs": run_pairs, "train": run_train}
+            "pairs": run_pairs, "train": run_train, "evaluate": run_evaluate}
 
 
 def plan(config: RunConfig) -> list[tuple[int, str]]:
-    """(round, stage) in the order they run."""
-    steps = [(0, stage) for stage in config.stages]
+    """(round, stage) in the order they run; evaluate comes last, after the online rounds,
+    so it judges the newest policy."""
+    steps = [(0, stage) for stage in config.stages if stage != "evaluate"]
     for k in range(1, config.online.rounds + 1):
         steps += [(k, stage) for stage in config.online.stages]
+    if "evaluate" in config.stages:
+        steps.append((0, "evaluate"))
     return steps
 
 
@@ -69,6 +73,14 @@ def ingest_lines(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def evaluate_lines(summary: dict[str, Any]) -> list[str]:
+    arms = summary.get("arms", {})
+    lines = [f"evaluate: judge {summary.get('judge', {}).get('id')}"]
+    lines += [f"  {name}: {arm['mean']:.3f} [{arm['ci_low']:.3f}, {arm['ci_high']:.3f}]"
+              for name, arm in arms.items() if arm.get("mean") is not None]
+    return lines
+
+
 def stage_line(name: str, summary: dict[str, Any]) -> str:
     shown = {k: v for k, v in summary.items()
              if k not in ("output", "backend", "policy", "pairs_per_epoch", "checkpoints")
@@ -86,6 +98,7 @@ STAGE_SETTINGS = {
     "rewards": ["rewards", "ablation", "models.policy", "models.reward", "serve.reward"],
     "pairs": ["train.sources", "ablation"],
     "train": ["train", "models.policy"],
+    "evaluate": ["evaluate", "ablation", "models.policy", "models.judge"],
 }
 
 
@@ -184,6 +197,7 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
         results[name] = {"status": "ran", "seconds": seconds, "counts": summary, "output": output}
         export_stage_metrics(stage, round_index, summary)
         lines = ingest_lines({**summary, "output": output}) if stage == "ingest" \
+            else evaluate_lines(summary) if stage == "evaluate" \
             else [stage_line(name, {**summary, "output": output})]
         print("\n".join(lines) + f"\n[{name}] done in {seconds:.1f} s", flush=True)
     out: dict[str, Any] = {"run_dir": str(Path(config.run_dir).resolve()), "report": None, "stages": results}

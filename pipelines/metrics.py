@@ -39,7 +39,7 @@ def export_stage_metrics(stage: str, round_index: int, summary: dict[str, Any]) 
             if _number(count):
                 counters["labels"].inc(count, tags={"label": label})
     if stage == "pairs":
-        for source, splits in (summary.get("pairs") or {}).items():
+        for source, splits in (summary.get("by_source") or {}).items():
             for split, count in (splits.items() if isinstance(splits, dict) else []):
                 if _number(count):
                     counters["pairs"].inc(count, tags={"round": str(round_index), "source": source, "split": split})
