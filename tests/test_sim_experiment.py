@@ -1,0 +1,75 @@
+"""The simulated-user experiment: statistics, arm bookkeeping, and the quick run's effect."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import parse_config
+from pipelines.sim.arms import bootstrap_mean, paired_difference
+from pipelines.sim.experiment import ABLATIONS, ARMS, QUICK, pipeline_config, summarize
+
+
+def test_bootstrap_interval_brackets_the_mean_and_repeats_with_the_seed():
+    values = [0.2, 0.4, 0.5, 0.6, 0.9, 1.0]
+    iv = bootstrap_mean(values, seed=1)
+    assert iv.ci_low <= iv.mean <= iv.ci_high
+    assert iv.mean == pytest.approx(sum(values) / len(values))
+    assert bootstrap_mean(values, seed=1) == iv
+
+
+def test_constant_values_have_a_zero_width_interval():
+    iv = bootstrap_mean([0.5] * 8, seed=0)
+    assert (iv.ci_low, iv.mean, iv.ci_high) == pytest.approx((0.5, 0.5, 0.5))
+
+
+def test_paired_difference_removes_the_shared_user_effect():
+    # Users differ a lot, but arm a beats arm b by exactly 0.1 on every user: paired, the
+    # interval is exactly 0.1 wide of nothing; unpaired it would straddle zero.
+    b = {f"u{i}": i / 10 for i in range(10)}
+    a = {u: s + 0.1 for u, s in b.items()}
+    iv = paired_difference(a, b, seed=0)
+    assert (iv.ci_low, iv.mean, iv.ci_high) == pytest.approx((0.1, 0.1, 0.1))
+
+
+def test_paired_difference_uses_only_users_both_arms_scored():
+    iv = paired_difference({"u1": 1.0, "u2": 0.0}, {"u1": 0.5}, seed=0)
+    assert iv.mean == pytest.approx(0.5)
+
+
+def test_summary_reports_every_arm_and_both_differences():
+    scores = {arm: {f"u{i}": (i % 3) / 3 for i in range(6)} for arm in ARMS}
+    result = summarize(scores, seed=0)
+    assert set(result["arms"]) == set(ARMS)
+    for key in ("rlhi_minus_base", "persona_minus_agnostic"):
+        assert set(result[key]) == {"mean", "ci_low", "ci_high"}
+    json.dumps(result)
+
+
+@pytest.mark.parametrize("variant", sorted(ABLATIONS))
+def test_every_pipeline_variant_reads_only_the_logs(variant, tmp_path):
+    logs = tmp_path / "sim" / "logs"
+    config = parse_config(pipeline_config(tmp_path / "run", logs, "model-folder", QUICK, 0, ABLATIONS[variant]))
+    assert [Path(p) for p in config.ingest.inputs] == [logs]
+    dumped = json.dumps(config.model_dump(mode="json"))
+    assert "profiles.jsonl" not in dumped and "followup_labels" not in dumped
+
+
+def test_ablations_differ_from_rlhi_only_in_their_switch(tmp_path):
+    configs = {name: parse_config(pipeline_config(tmp_path, tmp_path / "logs", "m", QUICK, 0, ab))
+               for name, ab in ABLATIONS.items()}
+    assert configs["user_agnostic"].ablation.user_agnostic and not configs["rlhi"].ablation.user_agnostic
+    assert configs["from_scratch"].ablation.rewrites_from_scratch
+    for name in ("user_agnostic", "from_scratch"):
+        assert configs[name].model_dump(exclude={"ablation"}) == configs["rlhi"].model_dump(exclude={"ablation"})
+
+
+@pytest.mark.slow
+def test_quick_experiment_rlhi_beats_base(ray_session, tmp_path):
+    from pipelines.sim.experiment import run_experiment
+
+    result = run_experiment(quick=True, seed=0, out=tmp_path / "exp", log=lambda s: None)
+    assert set(result["arms"]) == set(ARMS)
+    assert (tmp_path / "exp" / "results.png").is_file() and (tmp_path / "exp" / "results.md").is_file()
+    assert result["rlhi_minus_base"]["ci_low"] > 0, result
