@@ -75,3 +75,22 @@ def pipeline_run(ray_session, tmp_path_factory):
                            "resources": {"progress_bars": False},
                            "stages": ["ingest", "followups", "personas"]})
     return run_dir, run_stages(config)
+
+
+@pytest.fixture(scope="session")
+def rewards_run(pipeline_run, tiny_models, tmp_path_factory):
+    """The rewards stage on tiny models, on a copy of `pipeline_run` (shared by
+    test_rewards.py and test_pairs.py; tests that write copy it first): (config, summary)."""
+    import shutil
+
+    from pipelines.config import parse_config
+    from pipelines.rewards import run_rewards
+
+    source, _ = pipeline_run
+    run_dir = tmp_path_factory.mktemp("rewards-run") / "run"
+    shutil.copytree(source, run_dir)
+    tiny = {"id": str(tiny_models.causal_lm), "max_new_tokens": 8, "max_context_tokens": 512}
+    config = parse_config({"run_dir": str(run_dir), "resources": {"progress_bars": False},
+                           "models": {"policy": tiny, "reward": tiny},
+                           "rewards": {"n": 3, "max_prompts": 12, "batch_size": 6, "min_z": 0}})
+    return config, run_rewards(config)

@@ -11,7 +11,6 @@ import pytest
 
 from pipelines.config import parse_config
 from pipelines.pairs import EVAL_DATA, PairError, check_not_eval_data, check_pair, reward_pairs, run_pairs
-from pipelines.rewards import run_rewards
 from pipelines.rounds import user_splits
 from pipelines.schema import PAIRS, REWRITES, SAMPLES, check_schema
 from pipelines.stage import StageWriter
@@ -79,17 +78,10 @@ def test_a_reward_pair_is_the_best_candidate_against_the_worst():
 # --- the stage ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def rewarded_run(pipeline_run, tiny_models, tmp_path_factory):
-    """A copy of the shared pipeline run with the rewards stage run on tiny models."""
-    source, _ = pipeline_run
-    run_dir = tmp_path_factory.mktemp("pairs-run") / "run"
-    shutil.copytree(source, run_dir)
-    tiny = {"id": str(tiny_models.causal_lm), "max_new_tokens": 8, "max_context_tokens": 512}
-    config = parse_config({"run_dir": str(run_dir), "resources": {"progress_bars": False},
-                           "models": {"policy": tiny, "reward": tiny},
-                           "rewards": {"n": 3, "max_prompts": 12, "batch_size": 6, "min_z": 0}})
-    run_rewards(config)
-    return run_dir
+def rewarded_run(rewards_run):
+    """The session's rewards run (conftest.py); tests copy it before writing."""
+    config, _ = rewards_run
+    return Path(config.run_dir)
 
 
 def copy_run(source, tmp_path, **overrides):

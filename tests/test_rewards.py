@@ -198,17 +198,7 @@ def test_sample_and_score_keeps_every_candidate_and_gives_the_reward_model_the_p
 
 # --- the stage on Ray ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def rewards_run(pipeline_run, tiny_models, tmp_path_factory):
-    """run_rewards on a copy of the shared pipeline run (the fixture is never modified)."""
-    source, _ = pipeline_run
-    run_dir = tmp_path_factory.mktemp("rewards-run") / "run"
-    shutil.copytree(source, run_dir)
-    tiny = {"id": str(tiny_models.causal_lm), "max_new_tokens": 8, "max_context_tokens": 512}
-    config = parse_config({"run_dir": str(run_dir), "resources": {"progress_bars": False},
-                           "models": {"policy": tiny, "reward": tiny},
-                           "rewards": {"n": 3, "max_prompts": 12, "batch_size": 4}})
-    return config, run_rewards(config)
+# `rewards_run`: a session fixture in conftest.py (test_pairs.py builds on the same run).
 
 
 def test_run_rewards_accounts_for_every_prompt_and_stores_all_candidates(rewards_run):
