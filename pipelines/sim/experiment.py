@@ -29,7 +29,7 @@ from typing import Any, Callable
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.sim.arms import Arm, EvalUser, Interval, bootstrap_mean, evaluate_arm, paired_difference, sft_rows, train_sft
+from pipelines.sim.arms import Arm, EvalUser, bootstrap_mean, evaluate_arm, paired_difference, sft_rows, train_sft
 from pipelines.sim.profiles import Profile
 
 ARMS = ("base", "base_persona", "sft", "rlhi", "user_agnostic", "from_scratch")
