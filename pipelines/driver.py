@@ -156,7 +156,7 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
     from pipelines.forget import reapply_forgets
     from pipelines.metrics import export_stage_metrics
     from pipelines.runtime import start_ray
-    from pipelines.stage import RUN_KEY, read_manifest
+    from pipelines.stage import RUN_KEY, STEP_STARTED, read_manifest
 
     steps = select_steps(config, start, only)
     if any(stage == "ingest" for _, stage, mode in steps if mode != "keep"):
@@ -184,12 +184,13 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
         dirty = True
         print(f"[{name}] starting", flush=True)
         started = time.time()
-        token = RUN_KEY.set(key)
+        token, clock = RUN_KEY.set(key), STEP_STARTED.set(started)
         try:
             runner = runners[stage]
             summary = runner(config, round_index) if stage in ROUND_STAGES else runner(config)
         finally:
             RUN_KEY.reset(token)
+            STEP_STARTED.reset(clock)
         output = summary.pop("output", None)
         if output and (removed := reapply_forgets(Path(config.run_dir), Path(output))):
             print(f"[{name}] removed {removed} rows of users forgotten earlier (forget.jsonl)", flush=True)

@@ -38,6 +38,7 @@ from pipelines.stage import MANIFEST  # noqa: E402
 
 REPORT_DIR = "report"
 RUN_STAGES = ("ingest", "followups", "personas", "rewrites", "reward_model", "rewards", "pairs", "train")
+LAST_STAGES = ("evaluate",)  # after the online rounds
 ROUND_STAGES = ("rewrites", "rewards", "pairs", "train")
 NOT_RUN = "_not run_"
 
@@ -83,6 +84,7 @@ class Run:
         steps = [(stage, self.dir / stage) for stage in RUN_STAGES]
         for k, folder in self.rounds[1:]:
             steps += [(f"round-{k}/{stage}", folder / stage) for stage in ROUND_STAGES]
+        steps += [(stage, self.dir / stage) for stage in LAST_STAGES]
         return steps
 
     def manifest(self, folder: Path) -> dict[str, Any] | None:
@@ -161,9 +163,14 @@ def stage_table(run: Run) -> list[str]:
                           for k in keys if counts.get(k) is not None)
         if manifest and manifest.get("forgotten_users"):
             shown += f" (counts before {manifest['forgotten_users']} forgotten user(s))"
-        rows.append([step, stage_status(run, step, manifest), manifest and manifest.get("seconds"), shown])
-        if manifest and manifest.get("seconds") is not None:
-            seconds[step] = manifest["seconds"]
+        # The driver's wall time of the step when it ran now (a stage's manifest times only
+        # its own writer block); otherwise the manifest's.
+        given = run.results.get(step)
+        took = given["seconds"] if isinstance(given, dict) and given.get("status") == "ran" \
+            and isinstance(given.get("seconds"), (int, float)) else manifest and manifest.get("seconds")
+        rows.append([step, stage_status(run, step, manifest), took, shown])
+        if took is not None:
+            seconds[step] = took
     lines = ["## Stages", "", *markdown_table(["stage", "status", "seconds", "key counts"], rows)]
     if seconds:
         fig, ax = plt.subplots(figsize=(7, 0.4 * len(seconds) + 1.5))

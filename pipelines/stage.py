@@ -29,6 +29,9 @@ MANIFEST = "manifest.json"
 # The driver's key for the stage being run (pipelines/driver.py): recorded in the manifest so
 # a rerun can tell that this output came from the same settings and upstream outputs.
 RUN_KEY: ContextVar[str | None] = ContextVar("rlhi_run_key", default=None)
+# When the driver started the step: a stage's own work may begin before its writer opens,
+# and the manifest's `seconds` should be the step's wall time.
+STEP_STARTED: ContextVar[float | None] = ContextVar("rlhi_step_started", default=None)
 _PACKAGES = ("actors", "pipelines", "serve")
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -125,6 +128,7 @@ class StageWriter:
                upstream: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Write the manifest, then move the finished folder into place. `upstream` maps
         the stages read to their manifests; each is recorded by its config hash and start."""
+        started = min(self.started, STEP_STARTED.get() or self.started)
         manifest = {
             "stage": self.name,
             "config_hash": config_hash,
@@ -134,8 +138,8 @@ class StageWriter:
             "code_version": code_version(),
             "seed": seed,
             "counts": counts,
-            "started_at": datetime.fromtimestamp(self.started, timezone.utc).isoformat(),
-            "seconds": round(time.time() - self.started, 3),
+            "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+            "seconds": round(time.time() - started, 3),
             "python": platform.python_version(),
             "run_key": RUN_KEY.get(),
         }
