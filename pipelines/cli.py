@@ -8,6 +8,7 @@
     rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--json]
     rlhi serve --config FILE [--port N]
     rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--json]
+    rlhi sim run [--quick] [--users N] [--seed S] [--out DIR] [--json]
 
 Every command prints a human summary; with --json its last stdout line is one JSON object.
 Errors in the configuration or the inputs exit with status 2 and one message naming the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, get_args
 
 from pipelines.config import InputFormat, RunConfig, UserKey, load_config, parse_config
@@ -218,10 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="policy: Hub id, folder or smollm2-135m-instruct (default: the warm-start policy)")
     simgen.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     simgen.set_defaults(handler=cmd_sim_generate)
+    sim_commands.add_parser(   # dispatched in main() to pipelines/sim/experiment.py
+        "run", help="the experiment: RLHI vs base, SFT and ablations on held-out simulated users "
+                    "(rlhi sim run --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["sim", "run"]:  # the experiment has its own options (pipelines/sim/experiment.py)
+        from pipelines.sim.experiment import main as experiment_main
+
+        return experiment_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         result = args.handler(args)

@@ -10,7 +10,6 @@ import pytest
 
 from actors.engines.base import Completion
 from actors.judge import Judge
-from actors.models import ModelSpec
 from actors.policy_sampler import PolicySampler
 from actors.prompts import base_system_prompt
 from actors.rewriter import Rewriter
