@@ -331,7 +331,7 @@ def evaluation_section(run: Run) -> list[str]:
     lines = ["## Evaluation", ""]
     summary = read_json(run.dir / "evaluate" / "summary.json")
     if summary is None:
-        return lines + ["_not run: evaluation arrives with the evaluate stage (issue 8/8)._", ""]
+        return lines + ["_not run: add `evaluate` to the config's stages, or run `rlhi eval`._", ""]
     arms = summary.get("arms") or {}
     if not arms:
         return lines + ["`evaluate/summary.json` has no `arms`.", ""]

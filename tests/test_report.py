@@ -64,7 +64,7 @@ def test_report_of_a_run_with_only_ingest_says_not_run_for_the_rest(tmp_path):
 
 def test_report_says_evaluation_arrives_with_the_evaluate_stage(tmp_path):
     markdown = write_report(build_run(tmp_path / "run")).read_text()
-    assert "evaluation arrives with the evaluate stage (issue 8/8)" in section(markdown, "Evaluation")
+    assert "_not run: add `evaluate`" in section(markdown, "Evaluation")
 
 
 def test_report_shows_evaluation_win_rates_with_intervals(tmp_path):
