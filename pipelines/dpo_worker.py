@@ -9,7 +9,7 @@ transformers Trainer restores weights, optimizer, scheduler and its place in the
 
 The ledger: each optimizer step appends the pair indices every rank trained on to
 `<storage>/ledger/rank-<r>.jsonl`. A resumed attempt redoes the steps after its checkpoint,
-so the latest record of a step wins; `read_ledger` then shows whether every pair was seen
+so the latest attempt's records of a step win; `read_ledger` then shows whether every pair was seen
 exactly once per epoch (the fault test checks this).
 """
 from __future__ import annotations
@@ -250,7 +250,7 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     trainer = build_dpo_trainer(job, rank, world, callbacks=[_report_callback(rank, world)])
     tokenizer, eval_set = trainer.processing_class, trainer.eval_dataset
     if job.get("fail_at_step") is not None:
-        trainer.add_callback(_FailOnce(int(job["fail_at_step"]), storage / "failed-once"))
+        trainer.add_callback(_fail_once(int(job["fail_at_step"]), storage / "failed-once"))
 
     checkpoint = ray.train.get_checkpoint()
     resumed_from = _checkpoint_step(checkpoint)  # before training: old checkpoints get pruned
@@ -286,23 +286,21 @@ def _checkpoint_step(checkpoint) -> int | None:
     return int(state["global_step"])
 
 
-class _FailOnce:
+def _fail_once(step: int, marker: Path):
     """Test hook: the worker process dies at a step, once per run (a marker file remembers)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, step: int, marker: Path):
-        from transformers import TrainerCallback
+    class FailOnce(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step and not marker.exists():
+                marker.write_text(str(step))
+                # A crash well after the last checkpoint: Ray Train's controller polls
+                # workers for reports, and a report still unread when a worker dies
+                # is lost (the retry would then start from an older checkpoint).
+                time.sleep(3)
+                os._exit(1)
 
-        class FailOnce(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == step and not marker.exists():
-                    marker.write_text(str(step))
-                    # A crash well after the last checkpoint: Ray Train's controller polls
-                    # workers for reports, and a report still unread when a worker dies
-                    # is lost (the retry would then start from an older checkpoint).
-                    time.sleep(3)
-                    os._exit(1)
-
-        return FailOnce()
+    return FailOnce()
 
 
 def read_ledger(storage: Path | str) -> list[dict[str, Any]]:

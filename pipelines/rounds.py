@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.models import ModelSpec
@@ -57,10 +56,6 @@ def user_splits(run_dir: Path | str) -> dict[str, str]:
     """user_id -> "train" or "eval" (the personas stage's split by user)."""
     users = pq.read_table(Path(run_dir) / "personas" / "users", columns=["user_id", "split"])
     return dict(zip(users.column("user_id").to_pylist(), users.column("split").to_pylist()))
-
-
-def empty(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
 
 
 def actor_gpus(*specs: ModelSpec | dict | None) -> float:
