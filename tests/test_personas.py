@@ -100,3 +100,34 @@ def test_the_extractive_persona_reports_tasks_topics_and_stated_preferences():
 def test_stated_preferences_read_several_languages():
     assert stated_preferences(["Answer in French please"]) == ["wants answers in French"]
     assert stated_preferences(["слишком длинно, короче"]) == ["prefers shorter answers"]
+
+
+def test_stated_preferences_read_negation_and_what_the_answer_was():
+    assert stated_preferences(["no need for examples"]) == ["does not want examples"]
+    assert stated_preferences(["don't use bullet points"]) == ["prefers plain paragraphs over lists"]
+    assert stated_preferences(["This has no examples; I need an example."]) == ["asks for examples"]
+    assert stated_preferences(["Hmm, I was after bullet points, and this is paragraphs."]) == [
+        "likes structured answers (lists, tables, steps)"]
+    assert stated_preferences(["and don't end on a question"]) == [
+        "does not want answers to end with a question"]
+    assert stated_preferences(["not too long and not too short"]) == ["prefers medium-length answers"]
+
+
+def test_stated_preferences_keep_one_value_per_dimension():
+    # Named most often wins; on a tie the latest statement wins.
+    assert stated_preferences(["as bullet points please", "no lists", "without bullets"]) == [
+        "prefers plain paragraphs over lists"]
+    assert stated_preferences(["no lists", "bullets please"]) == [
+        "likes structured answers (lists, tables, steps)"]
+    both = stated_preferences(["shorter please", "more formal", "shorter!"])
+    assert both == ["prefers shorter answers", "wants a formal tone"]
+
+
+def test_feedback_turns_state_preferences_but_are_not_topics():
+    history = [{"language": "English", "feedback": ["Skip the examples please"],
+                "turns": [{"role": "user", "content": "Explain photosynthesis to me"},
+                          {"role": "assistant", "content": "Plants use light."},
+                          {"role": "user", "content": "Skip the examples please"}]}]
+    persona = extractive_persona(history)
+    assert persona.splitlines()[0] == "Stated preferences: does not want examples"
+    assert "skip" not in persona.lower().split("topics:")[1]
