@@ -9,6 +9,7 @@
     rlhi serve --config FILE [--port N]
     rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--json]
     rlhi sim run [--quick] [--users N] [--seed S] [--out DIR] [--json]
+    rlhi sim diagnose [--model DIR] [--n N] [--seed S] [--json]
 
 Every command prints a human summary; with --json its last stdout line is one JSON object.
 Errors in the configuration or the inputs exit with status 2 and one message naming the
@@ -223,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim_commands.add_parser(   # dispatched in main() to pipelines/sim/experiment.py
         "run", help="the experiment: RLHI vs base, SFT and ablations on held-out simulated users "
                     "(rlhi sim run --help)")
+    sim_commands.add_parser(   # dispatched in main() to pipelines/sim/diagnose.py
+        "diagnose", help="does the simulation's model follow what its roles are told, against chance "
+                         "(rlhi sim diagnose --help)")
     return parser
 
 
@@ -232,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.sim.experiment import main as experiment_main
 
         return experiment_main(argv[2:])
+    if argv[:2] == ["sim", "diagnose"]:
+        from pipelines.sim.diagnose import main as diagnose_main
+
+        return diagnose_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         result = args.handler(args)

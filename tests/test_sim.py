@@ -138,9 +138,72 @@ def test_warmstart_data_covers_every_property_value():
 
     seen = {p: set() for p in PROPERTIES}
     for chat in sft_examples(96, random.Random(0)):
-        for prop, value in measure(chat[1]["content"]).items():
+        for prop, value in measure(chat[-1]["content"]).items():
             seen[prop].add(value)
     assert seen == {p: set(v) for p, v in PROPERTIES.items()}
+
+
+def test_warmstart_chats_are_the_policy_prompt_and_obey_the_constraint_phrase(monkeypatch):
+    from actors.prompts import base_system_prompt
+    from pipelines.sim import warmstart
+    from pipelines.sim.feedback import ASK
+
+    monkeypatch.setitem(warmstart.RECIPE, "constrained_share", 1.0)
+    rng = random.Random(3)
+    for _ in range(30):
+        values = {p: rng.choice(v) for p, v in PROPERTIES.items()}
+        system, user, target = warmstart.policy_example("cooking", "How do I cook rice?", values, rng)
+        assert system["role"] == "system" and system["content"].startswith(base_system_prompt())
+        asked = [(v, phrase) for v, phrases in ASK.items() for phrase in phrases
+                 if user["content"].endswith(f" {phrase}.")]
+        assert len(asked) == 1, user["content"]
+        assert asked[0][0] in measure(target["content"]).values()
+
+
+class FollowingEngine:
+    """Answers with the value a prompt asks for, wherever it asks (request phrase, feedback,
+    persona), read with the persona builder's own reader; `ignore=True` answers alike always."""
+
+    max_context_tokens = 4096
+
+    def __init__(self, ignore: bool = False):
+        self.ignore = ignore
+
+    def count_tokens(self, messages):
+        return sum(len(m["content"].split()) for m in messages)
+
+    def generate(self, prompts, params):
+        from actors.persona_extractive import DIMENSIONS, message_preferences
+        from pipelines.sim.warmstart import PERSONA_VALUES
+
+        to_prop = {(dim, name): (prop, value) for prop, (dim, names) in PERSONA_VALUES.items()
+                   for value, name in names.items()}
+        phrases = {phrase: (dim, name) for dim, names in DIMENSIONS.items() for name, phrase in names.items()}
+        out = []
+        for messages in prompts:
+            values = {"length": "medium", "format": "prose", "register": "formal",
+                      "example": "no_example", "ending": "statement"}
+            if not self.ignore:
+                system, text = messages[0]["content"], messages[-1]["content"]
+                asked = []
+                if "Stated preferences: " in system:
+                    line = system.split("Stated preferences: ")[1].split("\n")[0]
+                    asked += [phrases[p] for p in line.split("; ")]
+                if "<user_message>" in text:
+                    text = text.split("<user_message>")[1].split("</user_message>")[0]
+                asked += message_preferences(text)  # in text order: the request's last phrase wins
+                values |= dict(to_prop[a] for a in asked if a in to_prop)
+            out.append([Completion(write_answer("cooking", values, random.Random(0)), 50, "stop")])
+        return out
+
+
+def test_diagnose_tells_a_role_that_follows_from_one_that_ignores():
+    from pipelines.sim.diagnose import CHECKS, diagnose
+
+    following = diagnose(FollowingEngine(), n=22)
+    assert all(following[c]["followed"] == 1.0 for c in CHECKS), following
+    ignoring = diagnose(FollowingEngine(ignore=True), n=22)
+    assert all(ignoring[c]["followed_ratio"] == 1.0 for c in CHECKS), ignoring
 
 
 def test_warmstart_is_built_once_then_cached(monkeypatch, tmp_path):

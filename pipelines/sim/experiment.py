@@ -12,7 +12,9 @@ Top to bottom (Jin et al. 2025, sec. 4 in miniature, with a checkable ground tru
    "RL beats SFT" comparison), with TRL's SFTTrainer.
 4. Held-out users (the pipeline's eval split: no pair of theirs is trained on) ask new
    requests; every arm answers, the checker scores each answer against the hidden profile.
-5. A table with bootstrap intervals over users, a PNG plot and `results.json` in `--out`.
+5. A table with bootstrap intervals over users, a PNG plot and `results.json` in `--out`,
+   with `rlhi sim diagnose`'s figures for the warm-start (does each role act on what it is
+   told, against chance): where the rewriter's ratio is near 1, the rewrites carry no signal.
 
 Only step 4's checker reads `profiles.jsonl`; every arm sees what the pipeline built from logs.
 """
@@ -29,7 +31,16 @@ from typing import Any, Callable
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.sim.arms import Arm, EvalUser, bootstrap_mean, evaluate_arm, paired_difference, sft_rows, train_sft
+from pipelines.sim.arms import (
+    Arm,
+    EvalUser,
+    bootstrap_mean,
+    evaluate_arm,
+    paired_difference,
+    sft_rows,
+    train_sft,
+)
+from pipelines.sim.diagnose import CHECKS
 from pipelines.sim.profiles import Profile
 
 ARMS = ("base", "base_persona", "sft", "rlhi", "user_agnostic", "from_scratch")
@@ -59,11 +70,10 @@ class Sizes:
 
 # The quick run trains on rewrite pairs only: with the warm-start policy as judge, the reward
 # pairs' chosen answers satisfy the hidden profiles no better than their rejected ones
-# (checker +0.02 at 40 users, against +0.09 for rewrite pairs), so they add noise and minutes.
-# DPO at 1e-3 for 60 steps drove every trained arm to the same long bullet list whatever the
-# persona (final loss 5e-4): the quick run steps gently.
-QUICK = Sizes(users=40, max_followups=80, reward_prompts=32, dpo_steps=40, dpo_learning_rate=2e-4,
-              sft_learning_rate=2e-4, requests_per_user=6, train_sources=("rewrite",))
+# (checker +0.02 at 40 users), so they add noise and minutes. DPO at 1e-3 for 60 steps drove
+# every trained arm to the same long bullet list whatever the persona (final loss 5e-4).
+QUICK = Sizes(users=60, max_followups=120, reward_prompts=32, dpo_steps=60, dpo_learning_rate=5e-4,
+              sft_learning_rate=5e-4, requests_per_user=12, train_sources=("rewrite",))
 
 
 def pipeline_config(run_dir: Path, logs: Path, model: str, sizes: Sizes, seed: int,
@@ -74,14 +84,15 @@ def pipeline_config(run_dir: Path, logs: Path, model: str, sizes: Sizes, seed: i
     return {
         "run_dir": str(run_dir), "seed": seed, "ingest": {"inputs": [str(logs)]},
         "resources": {"progress_bars": False},
-        # The rewriter samples (T=1) rather than decodes greedily: a tiny policy's greedy
-        # rewrite of one request is nearly the same answer whatever the feedback said.
+        # The rewriter samples (T=0.7): greedy, a tiny model rewrites one request alike
+        # whatever the feedback said. `rlhi sim diagnose` measures whether it acts on it.
         "models": {"policy": spec, "judge": spec, "reward": spec, "persona": spec,
-                   "rewriter": spec | {"temperature": 1.0}},
+                   "rewriter": spec | {"temperature": 0.7}},
         "personas": {"eval_fraction": sizes.eval_fraction, "min_eval_users_with_history": 4},
         # The logged answer the user complained about is the rejected one: it is known to miss.
         "rewrites": {"rejected": "original", "max_followups": sizes.max_followups, "batch_size": 16,
-                     "filter": {"judge": False, "margin": 0.0}},
+                     # A fix from "short" (<= 40 words) to "long" (> 100) is a real rewrite here.
+                     "filter": {"judge": False, "margin": 0.0, "max_length_ratio": 8.0}},
         "rewards": {"n": sizes.reward_n, "max_prompts": sizes.reward_prompts, "batch_size": 16,
                     "min_z": 0.5},
         "train": {"sources": list(sizes.train_sources), "workers": 1,
@@ -166,6 +177,22 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def diagnose_roles(model: str, seed: int) -> dict[str, Any]:
+    """`rlhi sim diagnose` on the warm-start: whether policy, rewriter and persona-guided
+    policy act on what they are told, each against chance."""
+    from actors.engines import make_engine
+    from actors.models import ModelSpec
+    from pipelines.sim.diagnose import diagnose
+
+    return diagnose(make_engine(ModelSpec(id=model, engine="transformers", max_new_tokens=160, seed=seed,
+                                          batch_size=64)), n=110, seed=seed)
+
+
+def roles_line(roles: dict[str, Any]) -> str:
+    return "Roles of the warm-start, followed / chance (`rlhi sim diagnose`): " + ", ".join(
+        f"{c} {roles[c]['followed']:.2f} / {roles[c]['chance']:.2f}" for c in CHECKS)
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -209,6 +236,8 @@ def run_experiment(*, users: int | None = None, seed: int = 0, out: str | Path =
                       log=lambda s: None)
         (sim / "made.json").write_text(json.dumps(made))  # a rerun into `out` reuses the logs
         log(f"simulated {sizes.users} users: {time.perf_counter() - t1:.0f}s")
+    roles = diagnose_roles(base_model, seed)
+    log("roles (followed / chance): " + ", ".join(f"{c} {roles[c]['followed_ratio']:.2f}" for c in CHECKS))
     runs = run_variants(out, sim / "logs", base_model, sizes, seed, log)
     arms = build_arms(out, runs, base_model, sizes, seed)
     held_out = eval_users(runs["rlhi"], sim / "profiles.jsonl")
@@ -217,10 +246,10 @@ def run_experiment(*, users: int | None = None, seed: int = 0, out: str | Path =
                                      max_new_tokens=sizes.max_new_tokens, log=log) for arm in arms}
     result = summarize(scores, seed) | {
         "users": {"total": sizes.users, "held_out": len(held_out)}, "seed": seed,
-        "seconds": round(time.perf_counter() - t0, 1), "sizes": asdict(sizes),
+        "seconds": round(time.perf_counter() - t0, 1), "sizes": asdict(sizes), "roles": roles,
         "per_user": scores}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "results.md").write_text(markdown_table(result) + "\n")
+    (out / "results.md").write_text(markdown_table(result) + "\n\n" + roles_line(roles) + "\n")
     plot(result, out / "results.png")
     return result
 

@@ -1,14 +1,24 @@
-"""The warm-start policy for CPU experiments: a tiny Llama briefly fine-tuned (SFT) on
-synthetic answers that cover every property value.
+"""The warm-start policy for CPU experiments: a tiny Llama fine-tuned (SFT) on synthetic
+answers that cover every property value, in the policy prompt the pipeline samples with
+(base system prompt, persona block if any, request; rendered by `actors.prompts`).
 
-Half of the SFT requests carry one constraint phrase (`feedback.ASK`) and their answers obey
-it, so the policy learns a little instruction following that feedback can exploit; the other
-half get answers with uniformly random property values, so its unconstrained answers vary
-along every property. A plain torch loop (one file, top to bottom) rather than a trainer:
-the model is a few hundred thousand parameters and trains in well under a minute.
+Half of the requests carry one constraint phrase (`feedback.ASK`) and their answers obey
+it, so the policy learns some instruction following that feedback can exploit; the other
+answers get uniformly random property values, so its unconstrained answers vary along every
+property. A share of the chats carry a persona (a stated-preferences line as the extractive
+backend writes it) that the answer meets only now and then (`persona_follow`): a weak
+persona-guided inference, as an instruct LLM has, for RLHI's persona-DPO to strengthen or
+not. `rlhi sim diagnose` measures all three against chance.
 
-Built once and cached under `<model cache>/sim-warmstart-<hash>`, where the hash covers the
-recipe (`RECIPE` and the source of the data modules), so a changed recipe builds afresh.
+What was tried and measured (`rlhi sim diagnose`, followed / chance, n=110): the previous
+recipe (240 steps, plain chats without a system prompt) followed nothing (ratio 1.00).
+Training the Rewriter's own prompt too (40% of 2000 steps) left the rewriter at 1.11: its
+prompt is ~340 tokens, and a model this size did not learn to act on the feedback quoted
+in it, nor in 400 further rewrite-only steps. It is no longer part of the recipe.
+
+A plain torch loop (one file, top to bottom) rather than a trainer. Built once and cached
+under `<model cache>/sim-warmstart-<hash>`, where the hash covers the recipe (`RECIPE`, the
+data modules and the prompt templates), so a changed recipe builds afresh.
 """
 from __future__ import annotations
 
@@ -19,14 +29,23 @@ import random
 import shutil
 from pathlib import Path
 
+from actors import persona_extractive, prompts
 from actors.models import model_cache_dir
 from pipelines.sim import answers, feedback, requests
 from pipelines.sim.profiles import PROPERTIES, TOPICS
 
-# Every knob of the recipe, named once; part of the cache key.
-RECIPE = {"examples": 1536, "constrained_share": 0.5, "vocab_size": 1024, "hidden_size": 128,
-          "layers": 2, "heads": 4, "head_dim": 32, "steps": 240, "batch_size": 16,
-          "learning_rate": 3e-3, "max_tokens": 320, "seed": 0}
+# Every knob of the recipe, named once; part of the cache key. Following a constraint is
+# what takes training: at 480 steps the policy followed a request's phrase no more often
+# than chance; at 1500 steps (lr 6e-3), 73% of the time.
+RECIPE = {"examples": 4096, "constrained_share": 0.5, "persona_share": 0.3, "persona_follow": 0.3,
+          "vocab_size": 1024, "hidden_size": 128, "layers": 2, "heads": 4, "head_dim": 32,
+          "steps": 2000, "batch_size": 16, "learning_rate": 6e-3, "max_tokens": 512, "seed": 0}
+# The sim's property values as the extractive persona states them (actors/persona_extractive.py).
+PERSONA_VALUES = {"length": ("length", {"short": "short", "medium": "medium", "long": "long"}),
+                  "format": ("format", {"bullets": "structured", "prose": "prose"}),
+                  "register": ("register", {"formal": "formal", "casual": "casual"}),
+                  "example": ("examples", {"with_example": "yes", "no_example": "no"}),
+                  "ending": ("ending", {"question": "question", "statement": "statement"})}
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -39,7 +58,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 def recipe_hash() -> str:
     """Hash of the recipe and of the modules that make its data (the cache key)."""
     blob = json.dumps(RECIPE, sort_keys=True) + "".join(
-        inspect.getsource(m) for m in (answers, feedback, requests))
+        inspect.getsource(m) for m in (answers, feedback, requests, persona_extractive, prompts))
+    blob += "".join(p.read_text() for p in sorted(Path(prompts.__file__).parent.glob("*.jinja")))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -62,20 +82,42 @@ def ensure_warmstart(log=print) -> Path:
 
 
 def sft_examples(n: int, rng: random.Random) -> list[list[dict]]:
-    """`n` single-turn chats (request, synthetic answer) covering every property value."""
+    """`n` chats in the policy prompt (system prompt, persona block if any, request) whose last
+    message is the target answer (`policy_example`)."""
     combos = answers.all_value_combinations()
     chats = []
     for i in range(n):
-        values = dict(combos[i % len(combos)])
         topic = rng.choice(TOPICS)
-        request = requests.make_request(topic, rng)
-        if rng.random() < RECIPE["constrained_share"]:
-            prop = rng.choice(sorted(PROPERTIES))
-            values[prop] = rng.choice(PROPERTIES[prop])
-            request = f"{request} {rng.choice(feedback.ASK[values[prop]])}."
-        chats.append([{"role": "user", "content": request},
-                      {"role": "assistant", "content": answers.write_answer(topic, values, rng)}])
+        chats.append(policy_example(topic, requests.make_request(topic, rng), dict(combos[i % len(combos)]), rng))
     return chats
+
+
+def stated(values: dict[str, str], props: list[str]) -> str:
+    """A persona's stated-preferences line for `props` at `values`, as the extractive backend
+    writes it."""
+    phrases = []
+    for prop in props:
+        dim, names = PERSONA_VALUES[prop]
+        phrases.append(persona_extractive.DIMENSIONS[dim][names[values[prop]]])
+    return f"Stated preferences: {'; '.join(phrases)}"
+
+
+def policy_example(topic: str, request: str, values: dict[str, str], rng: random.Random) -> list[dict]:
+    """One chat in the policy prompt. Some requests end with a constraint phrase the answer
+    obeys; some carry a persona whose stated preferences the answer meets only now and then
+    (`persona_follow` per stated property, else whatever `values` has)."""
+    persona = None
+    if rng.random() < RECIPE["persona_share"]:
+        props = rng.sample(sorted(PROPERTIES), k=rng.randint(1, 3))
+        wanted = {p: rng.choice(PROPERTIES[p]) for p in props}
+        persona = stated(wanted, props) + f"\nLanguages: English ({rng.randint(1, 4)})"
+        values |= {p: v for p, v in wanted.items() if rng.random() < RECIPE["persona_follow"]}
+    if rng.random() < RECIPE["constrained_share"]:
+        prop = rng.choice(sorted(PROPERTIES))
+        values[prop] = rng.choice(PROPERTIES[prop])
+        request = f"{request} {rng.choice(feedback.ASK[values[prop]])}."
+    rendered = prompts.render("policy", persona, [{"role": "user", "content": request}])
+    return [*rendered, {"role": "assistant", "content": answers.write_answer(topic, values, rng)}]
 
 
 def _tokenizer(texts: list[str]):
@@ -97,11 +139,11 @@ def _tokenizer(texts: list[str]):
 
 def _encode(tok, chat: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of the chat and labels that train on the answer (and its end token) only."""
-    prompt = tok.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(chat[:-1], add_generation_prompt=True, tokenize=False)
     full = tok.apply_chat_template(chat, tokenize=False).rstrip("\n")
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     ids = tok(full, add_special_tokens=False)["input_ids"][: RECIPE["max_tokens"]]
-    return ids, [-100] * len(p_ids) + ids[len(p_ids):]
+    return ids, ([-100] * len(p_ids) + ids[len(p_ids):])[: len(ids)]
 
 
 def build_warmstart(out: Path) -> Path:
