@@ -65,14 +65,16 @@ def test_ablations_differ_from_rlhi_only_in_their_switch(tmp_path):
         assert configs[name].model_dump(exclude={"ablation"}) == configs["rlhi"].model_dump(exclude={"ablation"})
 
 
-@pytest.mark.experiment   # over 15 minutes on 2 cores: `make test` deselects it (run: make experiment)
+@pytest.mark.experiment   # ~5 minutes on 2 cores (plus ~6 to build the warm-start once): make experiment
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the effect does not show yet at quick size: about 36 rewrite "
-                   "pairs from 40 users, and DPO learns the rewriter's style rather than the persona")
+@pytest.mark.xfail(strict=False, reason="the effect does not show: the warm-start does not act on feedback "
+                   "as a rewriter (rlhi sim diagnose: rewriter followed 0.35 vs chance 0.53), so rewrite "
+                   "pairs teach DPO the rewriter's style rather than what users asked for")
 def test_quick_experiment_rlhi_beats_base(ray_session, tmp_path):
     from pipelines.sim.experiment import run_experiment
 
     result = run_experiment(quick=True, seed=0, out=tmp_path / "exp", log=lambda s: None)
     assert set(result["arms"]) == set(ARMS)
     assert (tmp_path / "exp" / "results.png").is_file() and (tmp_path / "exp" / "results.md").is_file()
+    assert set(result["roles"]) == {"n", "policy", "rewriter", "persona"}
     assert result["rlhi_minus_base"]["ci_low"] > 0, result

@@ -10,8 +10,10 @@ backend writes it) that the answer meets only now and then (`persona_follow`): a
 persona-guided inference, as an instruct LLM has, for RLHI's persona-DPO to strengthen or
 not. `rlhi sim diagnose` measures all three against chance.
 
-What was tried and measured (`rlhi sim diagnose`, followed / chance, n=110): the previous
-recipe (240 steps, plain chats without a system prompt) followed nothing (ratio 1.00).
+What was tried and measured (`rlhi sim diagnose`, followed / chance, n=110): this recipe
+gives policy 0.81 / 0.53, rewriter 0.35 / 0.53, persona 0.52 / 0.53 (the persona prior at
+`persona_follow` 0.3 is not learned). The previous recipe (240 steps, plain chats without a
+system prompt) followed nothing (ratio 1.00).
 Training the Rewriter's own prompt too (40% of 2000 steps) left the rewriter at 1.11: its
 prompt is ~340 tokens, and a model this size did not learn to act on the feedback quoted
 in it, nor in 400 further rewrite-only steps. It is no longer part of the recipe.
@@ -57,8 +59,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 def recipe_hash() -> str:
     """Hash of the recipe and of the modules that make its data (the cache key)."""
-    blob = json.dumps(RECIPE, sort_keys=True) + "".join(
-        inspect.getsource(m) for m in (answers, feedback, requests, persona_extractive, prompts))
+    blob = json.dumps([RECIPE, persona_extractive.DIMENSIONS], sort_keys=True) + "".join(
+        inspect.getsource(m) for m in (answers, feedback, requests, prompts))
     blob += "".join(p.read_text() for p in sorted(Path(prompts.__file__).parent.glob("*.jinja")))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
