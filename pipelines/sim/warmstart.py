@@ -13,14 +13,13 @@ not. `rlhi sim diagnose` measures all three against chance.
 What was tried and measured (`rlhi sim diagnose`, followed / chance, n=110): this recipe
 gives policy 0.81 / 0.53, rewriter 0.35 / 0.53, persona 0.52 / 0.53 (the persona prior at
 `persona_follow` 0.3 is not learned). The previous recipe (240 steps, plain chats without a
-system prompt) followed nothing (ratio 1.00).
-Training the Rewriter's own prompt too (40% of 2000 steps) left the rewriter at 1.11: its
+system prompt) followed nothing (ratio 1.00). Training the Rewriter's own prompt too (40% of 2000 steps) left the rewriter at 1.11: its
 prompt is ~340 tokens, and a model this size did not learn to act on the feedback quoted
 in it, nor in 400 further rewrite-only steps. It is no longer part of the recipe.
 
 A plain torch loop (one file, top to bottom) rather than a trainer. Built once and cached
 under `<model cache>/sim-warmstart-<hash>`, where the hash covers the recipe (`RECIPE`, the
-data modules and the prompt templates), so a changed recipe builds afresh.
+persona phrases, the data modules and the prompt templates), so a changed recipe builds afresh.
 """
 from __future__ import annotations
 
