@@ -84,6 +84,13 @@ def diagnose(engine: GenerationEngine, *, n: int = 110, seed: int = 0, max_new_t
                        for check in CHECKS}}
 
 
+def diagnose_model(model: str, *, n: int = 110, seed: int = 0) -> dict[str, Any]:
+    """`diagnose` on a model folder, loaded once for all three roles."""
+    engine = make_engine(ModelSpec(id=model, engine="transformers", max_new_tokens=160, seed=seed,
+                                   batch_size=64))
+    return diagnose(engine, n=n, seed=seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhi sim diagnose", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: the warm-start policy)")
@@ -92,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON last")
     args = parser.parse_args(argv)
     model = args.model or str(ensure_warmstart())
-    engine = make_engine(ModelSpec(id=model, engine="transformers", max_new_tokens=160, seed=args.seed,
-                                   batch_size=64))
-    result = diagnose(engine, n=args.n, seed=args.seed)
+    result = diagnose_model(model, n=args.n, seed=args.seed)
     for check in CHECKS:
         r = result[check]
         print(f"{check:9s} followed {r['followed']:.3f}  chance {r['chance']:.3f}  ratio {r['followed_ratio']:.2f}")

@@ -31,16 +31,8 @@ from typing import Any, Callable
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.sim.arms import (
-    Arm,
-    EvalUser,
-    bootstrap_mean,
-    evaluate_arm,
-    paired_difference,
-    sft_rows,
-    train_sft,
-)
-from pipelines.sim.diagnose import CHECKS
+from pipelines.sim.arms import Arm, EvalUser, bootstrap_mean, evaluate_arm, paired_difference, sft_rows, train_sft
+from pipelines.sim.diagnose import CHECKS, diagnose_model
 from pipelines.sim.profiles import Profile
 
 ARMS = ("base", "base_persona", "sft", "rlhi", "user_agnostic", "from_scratch")
@@ -177,17 +169,6 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def diagnose_roles(model: str, seed: int) -> dict[str, Any]:
-    """`rlhi sim diagnose` on the warm-start: whether policy, rewriter and persona-guided
-    policy act on what they are told, each against chance."""
-    from actors.engines import make_engine
-    from actors.models import ModelSpec
-    from pipelines.sim.diagnose import diagnose
-
-    return diagnose(make_engine(ModelSpec(id=model, engine="transformers", max_new_tokens=160, seed=seed,
-                                          batch_size=64)), n=110, seed=seed)
-
-
 def roles_line(roles: dict[str, Any]) -> str:
     return "Roles of the warm-start, followed / chance (`rlhi sim diagnose`): " + ", ".join(
         f"{c} {roles[c]['followed']:.2f} / {roles[c]['chance']:.2f}" for c in CHECKS)
@@ -236,7 +217,7 @@ def run_experiment(*, users: int | None = None, seed: int = 0, out: str | Path =
                       log=lambda s: None)
         (sim / "made.json").write_text(json.dumps(made))  # a rerun into `out` reuses the logs
         log(f"simulated {sizes.users} users: {time.perf_counter() - t1:.0f}s")
-    roles = diagnose_roles(base_model, seed)
+    roles = diagnose_model(base_model, n=110, seed=seed)
     log("roles (followed / chance): " + ", ".join(f"{c} {roles[c]['followed_ratio']:.2f}" for c in CHECKS))
     runs = run_variants(out, sim / "logs", base_model, sizes, seed, log)
     arms = build_arms(out, runs, base_model, sizes, seed)
