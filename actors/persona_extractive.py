@@ -113,14 +113,11 @@ def _negated(before: str) -> bool:
     """Whether a cue preceded by `before` (its sentence so far) counts against its value: the
     negators within reach, and whether the nearest describer or wanter is a describer, each
     turn it around once ("this has no examples" wants examples)."""
-    flips = 0
-    for trigger in reversed(list(_TRIGGER.finditer(before))):
-        if trigger.group("neg") and len(before[trigger.end():].split()) <= NEGATOR_REACH_WORDS:
-            flips += 1
-    for trigger in reversed(list(_TRIGGER.finditer(before))):
-        if not trigger.group("neg"):
-            flips += bool(trigger.group("desc"))
-            break
+    triggers = list(_TRIGGER.finditer(before))
+    flips = sum(1 for t in triggers
+                if t.group("neg") and len(before[t.end():].split()) <= NEGATOR_REACH_WORDS)
+    nearest = next((t for t in reversed(triggers) if not t.group("neg")), None)
+    flips += bool(nearest and nearest.group("desc"))
     return flips % 2 == 1
 
 
