@@ -91,7 +91,7 @@ DESCRIBERS = r"this is|this has|it is|it has|you went with|you used|you gave|you
 WANTERS = r"need|needs|want|wanted|asked for|ask for|was after|please|prefer|would like|i'?d like"
 _TRIGGER = re.compile(rf"\b(?:(?P<neg>{NEGATORS})|(?P<desc>{DESCRIBERS})|(?P<want>{WANTERS}))\b",
                       re.IGNORECASE)
-_SENTENCE = re.compile(r"[.;:!?\n]+")
+_SENTENCE = re.compile(r"[^.;:!?\n]+")  # a sentence, or a clause ended by ":" or ";"
 STOPWORDS = frozenset("""a about above after again all also am an and any are as at be because been
 before being below between both but by can could did do does doing down during each few for from
 further had has have having he her here hers him his how i if in into is it its itself just me more
@@ -124,8 +124,8 @@ def _negated(before: str) -> bool:
 def message_preferences(message: str) -> list[tuple[str, str]]:
     """(dimension, value) for every preference cue in one feedback message, in text order."""
     found: list[tuple[int, str, str]] = []
-    offset = 0
-    for sentence in _SENTENCE.split(message):
+    for part in _SENTENCE.finditer(message):
+        sentence, offset = part.group(), part.start()
         taken = [False] * len(sentence)
         for pattern, dim, value, fixed in _CUES:
             for match in pattern.finditer(sentence):
@@ -139,7 +139,6 @@ def message_preferences(message: str) -> list[tuple[str, str]]:
                         continue
                     wanted = others[0]
                 found.append((offset + match.start(), dim, wanted))
-        offset += len(sentence) + 1
     ordered = [(dim, value) for _, dim, value in sorted(found)]
     return list(dict.fromkeys(ordered))  # a message votes once for each value it names
 

@@ -50,7 +50,7 @@ def _items(n: int, seed: int) -> list[dict[str, Any]]:
                       "ask": f"{request} {rng.choice(feedback.ASK[value])}.",
                       "answer": answers.write_answer(topic, missed, rng),
                       "feedback": feedback.feedback_message(kind, request, {prop: value}, missed, rng).text,
-                      "persona": stated(missed | {prop: value}, [prop]) + "\nLanguages: English (2)"})
+                      "persona": stated({prop: value}, [prop]) + "\nLanguages: English (2)"})
     return items
 
 

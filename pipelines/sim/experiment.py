@@ -218,7 +218,7 @@ def run_experiment(*, users: int | None = None, seed: int = 0, out: str | Path =
         (sim / "made.json").write_text(json.dumps(made))  # a rerun into `out` reuses the logs
         log(f"simulated {sizes.users} users: {time.perf_counter() - t1:.0f}s")
     roles = diagnose_model(base_model, n=110, seed=seed)
-    log("roles (followed / chance): " + ", ".join(f"{c} {roles[c]['followed_ratio']:.2f}" for c in CHECKS))
+    log(roles_line(roles))
     runs = run_variants(out, sim / "logs", base_model, sizes, seed, log)
     arms = build_arms(out, runs, base_model, sizes, seed)
     held_out = eval_users(runs["rlhi"], sim / "profiles.jsonl")
