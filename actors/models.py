@@ -78,6 +78,14 @@ class ModelSpec(BaseModel):
     seed: int = 0
     """Seed for sampling, so a rerun draws the same candidates."""
 
+    rewrite_prompt: Literal["quoted", "chat"] = "quoted"
+    """Rewriter only: how its prompt lays out the conversation, the answer and the follow-up.
+    `quoted` (`actors/prompts/rewriter.jinja`): all quoted as data in one user message, with
+    instructions; `chat` (`rewriter_chat.jinja`): as the chat's own turns, the answer as the
+    assistant's and the follow-up as the user's last, so the rewrite is the next assistant
+    turn. `chat` suits a model that acts on a user's reply but does not follow long quoted
+    instructions (the simulation's tiny warm-start); other roles ignore it."""
+
     batch_size: int = Field(8, ge=1)
     """Prompts per forward pass in the transformers engine (and per HTTP burst)."""
 

@@ -2,11 +2,13 @@
 
 DESIGN.md source 1: when the user's next message says the answer fell short, the rewrite
 becomes the chosen answer and the original the rejected one. The rewriter sees the
-persona, the conversation before the answer, the answer and the follow-up, all quoted as
-data (`actors/prompts/rewriter.jinja`). A follow-up of None leaves the follow-up section out
-(the rewrites_from_scratch ablation: the rewriter improves the answer from the persona
-alone). Decoding is greedy unless the spec sets a
-temperature, so a rerun rewrites the same way.
+persona, the conversation before the answer, the answer and the follow-up, laid out as the
+spec's `rewrite_prompt` says: `quoted` as data in one user message
+(`actors/prompts/rewriter.jinja`), `chat` as the chat's own turns (`rewriter_chat.jinja`).
+A follow-up of None leaves the follow-up out (the rewrites_from_scratch ablation: the
+rewriter improves the answer from the persona alone; in the chat layout the last user turn
+is then `FROM_SCRATCH_REQUEST`). Decoding is greedy unless the spec sets a temperature, so
+a rerun rewrites the same way.
 
 Ray Data columns: `persona`, `context`, `answer`, `message` in; `rewrite`,
 `finish_reason`, `context_truncated` out. Serve: `rewrite()` / `rewrite_batch()`.
@@ -35,6 +37,19 @@ class Rewrite:
 # these markers never begin a real answer, so generation stops there.
 STOP = ("<answer>", "</answer>", "<user_message>", "</user_message>", "<conversation>",
         "The assistant answered:", "The user replied:")
+# The chat layout's last user turn when the rewriter is not shown the follow-up.
+FROM_SCRATCH_REQUEST = "Please write a better version of your answer for me."
+
+
+def rewrite_messages(style: str, persona: str | None, context: Sequence[Any], answer: str,
+                     message: str | None) -> tuple[str, list[Any], dict[str, Any]]:
+    """(prompt role, context, template fields) of one rewrite in layout `style`, for
+    `actors.prompts.render` / `fit_to_budget`."""
+    if style == "chat":
+        turns = [*context, {"role": "assistant", "content": answer},
+                 {"role": "user", "content": FROM_SCRATCH_REQUEST if message is None else message}]
+        return "rewriter_chat", turns, {"message": message}
+    return "rewriter", list(context), {"answer": answer, "message": message}
 
 
 class Rewriter:
@@ -60,11 +75,12 @@ class Rewriter:
     def rewrite_batch(self, personas: Sequence[str | None], contexts: Sequence[Sequence[Any]],
                       answers: Sequence[str], messages: Sequence[str | None]) -> list[Rewrite]:
         """Revise many answers in one engine call (a None message: no follow-up shown)."""
-        prompts = [fit_to_budget("rewriter", p, c, answer=a, message=m,
-                                 count_tokens=self.engine.count_tokens,
-                                 max_tokens=self.engine.max_context_tokens,
-                                 reserve_tokens=self.params.max_new_tokens)
-                   for p, c, a, m in zip(personas, contexts, answers, messages, strict=True)]
+        prompts = []
+        for persona, context, answer, message in zip(personas, contexts, answers, messages, strict=True):
+            role, turns, fields = rewrite_messages(self.spec.rewrite_prompt, persona, context, answer, message)
+            prompts.append(fit_to_budget(role, persona, turns, count_tokens=self.engine.count_tokens,
+                                         max_tokens=self.engine.max_context_tokens,
+                                         reserve_tokens=self.params.max_new_tokens, **fields))
         outputs = self.engine.generate([p.messages for p in prompts], self.params)
         return [Rewrite(out[0].text.strip(), out[0].finish_reason, p.context_truncated)
                 for p, out in zip(prompts, outputs)]

@@ -9,9 +9,10 @@ from actors.engines.transformers_engine import chat_token_ids
 from actors.followup_classifier import FollowupClassifier
 from actors.judge import Judge
 from actors.models import load_tokenizer
-from actors.prompts import (QUOTE_TAGS, ROLES, _env, base_system_prompt, fit_to_budget,
+from actors.prompts import (CHAT_ROLES, QUOTE_TAGS, ROLES, _env, base_system_prompt, fit_to_budget,
                             persona_block, render, untrusted)
 from actors.reward_model import RewardModel
+from actors.rewriter import rewrite_messages
 
 from tiny_models import TINY_DEFAULT_SYSTEM
 
@@ -20,6 +21,7 @@ CONTEXT = [{"role": "user", "content": "What is 2+2?"},
            {"role": "assistant", "content": "5"},
            {"role": "user", "content": "How do I sort a list?"}]
 FIELDS = {"policy": {}, "rewriter": {"answer": "5", "message": "wrong"},
+          "rewriter_chat": {"message": "How do I sort a list?"},
           "followup": {"answer": "5", "message": "wrong"},
           "judge": {"answer_a": "4", "answer_b": "5"}, "reward_judge": {"candidate": "4"}, "persona": {}}
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM"
@@ -59,7 +61,7 @@ def test_policy_prompt_is_system_then_the_conversation_itself():
     assert render("policy", None, CONTEXT)[1:] == CONTEXT
 
 
-@pytest.mark.parametrize("role", [r for r in ROLES if r != "policy"])
+@pytest.mark.parametrize("role", [r for r in ROLES if r not in CHAT_ROLES])
 def test_user_text_is_quoted_in_every_template(role):
     marker = "UNTRUSTED-TEXT"
     context = [{"role": "user", "content": marker}]
@@ -243,3 +245,15 @@ def test_a_template_role_drops_context_but_keeps_answer_and_follow_up(tiny_engin
     assert prompt.context_truncated > 0
     assert untrusted(conversation[3]["content"]) in prompt.messages[1]["content"]
     assert "Make it shorter." in prompt.messages[1]["content"]
+
+
+def test_a_chat_rewrite_keeps_the_request_answer_and_follow_up_and_drops_older_turns(tiny_engine,
+                                                                                  wildchat_sample):
+    conversation = _longest(wildchat_sample)
+    role, turns, fields = rewrite_messages("chat", PERSONA, conversation[:3], conversation[3]["content"],
+                                           "Make it shorter.")
+    prompt = fit_to_budget(role, PERSONA, turns, count_tokens=tiny_engine.count_tokens,
+                           max_tokens=4096, reserve_tokens=256, **fields)
+    assert prompt.context_truncated > 0 and prompt.tokens <= 4096 - 256
+    assert [m["role"] for m in prompt.messages[-3:]] == ["user", "assistant", "user"]
+    assert prompt.messages[-1]["content"] == "Make it shorter."

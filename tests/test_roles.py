@@ -11,7 +11,8 @@ from actors.models import ModelSpec
 from actors.persona_builder import PersonaBuilder
 from actors.policy_sampler import PolicySampler
 from actors.reward_model import RewardModel, init_trained_reward_model
-from actors.rewriter import Rewriter
+from actors.prompts import render
+from actors.rewriter import FROM_SCRATCH_REQUEST, Rewriter, rewrite_messages
 from pipelines.schema import FOLLOWUP_LABELS
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -43,6 +44,21 @@ def test_rewriter_returns_one_revised_answer_per_input(spec, tiny_engine):
         [PERSONA, None], [QUESTION, QUESTION], ["Lyon", "Not sure"], ["Wrong.", "Be exact."])
     assert len(out) == 2 and all(isinstance(r.text, str) for r in out)
     assert {r.finish_reason for r in out} <= {"stop", "length"}
+
+
+def test_rewriter_chat_layout_asks_for_the_next_turn_after_the_follow_up(spec, tiny_engine):
+    role, turns, fields = rewrite_messages("chat", PERSONA, QUESTION, "Lyon", "Wrong.")
+    messages = render(role, PERSONA, turns, **fields)
+    assert messages[1:] == [*QUESTION, {"role": "assistant", "content": "Lyon"},
+                            {"role": "user", "content": "Wrong."}]
+    assert PERSONA in messages[0]["content"] and "<answer>" not in str(messages)
+    role, turns, fields = rewrite_messages("chat", PERSONA, QUESTION, "Lyon", None)  # from scratch
+    scratch = render(role, PERSONA, turns, **fields)
+    assert scratch[-1] == {"role": "user", "content": FROM_SCRATCH_REQUEST}
+    assert scratch[0]["content"] != messages[0]["content"]  # its task says so
+    chat = Rewriter(spec.model_copy(update={"rewrite_prompt": "chat"}), engine=tiny_engine)
+    out = chat.rewrite_batch([PERSONA, None], [QUESTION, QUESTION], ["Lyon", "Lyon"], ["Wrong.", None])
+    assert len(out) == 2 and {r.finish_reason for r in out} <= {"stop", "length"}
 
 
 def test_followup_classifier_gives_a_known_label_and_its_probability(spec, tiny_engine):

@@ -160,6 +160,22 @@ def test_warmstart_chats_are_the_policy_prompt_and_obey_the_constraint_phrase(mo
         assert asked[0][0] in measure(target["content"]).values()
 
 
+def test_warmstart_rewrite_chats_fix_the_one_value_the_feedback_names():
+    from pipelines.sim import warmstart
+
+    rng = random.Random(5)
+    for _ in range(30):
+        values = {p: rng.choice(v) for p, v in PROPERTIES.items()}
+        system, request, answer, message, target = warmstart.rewrite_example(
+            "cooking", "How do I cook rice?", values, rng)
+        assert [m["role"] for m in (system, request, answer, message, target)] == \
+            ["system", "user", "assistant", "user", "assistant"]
+        assert "previous answer" in system["content"] and request["content"] == "How do I cook rice?"
+        got, fixed = measure(answer["content"]), measure(target["content"])
+        assert fixed == values
+        assert sum(got[p] != values[p] for p in PROPERTIES) == 1
+
+
 class FollowingEngine:
     """Answers with the value a prompt asks for, wherever it asks (request phrase, feedback,
     persona), read with the persona builder's own reader; `ignore=True` answers alike always."""

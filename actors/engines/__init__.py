@@ -36,9 +36,9 @@ def make_engine(spec: ModelSpec | dict | str) -> GenerationEngine:
     return TransformersEngine(spec)
 
 
-# ModelSpec fields that only set decoding defaults: specs differing only in these can share
-# one loaded engine (roles pass their own SamplingParams on every call).
-_DECODING_FIELDS = {"max_new_tokens", "temperature", "top_p"}
+# ModelSpec fields that only set decoding defaults or a role's prompt: specs differing only in
+# these can share one loaded engine (roles pass their own SamplingParams on every call).
+_DECODING_FIELDS = {"max_new_tokens", "temperature", "top_p", "rewrite_prompt"}
 
 
 class EngineCache:

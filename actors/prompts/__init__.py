@@ -3,8 +3,9 @@
 Every prompt is `[system, ...]` where system = the base system prompt (`base.jinja`), then
 the persona block when there is a persona, then the role's instructions (the `system`
 block of `<role>.jinja`). A role whose template has a `user` block (rewriter, followup,
-judge, reward_judge) gets the conversation quoted inside that one user message; the
-`policy` role gets the conversation's own turns. Because a system message is always
+judge, reward_judge) gets the conversation quoted inside that one user message; the chat
+roles (`policy`, and `rewriter_chat`, whose context ends with the answer and the follow-up)
+get the conversation's own turns. Because a system message is always
 present, a chat template's default system prompt (SmolLM2's "You are a helpful AI assistant
 named SmolLM...") never gets in, so with and without persona differ by the block alone.
 
@@ -23,7 +24,10 @@ from typing import Any, Callable, Sequence
 from actors.engines.base import Message, as_messages
 
 TEMPLATES = Path(__file__).parent
-ROLES = ("policy", "rewriter", "followup", "judge", "reward_judge", "persona")
+ROLES = ("policy", "rewriter", "rewriter_chat", "followup", "judge", "reward_judge", "persona")
+# The chat roles, and how many of their context's last turns the budget never drops: the
+# user turn to answer; the request, its answer and the follow-up.
+CHAT_ROLES = {"policy": 1, "rewriter_chat": 3}
 # The tags templates quote user text with (see _conversation.jinja and the role files).
 QUOTE_TAGS = ("conversation", "turn", "answer", "user_message", "candidate", "persona")
 _TAG = re.compile(r"<(/?\s*(?:%s))\b" % "|".join(QUOTE_TAGS), re.IGNORECASE)
@@ -101,13 +105,13 @@ def fit_to_budget(role: str, persona: str | None, context: Sequence[Any], *,
                   reserve_tokens: int, **fields: Any) -> Prompt:
     """Render `role`'s prompt within `max_tokens` minus `reserve_tokens` (the completion).
 
-    The one budget rule for every stage: the persona, the last user turn and the whole
-    completion are kept; the oldest context turns go first (whole turns, and never leaving
+    The one budget rule for every stage: the persona, the last user turn (a chat role's
+    last turns, `CHAT_ROLES`) and the whole completion are kept; the oldest context turns go first (whole turns, and never leaving
     an assistant turn first). Only if the prompt still does not fit is the longest
     remaining text (the last user turn, an answer, a candidate) clipped in the middle.
     """
     turns = as_messages(context)
-    keep = 1 if role == "policy" else 0   # policy: the last user turn is the context's end
+    keep = CHAT_ROLES.get(role, 0)   # a chat role's own last turns (the user turn to answer)
     limit = max_tokens - reserve_tokens
     dropped = 0
     while True:

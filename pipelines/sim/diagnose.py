@@ -6,8 +6,9 @@ its own baseline measured in the same run.
 RLHI can only move a policy toward what users want if its roles can act on what users say.
 For every property value (`profiles.PROPERTIES`) the model is asked, `n` times in all:
 - **policy**: a request with one constraint phrase (`feedback.ASK`), in the policy prompt;
-- **rewriter**: an answer missing one value and the user's feedback naming it, in the
-  Rewriter's own prompt (`actors/prompts/rewriter.jinja`, via `actors.rewriter.Rewriter`);
+- **rewriter**: an answer missing one value and the user's feedback naming it, through
+  `actors.rewriter.Rewriter` in the simulation's prompt layout (`warmstart.REWRITE_PROMPT`,
+  `chat`; `--rewrite-prompt quoted` measures the other);
 - **persona**: a request in the policy prompt with a persona whose stated preferences
   include the value (the persona-guided inference RLHI's policy is asked to do).
 
@@ -29,7 +30,7 @@ from actors.policy_sampler import PolicySampler
 from actors.rewriter import Rewriter
 from pipelines.sim import answers, feedback, requests
 from pipelines.sim.profiles import PROPERTIES, TOPICS, measure
-from pipelines.sim.warmstart import ensure_warmstart, stated
+from pipelines.sim.warmstart import REWRITE_PROMPT, ensure_warmstart, stated
 
 CHECKS = ("policy", "rewriter", "persona")
 
@@ -59,10 +60,10 @@ def _share(items: list[dict[str, Any]], texts: list[str]) -> float:
 
 
 def diagnose(engine: GenerationEngine, *, n: int = 110, seed: int = 0, max_new_tokens: int = 160,
-             temperature: float = 0.6) -> dict[str, Any]:
+             temperature: float = 0.6, rewrite_prompt: str = REWRITE_PROMPT) -> dict[str, Any]:
     """The three checks on `engine`; returns {check: {followed, chance, followed_ratio}, n}."""
     spec = ModelSpec(id="diagnose", engine="transformers", max_new_tokens=max_new_tokens,
-                     temperature=temperature, top_p=0.9, seed=seed)
+                     temperature=temperature, top_p=0.9, seed=seed, rewrite_prompt=rewrite_prompt)
     policy = PolicySampler(spec, 1, engine=engine)
     rewriter = Rewriter(spec, engine=engine)
     items = _items(n, seed)
@@ -84,11 +85,12 @@ def diagnose(engine: GenerationEngine, *, n: int = 110, seed: int = 0, max_new_t
                        for check in CHECKS}}
 
 
-def diagnose_model(model: str, *, n: int = 110, seed: int = 0) -> dict[str, Any]:
+def diagnose_model(model: str, *, n: int = 110, seed: int = 0,
+                   rewrite_prompt: str = REWRITE_PROMPT) -> dict[str, Any]:
     """`diagnose` on a model folder, loaded once for all three roles."""
     engine = make_engine(ModelSpec(id=model, engine="transformers", max_new_tokens=160, seed=seed,
                                    batch_size=64))
-    return diagnose(engine, n=n, seed=seed)
+    return diagnose(engine, n=n, seed=seed, rewrite_prompt=rewrite_prompt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,15 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model folder (default: the warm-start policy)")
     parser.add_argument("--n", type=int, default=110, help="cases per check (default 110)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rewrite-prompt", choices=("quoted", "chat"), default=REWRITE_PROMPT,
+                        help=f"the rewriter's prompt layout (default {REWRITE_PROMPT}, the simulation's)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON last")
     args = parser.parse_args(argv)
     model = args.model or str(ensure_warmstart())
-    result = diagnose_model(model, n=args.n, seed=args.seed)
+    result = diagnose_model(model, n=args.n, seed=args.seed, rewrite_prompt=args.rewrite_prompt)
     for check in CHECKS:
         r = result[check]
         print(f"{check:9s} followed {r['followed']:.3f}  chance {r['chance']:.3f}  ratio {r['followed_ratio']:.2f}")
     if args.json:
-        print(json.dumps(result | {"model": model}))
+        print(json.dumps(result | {"model": model, "rewrite_prompt": args.rewrite_prompt}))
     return 0
 
 

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from pipelines.sim.arms import Arm, EvalUser, bootstrap_mean, evaluate_arm, paired_difference, sft_rows, train_sft
 from pipelines.sim.diagnose import CHECKS, diagnose_model
 from pipelines.sim.profiles import Profile
+from pipelines.sim.warmstart import REWRITE_PROMPT
 
 ARMS = ("base", "base_persona", "sft", "rlhi", "user_agnostic", "from_scratch")
 ABLATIONS = {"rlhi": {}, "user_agnostic": {"user_agnostic": True},
@@ -77,9 +78,10 @@ def pipeline_config(run_dir: Path, logs: Path, model: str, sizes: Sizes, seed: i
         "run_dir": str(run_dir), "seed": seed, "ingest": {"inputs": [str(logs)]},
         "resources": {"progress_bars": False},
         # The rewriter samples (T=0.7): greedy, a tiny model rewrites one request alike
-        # whatever the feedback said. `rlhi sim diagnose` measures whether it acts on it.
+        # whatever the feedback said; in the chat layout the warm-start is trained on.
+        # `rlhi sim diagnose` measures whether it acts on the feedback.
         "models": {"policy": spec, "judge": spec, "reward": spec, "persona": spec,
-                   "rewriter": spec | {"temperature": 0.7}},
+                   "rewriter": spec | {"temperature": 0.7, "rewrite_prompt": REWRITE_PROMPT}},
         "personas": {"eval_fraction": sizes.eval_fraction, "min_eval_users_with_history": 4},
         # The logged answer the user complained about is the rejected one: it is known to miss.
         "rewrites": {"rejected": "original", "max_followups": sizes.max_followups, "batch_size": 16,

@@ -1,21 +1,26 @@
 """The warm-start policy for CPU experiments: a tiny Llama fine-tuned (SFT) on synthetic
-answers that cover every property value, in the policy prompt the pipeline samples with
-(base system prompt, persona block if any, request; rendered by `actors.prompts`).
+answers that cover every property value, in the prompts the pipeline uses it with, rendered
+by `actors.prompts`: the policy prompt (base system prompt, persona block if any, request)
+and the Rewriter's chat layout (`REWRITE_PROMPT`).
 
-Half of the requests carry one constraint phrase (`feedback.ASK`) and their answers obey
-it, so the policy learns some instruction following that feedback can exploit; the other
-answers get uniformly random property values, so its unconstrained answers vary along every
-property. A share of the chats carry a persona (a stated-preferences line as the extractive
-backend writes it) that the answer meets only now and then (`persona_follow`): a weak
-persona-guided inference, as an instruct LLM has, for RLHI's persona-DPO to strengthen or
-not. `rlhi sim diagnose` measures all three against chance.
+Policy chats: half of the requests carry one constraint phrase (`feedback.ASK`) and their
+answers obey it, so the policy learns some instruction following that feedback can exploit;
+the other answers get uniformly random property values, so its unconstrained answers vary
+along every property. A share of the chats carry a persona (a stated-preferences line as the
+extractive backend writes it) that the answer meets only now and then (`persona_follow`): a
+weak persona-guided inference, as an instruct LLM has, for RLHI's persona-DPO to strengthen
+or not. Rewrite chats (`rewrite_share`): a request, an answer missing one value, the user's
+re-attempt or correction naming it, and the answer with that value fixed: what an instruct
+LLM does when a user replies. `rlhi sim diagnose` measures all three roles against chance.
 
-What was tried and measured (`rlhi sim diagnose`, followed / chance, n=110): this recipe
-gives policy 0.81 / 0.53, rewriter 0.35 / 0.53, persona 0.52 / 0.53 (the persona prior at
-`persona_follow` 0.3 is not learned). The previous recipe (240 steps, plain chats without a
-system prompt) followed nothing (ratio 1.00). Training the Rewriter's own prompt too (40% of 2000 steps) left the rewriter at 1.11: its
-prompt is ~340 tokens, and a model this size did not learn to act on the feedback quoted
-in it, nor in 400 further rewrite-only steps. It is no longer part of the recipe.
+What was tried and measured (`rlhi sim diagnose`, followed / chance, n=110):
+- policy chats only, 240 steps, no system prompt: nothing followed (every ratio 1.00);
+- policy chats only, 2000 steps: policy 0.81 / 0.53, rewriter (quoted layout) 0.35 / 0.53,
+  persona 0.52 / 0.53;
+- plus the Rewriter's quoted layout (`rewriter.jinja`, ~340 tokens, the feedback quoted
+  after the answer) in 40% of the chats, and 400 further rewrite-only steps: the rewriter
+  stayed at chance (1.11);
+- plus the chat layout (this recipe): see `rlhi sim diagnose`; the figures are in the README.
 
 A plain torch loop (one file, top to bottom) rather than a trainer. Built once and cached
 under `<model cache>/sim-warmstart-<hash>`, where the hash covers the recipe (`RECIPE`, the
@@ -31,6 +36,7 @@ import shutil
 from pathlib import Path
 
 from actors import persona_extractive, prompts
+from actors.rewriter import rewrite_messages
 from actors.models import model_cache_dir
 from pipelines.sim import answers, feedback, requests
 from pipelines.sim.profiles import PROPERTIES, TOPICS
@@ -40,7 +46,10 @@ from pipelines.sim.profiles import PROPERTIES, TOPICS
 # than chance; at 1500 steps (lr 6e-3), 73% of the time.
 RECIPE = {"examples": 4096, "constrained_share": 0.5, "persona_share": 0.3, "persona_follow": 0.3,
           "vocab_size": 1024, "hidden_size": 128, "layers": 2, "heads": 4, "head_dim": 32,
-          "steps": 2000, "batch_size": 16, "learning_rate": 6e-3, "max_tokens": 512, "seed": 0}
+          "rewrite_share": 0.5, "correction_share": 0.65,
+          "steps": 3000, "batch_size": 16, "learning_rate": 6e-3, "max_tokens": 768, "seed": 0}
+# The Rewriter layout the warm-start is trained on and the simulation's rewriter uses.
+REWRITE_PROMPT = "chat"
 # The sim's property values as the extractive persona states them (actors/persona_extractive.py).
 PERSONA_VALUES = {"length": ("length", {"short": "short", "medium": "medium", "long": "long"}),
                   "format": ("format", {"bullets": "structured", "prose": "prose"}),
@@ -58,8 +67,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 def recipe_hash() -> str:
     """Hash of the recipe and of the modules that make its data (the cache key)."""
-    blob = json.dumps([RECIPE, persona_extractive.DIMENSIONS], sort_keys=True) + "".join(
-        inspect.getsource(m) for m in (answers, feedback, requests, prompts))
+    blob = json.dumps([RECIPE, REWRITE_PROMPT, persona_extractive.DIMENSIONS], sort_keys=True) + "".join(
+        inspect.getsource(m) for m in (answers, feedback, requests, prompts, rewrite_messages))
     blob += "".join(p.read_text() for p in sorted(Path(prompts.__file__).parent.glob("*.jinja")))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -83,14 +92,34 @@ def ensure_warmstart(log=print) -> Path:
 
 
 def sft_examples(n: int, rng: random.Random) -> list[list[dict]]:
-    """`n` chats in the policy prompt (system prompt, persona block if any, request) whose last
-    message is the target answer (`policy_example`)."""
+    """`n` chats whose last message is the target answer: a share `rewrite_share` in the
+    Rewriter's chat layout (`rewrite_example`), the others in the policy prompt
+    (`policy_example`)."""
     combos = answers.all_value_combinations()
     chats = []
     for i in range(n):
         topic = rng.choice(TOPICS)
-        chats.append(policy_example(topic, requests.make_request(topic, rng), dict(combos[i % len(combos)]), rng))
+        request = requests.make_request(topic, rng)
+        values = dict(combos[i % len(combos)])
+        if rng.random() < RECIPE["rewrite_share"]:
+            chats.append(rewrite_example(topic, request, values, rng))
+        else:
+            chats.append(policy_example(topic, request, values, rng))
     return chats
+
+
+def rewrite_example(topic: str, request: str, values: dict[str, str], rng: random.Random) -> list[dict]:
+    """One chat in the Rewriter's chat layout (`REWRITE_PROMPT`): a request, an answer with
+    `values` but one property's, the user's feedback naming the value wanted (a re-attempt or,
+    at `correction_share`, a correction), and the answer again with that one value fixed."""
+    prop = rng.choice(sorted(PROPERTIES))
+    missed = values | {prop: rng.choice([v for v in PROPERTIES[prop] if v != values[prop]])}
+    kind = "correction" if rng.random() < RECIPE["correction_share"] else "reattempt"
+    message = feedback.feedback_message(kind, request, {prop: values[prop]}, missed, rng).text
+    role, turns, fields = rewrite_messages(REWRITE_PROMPT, None, [{"role": "user", "content": request}],
+                                           answers.write_answer(topic, missed, rng), message)
+    return [*prompts.render(role, None, turns, **fields),
+            {"role": "assistant", "content": answers.write_answer(topic, values, rng)}]
 
 
 def stated(values: dict[str, str], props: list[str]) -> str:
