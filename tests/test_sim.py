@@ -176,6 +176,28 @@ def test_warmstart_rewrite_chats_fix_the_one_value_the_feedback_names():
         assert sum(got[p] != values[p] for p in PROPERTIES) == 1
 
 
+# The sim's property values as the extractive persona states them (actors/persona_extractive.py).
+PERSONA_VALUES = {"length": ("length", {"short": "short", "medium": "medium", "long": "long"}),
+                  "format": ("format", {"bullets": "structured", "prose": "prose"}),
+                  "register": ("register", {"formal": "formal", "casual": "casual"}),
+                  "example": ("examples", {"with_example": "yes", "no_example": "no"}),
+                  "ending": ("ending", {"question": "question", "statement": "statement"})}
+
+
+def test_warmstart_personas_are_built_by_the_pipelines_backend_and_state_the_wanted_values():
+    from actors.persona_extractive import DIMENSIONS
+    from pipelines.sim.warmstart import synthetic_persona
+
+    rng = random.Random(7)
+    for _ in range(40):
+        wanted = {p: rng.choice(PROPERTIES[p]) for p in rng.sample(sorted(PROPERTIES), k=rng.randint(1, 3))}
+        persona = synthetic_persona(wanted, rng)
+        stated = persona.splitlines()[0].removeprefix("Stated preferences: ").split("; ")
+        expected = {DIMENSIONS[PERSONA_VALUES[p][0]][PERSONA_VALUES[p][1][v]] for p, v in wanted.items()}
+        assert expected <= set(stated), persona  # a re-attempt repeats its request, which may state more
+        assert "Topics: " in persona and "earlier conversations" in persona
+
+
 class FollowingEngine:
     """Answers with the value a prompt asks for, wherever it asks (request phrase, feedback,
     persona), read with the persona builder's own reader; `ignore=True` answers alike always."""
@@ -190,7 +212,6 @@ class FollowingEngine:
 
     def generate(self, prompts, params):
         from actors.persona_extractive import DIMENSIONS, message_preferences
-        from pipelines.sim.warmstart import PERSONA_VALUES
 
         to_prop = {(dim, name): (prop, value) for prop, (dim, names) in PERSONA_VALUES.items()
                    for value, name in names.items()}

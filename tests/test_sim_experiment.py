@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.config import parse_config
 from pipelines.sim.arms import bootstrap_mean, paired_difference
-from pipelines.sim.experiment import ABLATIONS, ARMS, QUICK, pipeline_config, summarize
+from pipelines.sim.experiment import ABLATIONS, ARMS, QUICK, pair_quality, pipeline_config, summarize
 
 
 def test_bootstrap_interval_brackets_the_mean_and_repeats_with_the_seed():
@@ -45,6 +45,37 @@ def test_summary_reports_every_arm_and_both_differences():
     for key in ("rlhi_minus_base", "persona_minus_agnostic"):
         assert set(result[key]) == {"mean", "ci_low", "ci_high"}
     json.dumps(result)
+
+
+def test_pair_quality_scores_each_train_pair_with_its_users_hidden_profile(tmp_path):
+    import random
+    from dataclasses import asdict
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.schema import PAIRS
+    from pipelines.sim.answers import write_answer
+    from pipelines.sim.profiles import PROPERTIES, sample_profile
+
+    rng = random.Random(0)
+    profile = sample_profile(rng, 0, "u1")
+    (tmp_path / "profiles.jsonl").write_text(json.dumps(asdict(profile)) + "\n")
+    liked = {p: profile.preferences.get(p, values[0]) for p, values in PROPERTIES.items()}
+    disliked = liked | {p: next(v for v in PROPERTIES[p] if v != want) for p, want in profile.preferences.items()}
+    good, bad = (write_answer("cooking", v, rng) for v in (liked, disliked))
+
+    def pair(chosen, rejected, split="train", source="rewrite"):
+        return {"chosen": [{"role": "assistant", "content": chosen}], "user_id": "u1", "split": split,
+                "rejected": [{"role": "assistant", "content": rejected}], "source": source}
+
+    rows = [pair(good, bad), pair(bad, good, source="reward"), pair(good, good, source="reward"),
+            pair(bad, good, split="eval")]
+    (tmp_path / "pairs").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), tmp_path / "pairs" / "pairs")
+    assert pair_quality(tmp_path, tmp_path / "profiles.jsonl") == {
+        "reward": {"pairs": 2, "chosen_minus_rejected": -0.5, "better": 0, "worse": 1},
+        "rewrite": {"pairs": 1, "chosen_minus_rejected": 1.0, "better": 1, "worse": 0}}
 
 
 @pytest.mark.parametrize("variant", sorted(ABLATIONS))

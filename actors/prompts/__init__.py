@@ -106,9 +106,10 @@ def fit_to_budget(role: str, persona: str | None, context: Sequence[Any], *,
     """Render `role`'s prompt within `max_tokens` minus `reserve_tokens` (the completion).
 
     The one budget rule for every stage: the persona, the last user turn (a chat role's
-    last turns, `CHAT_ROLES`) and the whole completion are kept; the oldest context turns go first (whole turns, and never leaving
-    an assistant turn first). Only if the prompt still does not fit is the longest
-    remaining text (the last user turn, an answer, a candidate) clipped in the middle.
+    last turns, `CHAT_ROLES`) and the whole completion are kept; the oldest context turns go
+    first (whole turns, and never leaving an assistant turn first). Only if the prompt still
+    does not fit is the longest remaining text (the last user turn, an answer, a candidate)
+    clipped in the middle.
     """
     turns = as_messages(context)
     keep = CHAT_ROLES.get(role, 0)   # a chat role's own last turns (the user turn to answer)

@@ -30,7 +30,7 @@ from actors.policy_sampler import PolicySampler
 from actors.rewriter import Rewriter
 from pipelines.sim import answers, feedback, requests
 from pipelines.sim.profiles import PROPERTIES, TOPICS, measure
-from pipelines.sim.warmstart import REWRITE_PROMPT, ensure_warmstart, stated
+from pipelines.sim.warmstart import REWRITE_PROMPT, ensure_warmstart, synthetic_persona
 
 CHECKS = ("policy", "rewriter", "persona")
 
@@ -51,7 +51,7 @@ def _items(n: int, seed: int) -> list[dict[str, Any]]:
                       "ask": f"{request} {rng.choice(feedback.ASK[value])}.",
                       "answer": answers.write_answer(topic, missed, rng),
                       "feedback": feedback.feedback_message(kind, request, {prop: value}, missed, rng).text,
-                      "persona": stated({prop: value}, [prop]) + "\nLanguages: English (2)"})
+                      "persona": synthetic_persona({prop: value}, rng)})
     return items
 
 

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from pipelines.sim.arms import Arm, EvalUser, bootstrap_mean, evaluate_arm, paired_difference, sft_rows, train_sft
 from pipelines.sim.diagnose import CHECKS, diagnose_model
-from pipelines.sim.profiles import Profile
+from pipelines.sim.profiles import Profile, check_answer
 from pipelines.sim.warmstart import REWRITE_PROMPT
 
 ARMS = ("base", "base_persona", "sft", "rlhi", "user_agnostic", "from_scratch")
@@ -128,11 +128,34 @@ def eval_users(run_dir: Path, profiles_file: Path) -> list[EvalUser]:
     held_out = set(users.filter(pc.equal(users.column("split"), "eval")).column("user_id").to_pylist())
     personas = pq.read_table(run_dir / "personas" / "personas").to_pylist()
     serving = {p["user_id"]: p["persona"] for p in personas if p["serving"]}
+    profiles = read_profiles(profiles_file)
+    return [EvalUser(u, serving.get(u, ""), profiles[u]) for u in sorted(held_out)]
+
+
+def read_profiles(profiles_file: Path) -> dict[str, Profile]:
+    """user id (the simulated hashed IP) -> hidden profile."""
     profiles = {}
     for line in profiles_file.read_text().splitlines():
         raw = json.loads(line)
         profiles[raw["hashed_ip"]] = Profile(**raw)
-    return [EvalUser(u, serving.get(u, ""), profiles[u]) for u in sorted(held_out)]
+    return profiles
+
+
+def pair_quality(run_dir: Path, profiles_file: Path) -> dict[str, dict[str, float]]:
+    """Per pair source, over the run's train pairs: how much better the chosen answer is than
+    the rejected one by the checker (chosen - rejected, and how often it is better or worse).
+    What DPO can learn from the pairs at most; near 0, no training can show an effect."""
+    profiles = read_profiles(profiles_file)
+    diffs: dict[str, list[float]] = {}
+    for row in pq.read_table(run_dir / "pairs" / "pairs").to_pylist():
+        if row["split"] == "train":
+            prefs = profiles[row["user_id"]].preferences
+            diffs.setdefault(row["source"], []).append(
+                check_answer(prefs, row["chosen"][-1]["content"]).score
+                - check_answer(prefs, row["rejected"][-1]["content"]).score)
+    return {source: {"pairs": len(d), "chosen_minus_rejected": round(sum(d) / len(d), 4),
+                     "better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
+            for source, d in sorted(diffs.items())}
 
 
 def train_users(run_dir: Path) -> set[str]:
@@ -174,6 +197,12 @@ def markdown_table(result: dict[str, Any]) -> str:
 def roles_line(roles: dict[str, Any]) -> str:
     return "Roles of the warm-start, followed / chance (`rlhi sim diagnose`): " + ", ".join(
         f"{c} {roles[c]['followed']:.2f} / {roles[c]['chance']:.2f}" for c in CHECKS)
+
+
+def pairs_line(pairs: dict[str, dict[str, float]]) -> str:
+    return "Train pairs of the rlhi run, checker chosen - rejected: " + ", ".join(
+        f"{source} {q['chosen_minus_rejected']:+.3f} ({q['better']} better, {q['worse']} worse of {q['pairs']})"
+        for source, q in pairs.items())
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -222,6 +251,8 @@ def run_experiment(*, users: int | None = None, seed: int = 0, out: str | Path =
     roles = diagnose_model(base_model, n=110, seed=seed)
     log(roles_line(roles))
     runs = run_variants(out, sim / "logs", base_model, sizes, seed, log)
+    pairs = pair_quality(runs["rlhi"], sim / "profiles.jsonl")
+    log(pairs_line(pairs))
     arms = build_arms(out, runs, base_model, sizes, seed)
     held_out = eval_users(runs["rlhi"], sim / "profiles.jsonl")
     scores = {arm.name: evaluate_arm(arm, held_out, requests_per_user=sizes.requests_per_user,
@@ -230,9 +261,9 @@ def run_experiment(*, users: int | None = None, seed: int = 0, out: str | Path =
     result = summarize(scores, seed) | {
         "users": {"total": sizes.users, "held_out": len(held_out)}, "seed": seed,
         "seconds": round(time.perf_counter() - t0, 1), "sizes": asdict(sizes), "roles": roles,
-        "per_user": scores}
+        "pairs": pairs, "per_user": scores}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "results.md").write_text(markdown_table(result) + "\n\n" + roles_line(roles) + "\n")
+    (out / "results.md").write_text("\n\n".join([markdown_table(result), roles_line(roles), pairs_line(pairs)]) + "\n")
     plot(result, out / "results.png")
     return result
 

@@ -24,7 +24,8 @@ What was tried and measured (`rlhi sim diagnose`, followed / chance, n=110):
 
 A plain torch loop (one file, top to bottom) rather than a trainer. Built once and cached
 under `<model cache>/sim-warmstart-<hash>`, where the hash covers the recipe (`RECIPE`, the
-persona phrases, the data modules and the prompt templates), so a changed recipe builds afresh.
+functions below that make the data and the model, the modules they use, the prompt
+templates), so a changed recipe builds afresh.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ import shutil
 from pathlib import Path
 
 from actors import persona_extractive, prompts
-from actors.rewriter import rewrite_messages
 from actors.models import model_cache_dir
+from actors.rewriter import rewrite_messages
 from pipelines.sim import answers, feedback, requests
 from pipelines.sim.profiles import PROPERTIES, TOPICS
 
@@ -50,12 +51,6 @@ RECIPE = {"examples": 4096, "constrained_share": 0.5, "persona_share": 0.3, "per
           "steps": 3000, "batch_size": 16, "learning_rate": 6e-3, "max_tokens": 768, "seed": 0}
 # The Rewriter layout the warm-start is trained on and the simulation's rewriter uses.
 REWRITE_PROMPT = "chat"
-# The sim's property values as the extractive persona states them (actors/persona_extractive.py).
-PERSONA_VALUES = {"length": ("length", {"short": "short", "medium": "medium", "long": "long"}),
-                  "format": ("format", {"bullets": "structured", "prose": "prose"}),
-                  "register": ("register", {"formal": "formal", "casual": "casual"}),
-                  "example": ("examples", {"with_example": "yes", "no_example": "no"}),
-                  "ending": ("ending", {"question": "question", "statement": "statement"})}
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -66,9 +61,12 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
 def recipe_hash() -> str:
-    """Hash of the recipe and of the modules that make its data (the cache key)."""
-    blob = json.dumps([RECIPE, REWRITE_PROMPT, persona_extractive.DIMENSIONS], sort_keys=True) + "".join(
-        inspect.getsource(m) for m in (answers, feedback, requests, prompts, rewrite_messages))
+    """Hash of the recipe, of this module's functions that make the data and the model, and
+    of the modules they use (the cache key)."""
+    makers = (sft_examples, rewrite_example, synthetic_persona, policy_example, _tokenizer, _encode, build_warmstart)
+    blob = json.dumps([RECIPE, REWRITE_PROMPT], sort_keys=True) + "".join(
+        inspect.getsource(m) for m in (answers, feedback, requests, prompts, rewrite_messages, persona_extractive,
+                                       *makers))
     blob += "".join(p.read_text() for p in sorted(Path(prompts.__file__).parent.glob("*.jinja")))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -122,14 +120,25 @@ def rewrite_example(topic: str, request: str, values: dict[str, str], rng: rando
             {"role": "assistant", "content": answers.write_answer(topic, values, rng)}]
 
 
-def stated(values: dict[str, str], props: list[str]) -> str:
-    """A persona's stated-preferences line for `props` at `values`, as the extractive backend
-    writes it."""
-    phrases = []
-    for prop in props:
-        dim, names = PERSONA_VALUES[prop]
-        phrases.append(persona_extractive.DIMENSIONS[dim][names[values[prop]]])
-    return f"Stated preferences: {'; '.join(phrases)}"
+def synthetic_persona(wanted: dict[str, str], rng: random.Random) -> str:
+    """A persona as the pipeline builds it (`persona_extractive.extractive_persona`) from a
+    short synthetic history: one conversation per wanted value, whose feedback asks for it,
+    and up to two without feedback."""
+    history = []
+    for prop, value in wanted.items():
+        topic = rng.choice(TOPICS)
+        request = requests.make_request(topic, rng)
+        missed = {prop: rng.choice([v for v in PROPERTIES[prop] if v != value])}
+        message = feedback.feedback_message(rng.choice(("reattempt", "correction")), request, {prop: value},
+                                            missed, rng).text
+        history.append({"turns": [{"role": "user", "content": request}, {"role": "assistant", "content": ""},
+                                  {"role": "user", "content": message}],
+                        "language": "English", "feedback": [message]})
+    for _ in range(rng.randint(0, 2)):
+        history.append({"turns": [{"role": "user", "content": requests.make_request(rng.choice(TOPICS), rng)}],
+                        "language": "English", "feedback": []})
+    rng.shuffle(history)
+    return persona_extractive.extractive_persona(history)
 
 
 def policy_example(topic: str, request: str, values: dict[str, str], rng: random.Random) -> list[dict]:
@@ -140,7 +149,7 @@ def policy_example(topic: str, request: str, values: dict[str, str], rng: random
     if rng.random() < RECIPE["persona_share"]:
         props = rng.sample(sorted(PROPERTIES), k=rng.randint(1, 3))
         wanted = {p: rng.choice(PROPERTIES[p]) for p in props}
-        persona = stated(wanted, props) + f"\nLanguages: English ({rng.randint(1, 4)})"
+        persona = synthetic_persona(wanted, rng)
         values |= {p: v for p, v in wanted.items() if rng.random() < RECIPE["persona_follow"]}
     if rng.random() < RECIPE["constrained_share"]:
         prop = rng.choice(sorted(PROPERTIES))
