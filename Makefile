@@ -30,8 +30,8 @@ test: models
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not cluster and not experiment"
 	$(PY) -m pytest -q -p no:cacheprovider -m cluster tests/cluster
 
-# The simulated-user experiment as a test (issue 8/8): its effect does not show yet
-# (the warm-start's rewriter ignores feedback: see rlhi sim diagnose).
+# The simulated-user experiment as a test (issue 8/8): its effect is not yet significant
+# at the fixed seed (xfail; see README, "The simulated-user experiment").
 experiment: models
 	$(PY) -m pytest -q -p no:cacheprovider -m experiment tests/test_sim_experiment.py
 

@@ -96,11 +96,11 @@ def test_ablations_differ_from_rlhi_only_in_their_switch(tmp_path):
         assert configs[name].model_dump(exclude={"ablation"}) == configs["rlhi"].model_dump(exclude={"ablation"})
 
 
-@pytest.mark.experiment   # ~5 minutes on 2 cores (plus ~6 to build the warm-start once): make experiment
+@pytest.mark.experiment   # ~5 minutes on 2 cores (plus ~17 to build the warm-start once): make experiment
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="the effect does not show: the warm-start does not act on feedback "
-                   "as a rewriter (rlhi sim diagnose: rewriter followed 0.35 vs chance 0.53), so rewrite "
-                   "pairs teach DPO the rewriter's style rather than what users asked for")
+@pytest.mark.xfail(strict=False, reason="the effect is small next to its interval: at seed 0 rlhi - base is "
+                   "+0.043 [-0.003, +0.088]; the warm-start's rewriter now acts on feedback (diagnose 0.67 vs "
+                   "chance 0.47, pairs +0.09), but DPO on ~90 pairs mostly learns shifts common to all users")
 def test_quick_experiment_rlhi_beats_base(ray_session, tmp_path):
     from pipelines.sim.experiment import run_experiment
 
@@ -108,4 +108,5 @@ def test_quick_experiment_rlhi_beats_base(ray_session, tmp_path):
     assert set(result["arms"]) == set(ARMS)
     assert (tmp_path / "exp" / "results.png").is_file() and (tmp_path / "exp" / "results.md").is_file()
     assert set(result["roles"]) == {"n", "policy", "rewriter", "persona"}
+    assert result["pairs"]["rewrite"]["chosen_minus_rejected"] > 0, result["pairs"]
     assert result["rlhi_minus_base"]["ci_low"] > 0, result
