@@ -6,10 +6,10 @@ and the Rewriter's chat layout (`REWRITE_PROMPT`).
 Policy chats: half of the requests carry one constraint phrase (`feedback.ASK`) and their
 answers obey it, so the policy learns some instruction following that feedback can exploit;
 the other answers get uniformly random property values, so its unconstrained answers vary
-along every property. A share of the chats carry a persona (a stated-preferences line as the
-extractive backend writes it) that the answer meets only now and then (`persona_follow`): a
-weak persona-guided inference, as an instruct LLM has, for RLHI's persona-DPO to strengthen
-or not. Rewrite chats (`rewrite_share`): a request, an answer missing one value, the user's
+along every property. A share of the chats carry a persona (built by the extractive backend
+from a synthetic history, `synthetic_persona`) that the answer meets only now and then
+(`persona_follow`): a weak persona-guided inference, as an instruct LLM has, for RLHI's
+persona-DPO to strengthen or not. Rewrite chats (`rewrite_share`): a request, an answer missing one value, the user's
 re-attempt or correction naming it, and the answer with that value fixed: what an instruct
 LLM does when a user replies. `rlhi sim diagnose` measures all three roles against chance.
 
