@@ -39,36 +39,47 @@ from pipelines.sim.warmstart import REWRITE_PROMPT
 ARMS = ("base", "base_persona", "sft", "rlhi", "user_agnostic", "from_scratch")
 ABLATIONS = {"rlhi": {}, "user_agnostic": {"user_agnostic": True},
              "from_scratch": {"rewrites_from_scratch": True}}
+# Result key -> the arm RLHI is compared with, paired over held-out users.
+DIFFERENCES = {"rlhi_minus_base": "base", "persona_minus_agnostic": "user_agnostic",
+               "rlhi_minus_base_persona": "base_persona"}
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """Every size knob of one experiment, named once."""
+    """Every size knob of one experiment, named once. The defaults are the full run (about
+    130 held-out users); `QUICK` is the CI-sized one."""
 
-    users: int = 60
+    users: int = 400
     eval_fraction: float = 0.35       # share of users held out (their pairs are never trained on)
     max_new_tokens: int = 160         # long answers need ~130 words; the warm-start stops itself
-    max_followups: int = 200          # feedback follow-ups rewritten
+    max_followups: int = 400          # feedback follow-ups rewritten
     reward_prompts: int = 64          # prompts sampled and scored for user-based rewards
     reward_n: int = 4
-    dpo_steps: int = 80
+    dpo_steps: int = 150              # ~2.5 epochs, as the quick run's 60 steps over ~90 pairs
     dpo_batch: int = 4
-    dpo_learning_rate: float = 1e-3
+    dpo_learning_rate: float = 1e-4
     dpo_beta: float = 0.1
-    sft_learning_rate: float = 1e-3
-    requests_per_user: int = 8        # held-out requests per held-out user
+    sft_learning_rate: float = 5e-4
+    requests_per_user: int = 24       # held-out requests per held-out user
     samples_per_request: int = 1
-    train_sources: tuple[str, ...] = ("rewrite", "reward")
+    train_sources: tuple[str, ...] = ("rewrite",)
 
 
-# The quick run trains on rewrite pairs only: with the warm-start policy as judge, the reward
+# Both runs train on rewrite pairs only: with the warm-start policy as judge, the reward
 # pairs' chosen answers satisfy the hidden profiles no better than their rejected ones
 # (checker +0.02 at 40 users), so they add noise and minutes. DPO at 1e-3 for 60 steps drove
 # every trained arm to the same long bullet list whatever the persona (final loss 5e-4).
-# 100 users: at 60 the 18 held-out users left rlhi - base's interval +-0.06 wide (seed 0:
-# +0.032 [-0.025, 0.086]); at 100, 29 held-out users, +-0.045, in 5 minutes on 2 cores.
-QUICK = Sizes(users=100, max_followups=120, reward_prompts=32, dpo_steps=60, dpo_learning_rate=5e-4,
-              sft_learning_rate=5e-4, requests_per_user=12, train_sources=("rewrite",))
+# 200 users (about 65 held out), 8 minutes on 2 cores: how much persona-guided inference
+# helps differs a lot between users (per-user rlhi - base sd 0.16), so at 100 users (29 held
+# out) the interval was +-0.057 wide and missed 0 at seeds 0 and 2 of 0-4 (+0.039
+# [-0.019, 0.095] at seed 0); at 200, seed 0 gives +0.063 [0.027, 0.097].
+# DPO at 1e-4: at 5e-4 the trained policy drifted to formal, example-free answers whatever
+# the persona (150 and 137 of 174), 0.022 below base_persona; at 1e-4 it keeps what
+# persona-guided inference gives (seed 0, 24 requests: rlhi - base_persona +0.001; 3e-5
+# -0.007, 2e-4 with beta 0.5 -0.004, DPO+SFT loss at 5e-4 -0.020). 24 requests per user:
+# with a warm-start that ignored personas, base_persona - base read +0.028 at 12 requests
+# and +0.001 at 36 on the same users: 12 were too few.
+QUICK = replace(Sizes(), users=200, max_followups=120, reward_prompts=32, dpo_steps=60)
 
 
 def pipeline_config(run_dir: Path, logs: Path, model: str, sizes: Sizes, seed: int,
@@ -180,17 +191,18 @@ def build_arms(out: Path, runs: dict[str, Path], base_model: str, sizes: Sizes, 
 
 
 def summarize(scores: dict[str, dict[str, float]], seed: int) -> dict[str, Any]:
-    """Per-arm intervals and the two paired differences the experiment is about."""
+    """Per-arm intervals and the paired differences the experiment is about: RLHI against the
+    base policy, against the user-agnostic ablation, and against the base policy answering
+    with the same personas (what training adds to persona-guided inference alone)."""
     arms = {name: bootstrap_mean([s[u] for u in sorted(s)], seed=seed).to_json() for name, s in scores.items()}
-    return {"arms": arms,
-            "rlhi_minus_base": paired_difference(scores["rlhi"], scores["base"], seed=seed).to_json(),
-            "persona_minus_agnostic": paired_difference(scores["rlhi"], scores["user_agnostic"], seed=seed).to_json()}
+    return {"arms": arms} | {key: paired_difference(scores["rlhi"], scores[other], seed=seed).to_json()
+                             for key, other in DIFFERENCES.items()}
 
 
 def markdown_table(result: dict[str, Any]) -> str:
     lines = ["| arm | mean satisfaction | 95% CI |", "|---|---|---|"]
-    rows = list(result["arms"].items()) + [("rlhi − base (paired)", result["rlhi_minus_base"]),
-                                           ("rlhi − user_agnostic (paired)", result["persona_minus_agnostic"])]
+    rows = list(result["arms"].items()) + [(f"rlhi − {other} (paired)", result[key])
+                                           for key, other in DIFFERENCES.items()]
     for name, iv in rows:
         lines.append(f"| {name} | {iv['mean']:.3f} | [{iv['ci_low']:.3f}, {iv['ci_high']:.3f}] |")
     return "\n".join(lines)
@@ -282,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(result))
     print(f"{result['seconds']:.0f}s; table, plot and results.json in {args.out}")
     if args.json:
-        keys = ("arms", "rlhi_minus_base", "persona_minus_agnostic")
+        keys = ("arms", *DIFFERENCES)
         print(json.dumps({k: result[k] for k in keys}))
     return 0
 

@@ -7,11 +7,11 @@ Policy chats: half of the requests carry one constraint phrase (`feedback.ASK`) 
 answers obey it, so the policy learns some instruction following that feedback can exploit;
 the other answers get uniformly random property values, so its unconstrained answers vary
 along every property. A share of the chats carry a persona (built by the extractive backend
-from a synthetic history, `synthetic_persona`) that the answer meets only now and then
-(`persona_follow`): a weak persona-guided inference, as an instruct LLM has, for RLHI's
-persona-DPO to strengthen or not. Rewrite chats (`rewrite_share`): a request, an answer missing one value, the user's
-re-attempt or correction naming it, and the answer with that value fixed: what an instruct
-LLM does when a user replies. `rlhi sim diagnose` measures all three roles against chance.
+from a synthetic history, `synthetic_persona`) whose stated values the answer has more often
+than chance (`persona_follow`): a partial persona-guided inference, as an instruct LLM has,
+for RLHI's persona-DPO to strengthen or not. Rewrite chats (`rewrite_share`): a request, an
+answer missing one value, the user's re-attempt or correction naming it, and the answer
+with that value fixed: what an instruct LLM does when a user replies. `rlhi sim diagnose` measures all three roles against chance.
 
 What was tried and measured (`rlhi sim diagnose`, followed / chance, n=110):
 - policy chats only, 240 steps, no system prompt: nothing followed (every ratio 1.00);
@@ -20,11 +20,17 @@ What was tried and measured (`rlhi sim diagnose`, followed / chance, n=110):
 - plus the Rewriter's quoted layout (`rewriter.jinja`, ~340 tokens, the feedback quoted
   after the answer) in 40% of the chats, and 400 further rewrite-only steps: the rewriter
   stayed at chance (1.11);
-- this recipe, with the chat layout in half the chats (3000 steps): policy 0.82 / 0.47,
-  rewriter 0.67 / 0.47, persona 0.47 / 0.47. With personas of two lines (stated
-  preferences, languages) rather than the extractive backend's five, the rewriter reached
-  0.755 and the persona 0.58, but real personas have five lines; with personas in the
-  rewrite chats too, the rewriter stayed at 0.60 / 0.56.
+- the chat layout in half the chats (3000 steps), personas in 30% of the policy chats and
+  followed 30% of the time: policy 0.82 / 0.47, rewriter 0.67 / 0.47, persona 0.47 / 0.47
+  (personas ignored). With personas of two lines (stated preferences, languages) rather
+  than the extractive backend's five, the rewriter reached 0.755 and the persona 0.58, but
+  real personas have five lines; with personas in the rewrite chats too, the rewriter
+  stayed at 0.60 / 0.56;
+- this recipe, personas in half the policy chats and followed 60% of the time: policy
+  0.84 / 0.52, rewriter 0.70 / 0.52, persona 0.69 / 0.52 (12 minutes on 2 cores);
+- the same with minimal-edit rewrite targets (the answer and its fix written from one rng
+  state, the rest copied): policy 0.72 / 0.51, rewriter 0.62 / 0.51, persona 0.59 / 0.51,
+  and the rewrites copied only about 70% of the answer; dropped.
 
 A plain torch loop (one file, top to bottom) rather than a trainer. Built once and cached
 under `<model cache>/sim-warmstart-<hash>`, where the hash covers the recipe (`RECIPE`, the
@@ -49,7 +55,7 @@ from pipelines.sim.profiles import PROPERTIES, TOPICS
 # Every knob of the recipe, named once; part of the cache key. Following a constraint is
 # what takes training: at 480 steps the policy followed a request's phrase no more often
 # than chance; at 1500 steps (lr 6e-3), 73% of the time.
-RECIPE = {"examples": 4096, "constrained_share": 0.5, "persona_share": 0.3, "persona_follow": 0.3,
+RECIPE = {"examples": 4096, "constrained_share": 0.5, "persona_share": 0.5, "persona_follow": 0.6,
           "vocab_size": 1024, "hidden_size": 128, "layers": 2, "heads": 4, "head_dim": 32,
           "rewrite_share": 0.5, "correction_share": 0.65,
           "steps": 3000, "batch_size": 16, "learning_rate": 6e-3, "max_tokens": 768, "seed": 0}
@@ -147,7 +153,7 @@ def synthetic_persona(wanted: dict[str, str], rng: random.Random) -> str:
 
 def policy_example(topic: str, request: str, values: dict[str, str], rng: random.Random) -> list[dict]:
     """One chat in the policy prompt. Some requests end with a constraint phrase the answer
-    obeys; some carry a persona whose stated preferences the answer meets only now and then
+    obeys; some carry a persona whose stated preferences the answer meets part of the time
     (`persona_follow` per stated property, else whatever `values` has)."""
     persona = None
     if rng.random() < RECIPE["persona_share"]:
