@@ -72,7 +72,7 @@ class Sizes:
 # 200 users (about 65 held out), 8 minutes on 2 cores: how much persona-guided inference
 # helps differs a lot between users (per-user rlhi - base sd 0.16), so at 100 users (29 held
 # out) the interval was +-0.057 wide and missed 0 at seeds 0 and 2 of 0-4 (+0.039
-# [-0.019, 0.095] at seed 0); at 200, seed 0 gives +0.063 [0.027, 0.097].
+# [-0.019, 0.095] at seed 0); at 200 it clears 0 at all five (seed 0: +0.063 [0.027, 0.097]).
 # DPO at 1e-4: at 5e-4 the trained policy drifted to formal, example-free answers whatever
 # the persona (150 and 137 of 174), 0.022 below base_persona; at 1e-4 it keeps what
 # persona-guided inference gives (seed 0, 24 requests: rlhi - base_persona +0.001; 3e-5

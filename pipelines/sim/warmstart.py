@@ -11,7 +11,8 @@ from a synthetic history, `synthetic_persona`) whose stated values the answer ha
 than chance (`persona_follow`): a partial persona-guided inference, as an instruct LLM has,
 for RLHI's persona-DPO to strengthen or not. Rewrite chats (`rewrite_share`): a request, an
 answer missing one value, the user's re-attempt or correction naming it, and the answer
-with that value fixed: what an instruct LLM does when a user replies. `rlhi sim diagnose` measures all three roles against chance.
+with that value fixed: what an instruct LLM does when a user replies. `rlhi sim diagnose`
+measures all three roles against chance.
 
 What was tried and measured (`rlhi sim diagnose`, followed / chance, n=110):
 - policy chats only, 240 steps, no system prompt: nothing followed (every ratio 1.00);
