@@ -2,7 +2,7 @@
 
 A persona (DESIGN.md; Jin et al. 2025) summarises interests, expertise, format and tone
 preferences and recurring tasks, built only from conversations before the turn it is used
-for (pipelines/personas.py decides which conversations those are). Backends:
+for (pipelines/stages/personas.py decides which conversations those are). Backends:
 - `extractive` (actors/persona_extractive.py): deterministic counts and patterns, at scale;
 - `llm`: an instruct model summarises the user's own requests and feedback
   (`actors/prompts/persona.jinja`), greedy, bounded in tokens and characters.

@@ -7,10 +7,10 @@
 Top to bottom:
 1. generate the WildChat-schema input of bench/ingest.py (bench/wildchat_synth.py) and
    ingest it once (reused from --workdir when present);
-2. `single`: in this process, the stage's own work (`pipelines.followups.label`: extract the
+2. `single`: in this process, the stage's own work (`pipelines.stages.followups.label`: extract the
    follow-ups of each conversations part, label them with the rules backend) one part after
    another, each written as Parquet; the classifier's own speed per core is reported apart;
-3. `ray`: the `followups` stage itself (pipelines/followups.py: each part extracted and
+3. `ray`: the `followups` stage itself (pipelines/stages/followups.py: each part extracted and
    labelled in a Ray Data actor pool, Parquet written as results stream in);
 4. check both give the same labels, print follow-ups per second and the ratio.
 
@@ -37,8 +37,8 @@ from pipelines.config import parse_config  # noqa: E402
 
 def prepare(workdir: Path, size: int) -> Path:
     """A run directory whose ingest stage is done on `size` generated conversations."""
-    from pipelines.ingest import run_ingest
-    from pipelines.stage import read_manifest
+    from pipelines.stages.ingest.stage import run_ingest
+    from pipelines.contract import read_manifest
 
     data, run_dir = workdir / f"wildchat-{size}-seed0", workdir / f"followups-run-{size}"
     if not any(data.glob("*.parquet")):
@@ -59,7 +59,7 @@ def single_process(run_dir: Path, batch_size: int) -> tuple[float, float, Counte
     """The stage's own work, part after part in this process: (seconds, seconds spent in
     the rules classifier alone, label counts)."""
     from actors.followup_classifier import FollowupClassifier
-    from pipelines.followups import label
+    from pipelines.stages.followups import label
     from pipelines.schema import CONVERSATIONS
 
     classifier = FollowupClassifier("rules")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import ray
 
-    from pipelines.followups import run_followups
+    from pipelines.stages.followups import run_followups
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     run_dir = prepare(workdir, size)

@@ -93,7 +93,7 @@ def _timed(phases: dict[str, float], name: str, fn):
 
 def child(mode: str, input_dir: str, run_dir: str, result_path: str) -> None:
     """Run the stage once and write what was measured to `result_path` (JSON)."""
-    import pipelines.ingest as ingest
+    import pipelines.stages.ingest.stage as ingest
     from pipelines.config import parse_config
     from pipelines.runtime import start_ray
 

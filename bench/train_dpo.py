@@ -8,10 +8,10 @@
 Top to bottom:
 1. write synthetic pairs (PAIRS schema, prompts of about 100 tokens of the policy's
    tokenizer, chat template included) as a committed `pairs` stage, once per run directory;
-2. `trl`: in this process, `pipelines.dpo_worker.build_dpo_trainer` (the very DPOTrainer
+2. `trl`: in this process, `pipelines.stages.train.dpo_worker.build_dpo_trainer` (the very DPOTrainer
    the Ray workers build) as rank 0 of 1, with `torch.set_num_threads` equal to the Ray
    workers' `cpus_per_worker`; a callback records the time at the end of every step;
-3. `ray 1`, `ray 2`: `pipelines.train.run_train` with 1 and 2 workers of 1 CPU each, on a
+3. `ray 1`, `ray 2`: `pipelines.stages.train.stage.run_train` with 1 and 2 workers of 1 CPU each, on a
    local Ray with num_cpus=2; `ray 1 precompute`: 1 worker with
    `train.precompute_ref_log_probs`. Per-step times come from rank 0's TensorBoard events
    (one `train/loss` scalar per step, `logging_steps=1`, stamped with the wall time);
@@ -66,7 +66,7 @@ def make_pairs_run(run_dir: Path, tokenizer, pairs: int, seed: int) -> Path:
 
     from actors.prompts import base_system_prompt
     from pipelines.schema import PAIRS
-    from pipelines.stage import StageWriter, read_manifest
+    from pipelines.contract import StageWriter, read_manifest
 
     if read_manifest(run_dir, "pairs") is not None:
         return run_dir
@@ -121,7 +121,7 @@ def plain_trl(run_dir: Path, policy: str, steps: int, threads: int) -> dict[str,
     import torch
     from transformers import TrainerCallback
 
-    from pipelines.dpo_worker import build_dpo_trainer
+    from pipelines.stages.train.dpo_worker import build_dpo_trainer
 
     class StepEnds(TrainerCallback):
         def __init__(self) -> None:
@@ -148,7 +148,7 @@ def plain_trl(run_dir: Path, policy: str, steps: int, threads: int) -> dict[str,
 
 def ray_stage(run_dir: Path, policy: str, steps: int, workers: int, precompute: bool = False) -> dict[str, Any]:
     """The `train` stage; per-step times from rank 0's TensorBoard `train/loss` events."""
-    from pipelines.train import run_train
+    from pipelines.stages.train.stage import run_train
 
     summary = run_train(run_config(run_dir, policy, steps, workers, precompute))
     ends = loss_event_times(Path(summary["output"]) / "storage" / "tensorboard")

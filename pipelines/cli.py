@@ -82,7 +82,7 @@ def followup_classify_batch(backend: str, config: RunConfig):
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.report import write_report
+    from pipelines.tools.report import write_report
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -93,7 +93,7 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.forget import forget_user
+    from pipelines.tools.forget import forget_user
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -112,7 +112,7 @@ def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.driver import evaluate_lines
-    from pipelines.evaluate import run_evaluate
+    from pipelines.stages.evaluate.stage import run_evaluate
     from pipelines.runtime import start_ray
 
     config = load_config(args.config, {"run_dir": args.run_dir} if args.run_dir else {})
@@ -123,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval_followups(args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.followup_eval import evaluate_backend, format_report
+    from pipelines.tools.followup_eval import evaluate_backend, format_report
 
     config = load_config(args.config) if args.config else RunConfig()
     result = evaluate_backend(args.input, args.labels, followup_classify_batch(args.backend, config),
@@ -140,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_sim_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.sim.generate import generate_logs
+    from sim.generate import generate_logs
 
     summary = generate_logs(args.users, args.out, seed=args.seed, model=args.model)
     print(f"sim generate: {summary['users']} users, {summary['conversations']} conversations, "
@@ -221,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="policy: Hub id, folder or smollm2-135m-instruct (default: the warm-start policy)")
     simgen.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     simgen.set_defaults(handler=cmd_sim_generate)
-    sim_commands.add_parser(   # dispatched in main() to pipelines/sim/experiment.py
+    sim_commands.add_parser(   # dispatched in main() to sim/experiment.py
         "run", help="the experiment: RLHI vs base, SFT and ablations on held-out simulated users "
                     "(rlhi sim run --help)")
-    sim_commands.add_parser(   # dispatched in main() to pipelines/sim/diagnose.py
+    sim_commands.add_parser(   # dispatched in main() to sim/diagnose.py
         "diagnose", help="does the simulation's model follow what its roles are told, against chance "
                          "(rlhi sim diagnose --help)")
     return parser
@@ -232,12 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:2] == ["sim", "run"]:  # the experiment has its own options (pipelines/sim/experiment.py)
-        from pipelines.sim.experiment import main as experiment_main
+    if argv[:2] == ["sim", "run"]:  # the experiment has its own options (sim/experiment.py)
+        from sim.experiment import main as experiment_main
 
         return experiment_main(argv[2:])
     if argv[:2] == ["sim", "diagnose"]:
-        from pipelines.sim.diagnose import main as diagnose_main
+        from sim.diagnose import main as diagnose_main
 
         return diagnose_main(argv[2:])
     args = build_parser().parse_args(argv)

@@ -6,7 +6,7 @@
 rewrites, reward_model, rewards, pairs, train); online round k = 1..online.rounds reruns
 `online.stages` with the policy round k-1 trained, writing under `<run_dir>/round-<k>/`.
 `--dry-run` starts nothing: it prints the plan and the per-GPU memory estimate of each
-training setting (pipelines/train_memory.py).
+training setting (pipelines/stages/train/memory.py).
 """
 from __future__ import annotations
 
@@ -20,22 +20,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines.config import RunConfig
-from pipelines.sources import resolve_inputs
+from pipelines.stages.ingest.sources import resolve_inputs
 
 ROUND_STAGES = ("rewrites", "rewards", "pairs", "train")
 
 
 def stage_runners() -> dict[str, Callable[..., dict[str, Any]]]:
     """Stage name -> runner(config[, round_index]); imported lazily (some pull in torch)."""
-    from pipelines.evaluate import run_evaluate
-    from pipelines.followups import run_followups
-    from pipelines.ingest import run_ingest
-    from pipelines.pairs import run_pairs
-    from pipelines.personas import run_personas
-    from pipelines.reward_model import run_reward_model
-    from pipelines.rewards import run_rewards
-    from pipelines.rewrites import run_rewrites
-    from pipelines.train import run_train
+    from pipelines.stages.evaluate.stage import run_evaluate
+    from pipelines.stages.followups import run_followups
+    from pipelines.stages.ingest.stage import run_ingest
+    from pipelines.stages.pairs import run_pairs
+    from pipelines.stages.personas import run_personas
+    from pipelines.stages.train_reward_model import run_reward_model
+    from pipelines.stages.rewards import run_rewards
+    from pipelines.stages.rewrites.stage import run_rewrites
+    from pipelines.stages.train.stage import run_train
 
     return {"ingest": run_ingest, "followups": run_followups, "personas": run_personas,
             "rewrites": run_rewrites, "reward_model": run_reward_model, "rewards": run_rewards,
@@ -113,7 +113,7 @@ def step_key(config: RunConfig, round_index: int, stage: str, previous: str | No
     """A hash of what one step's output depends on: its settings, the seed, the round, its
     inputs' content (ingest) and the key of the step before it. Chaining the keys along the
     plan makes a change rerun that step and every step after it."""
-    from pipelines.stage import fingerprint
+    from pipelines.contract import fingerprint
 
     data: dict[str, Any] = {"stage": stage, "round": round_index, "seed": config.seed, "previous": previous,
                             **{name: _setting(config, name) for name in STAGE_SETTINGS[stage]}}
@@ -153,10 +153,10 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
                  report: bool = True) -> dict[str, Any]:
     """Run the planned steps on Ray, skipping those whose output is current; returns
     {"run_dir", "report", "stages": {name: {"status", "seconds", "counts", "output"}}}."""
-    from pipelines.forget import reapply_forgets
+    from pipelines.tools.forget import reapply_forgets
     from pipelines.metrics import export_stage_metrics
     from pipelines.runtime import start_ray
-    from pipelines.stage import RUN_KEY, STEP_STARTED, read_manifest
+    from pipelines.contract import RUN_KEY, STEP_STARTED, read_manifest
 
     steps = select_steps(config, start, only)
     if any(stage == "ingest" for _, stage, mode in steps if mode != "keep"):
@@ -202,8 +202,8 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
             else [stage_line(name, {**summary, "output": output})]
         print("\n".join(lines) + f"\n[{name}] done in {seconds:.1f} s", flush=True)
     out: dict[str, Any] = {"run_dir": str(Path(config.run_dir).resolve()), "report": None, "stages": results}
-    if report and importlib.util.find_spec("pipelines.report") is not None:
-        from pipelines.report import write_report
+    if report and importlib.util.find_spec("pipelines.tools.report") is not None:
+        from pipelines.tools.report import write_report
 
         out["report"] = str(write_report(Path(config.run_dir), results).resolve())
         print(f"report: {out['report']}", flush=True)
@@ -212,7 +212,7 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
 
 def dry_run(config: RunConfig) -> dict[str, Any]:
     """The plan and the training memory estimates; starts nothing."""
-    from pipelines.train_memory import memory_report
+    from pipelines.stages.train.memory import memory_report
 
     out: dict[str, Any] = {"run_dir": str(Path(config.run_dir).resolve()),
                            "plan": [step_name(k, s) for k, s in plan(config)]}

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from actors.models import ModelSpec
 from pipelines.config import RunConfig
-from pipelines.personas import join_personas
+from pipelines.stages.personas import join_personas
 
 POLICY_FOLDER = "model"  # <train stage>/model: the exported policy (safetensors + tokenizer)
 
@@ -39,7 +39,7 @@ def policy_spec(config: RunConfig, round_index: int) -> ModelSpec:
 
 def attach_personas(frame: pd.DataFrame, run_dir: Path | str, *, user_agnostic: bool) -> pd.DataFrame:
     """Add `persona_id` and `persona` to rows with `user_id` and `time`: the latest snapshot
-    built strictly before the turn (pipelines/personas.py). User-agnostic runs get none."""
+    built strictly before the turn (pipelines/stages/personas.py). User-agnostic runs get none."""
     frame = frame.copy()
     if user_agnostic or frame.empty:
         frame["persona_id"], frame["persona"] = None, ""

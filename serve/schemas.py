@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may carry (pipelines/config.py ServeConfig documents each)."""
+    """What one request may carry (pipelines/config/run.py ServeConfig documents each)."""
 
     max_candidates: int = 16
     max_messages: int = 64

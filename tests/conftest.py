@@ -84,7 +84,7 @@ def rewards_run(pipeline_run, tiny_models, tmp_path_factory):
     import shutil
 
     from pipelines.config import parse_config
-    from pipelines.rewards import run_rewards
+    from pipelines.stages.rewards import run_rewards
 
     source, _ = pipeline_run
     run_dir = tmp_path_factory.mktemp("rewards-run") / "run"

@@ -52,7 +52,7 @@ def test_same_config_twice_does_no_work(run_copy, capsys):
 
 
 def test_changed_setting_reruns_from_that_stage_and_a_killed_stage_is_redone(run_copy, monkeypatch):
-    import pipelines.personas
+    import pipelines.stages.personas
 
     changed = config_for(run_copy, personas={"cadence": 2})
     before = json.loads((run_copy / "personas" / "manifest.json").read_text())
@@ -60,7 +60,7 @@ def test_changed_setting_reruns_from_that_stage_and_a_killed_stage_is_redone(run
     def die(*args, **kwargs):
         raise KeyboardInterrupt("killed midway")
 
-    monkeypatch.setattr(pipelines.personas, "split_users", die)
+    monkeypatch.setattr(pipelines.stages.personas, "split_users", die)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(changed, report=False)
     # the old output stays in place, untouched; the half-written one is only a .tmp folder

@@ -15,14 +15,14 @@ import pytest
 from actors.engines.base import Completion, SamplingParams
 from actors.models import ModelSpec
 from actors.policy_sampler import PolicySampler
-from pipelines import eval_stats as stats
+from pipelines.stages.evaluate import stats
 from pipelines.config import BenchmarkConfig, parse_config
-from pipelines.eval_reasoning import extract_gsm8k, gsm8k_gold, matches, read_jsonl
-from pipelines.eval_items import EvalItem, benchmark_items, benchmark_path
-from pipelines.evaluate import (Arms, judge_pairs,
+from pipelines.stages.evaluate.reasoning import extract_gsm8k, gsm8k_gold, matches, read_jsonl
+from pipelines.stages.evaluate.items import EvalItem, benchmark_items, benchmark_path
+from pipelines.stages.evaluate.stage import (Arms, judge_pairs,
                                 reasoning_block, run_evaluate, win_block)
 from pipelines.schema import CONVERSATIONS, PERSONAS, USERS
-from pipelines.stage import StageWriter
+from pipelines.contract import StageWriter
 
 CANDIDATE = re.compile(r'<candidate id="([AB])">\n(.*?)\n</candidate>', re.S)
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.followup_rules import RulesClassifier
-from pipelines.followup_eval import (evaluate_backend, followup_examples, format_report,
+from pipelines.tools.followup_eval import (evaluate_backend, followup_examples, format_report,
                                      load_gold_labels, score)
 from tests.conftest import FOLLOWUP_LABELS, WILDCHAT_SAMPLE
 

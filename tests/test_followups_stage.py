@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from pipelines.followups import extract_followups
+from pipelines.stages.followups import extract_followups
 from pipelines.schema import CONVERSATIONS
 
 T = datetime(2024, 1, 1, tzinfo=timezone.utc)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.forget import LOG, forget_user, remove_rows
+from pipelines.tools.forget import LOG, forget_user, remove_rows
 from pipelines.schema import TABLES, check_schema
-from pipelines.stage import StageWriter, read_manifest
+from pipelines.contract import StageWriter, read_manifest
 
 USERS = {"alice": "train", "bob": "train", "eve": "eval"}
 LABELS = {"alice": "correction", "bob": "complaint", "eve": "reattempt_feedback"}

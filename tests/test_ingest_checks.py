@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pytest
 
-from pipelines.checks import check_records, filter_reason, structure_error, user_id
+from pipelines.stages.ingest.checks import check_records, filter_reason, structure_error, user_id
 from pipelines.config import Filters, IngestConfig
-from pipelines.sources import jsonl_records, wildchat_records
+from pipelines.stages.ingest.sources import jsonl_records, wildchat_records
 from tests.wildchat_rows import good_row, sample_rows, sample_schema
 
 
@@ -207,7 +207,7 @@ def test_identifiers_are_redacted_before_anything_downstream(redactor):
 
 
 def test_duplicates_keep_the_first_in_input_order_then_the_cap_applies():
-    from pipelines.ingest import decide_drops
+    from pipelines.stages.ingest.stage import decide_drops
 
     keys = pa.table({"task_id": [1, 0, 0, 1, 2], "row": [0, 0, 1, 1, 0],
                      "conversation_id": ["a", "a", "b", "c", "d"], "user_id": ["u", "u", "u", "u", "v"]})

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import parse_config
-from pipelines.ingest import run_ingest
+from pipelines.stages.ingest.stage import run_ingest
 from pipelines.schema import CONVERSATIONS, REJECTS
-from pipelines.sources import InputError
-from pipelines.stage import read_manifest
+from pipelines.stages.ingest.sources import InputError
+from pipelines.contract import read_manifest
 from tests.conftest import WILDCHAT_SAMPLE
 from tests.wildchat_rows import good_row, sample_schema, write_jsonl, write_wildchat
 

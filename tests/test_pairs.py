@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import parse_config
-from pipelines.pairs import EVAL_DATA, PairError, check_not_eval_data, check_pair, reward_pairs, run_pairs
+from pipelines.stages.pairs import EVAL_DATA, PairError, check_not_eval_data, check_pair, reward_pairs, run_pairs
 from pipelines.rounds import user_splits
 from pipelines.schema import PAIRS, REWRITES, SAMPLES, check_schema
-from pipelines.stage import StageWriter
+from pipelines.contract import StageWriter
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 QUESTION = {"role": "user", "content": "Capital of France?"}

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import parse_config
-from pipelines.rewrites import check_prompt
+from pipelines.stages.rewrites.stage import check_prompt
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_online_round_samples_with_the_trained_policy_and_trains_from_it(trained
 def test_simulated_users_end_to_end(ray_session, tiny_models, tmp_path):
     """Simulated users' logs (5/8) through every stage to a trained policy."""
     from pipelines.cli import run_stages
-    from pipelines.sim.generate import generate_logs
+    from sim.generate import generate_logs
     from test_sim import ScriptedEngine
 
     sim = tmp_path / "sim"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import re
 
-from pipelines.report import write_report
-from pipelines.stage import StageWriter
+from pipelines.tools.report import write_report
+from pipelines.contract import StageWriter
 from tests.test_forget import build_run
 
 PLOTS = ("stage_seconds.png", "followups_by_label.png", "pairs_by_source_label.png", "dpo_training.png")

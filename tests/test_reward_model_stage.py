@@ -19,7 +19,7 @@ from actors.prompts import render
 from actors.reward_model import RewardModel, init_trained_reward_model
 from pipelines.config import RunConfig
 from pipelines.schema import PERSONAS, REWRITES, USERS
-from pipelines.stage import StageWriter
+from pipelines.contract import StageWriter
 
 TOPICS = {"u-train-0": "Python code", "u-train-1": "French cooking", "u-train-2": "robot stories",
           "u-train-3": "Italian travel", "u-train-4": "tax forms", "u-train-5": "chess openings",
@@ -84,7 +84,7 @@ def stage_config(run_dir: Path, tiny_models, **settings) -> RunConfig:
 @pytest.fixture(scope="module")
 def trained_run(tiny_models, tmp_path_factory):
     """One trained stage shared by the tests that read its outputs."""
-    from pipelines.reward_model import run_reward_model
+    from pipelines.stages.train_reward_model import run_reward_model
 
     run_dir = tmp_path_factory.mktemp("run")
     write_run(run_dir, list(TOPICS), kept_for=set(TOPICS))
@@ -122,7 +122,7 @@ def test_the_saved_model_loads_as_the_trained_backend_and_ranks_chosen_first(tra
 
 
 def test_the_split_is_respected_no_eval_user_trains(trained_run):
-    from pipelines.reward_model import rewrite_pairs
+    from pipelines.stages.train_reward_model import rewrite_pairs
 
     run_dir, summary = trained_run
     pairs = rewrite_pairs(run_dir)
@@ -149,7 +149,7 @@ def test_training_encodes_pairs_exactly_as_scoring_does(encoder, tiny_models, tm
     import torch
 
     from actors.engines.reward_scorer import SequenceRewardScorer
-    from pipelines.reward_model import PairCollator, encode_pairs, rewrite_pairs
+    from pipelines.stages.train_reward_model import PairCollator, encode_pairs, rewrite_pairs
 
     write_run(tmp_path, ["u-train-0", "u-eval-0"], kept_for={"u-train-0", "u-eval-0"})
     pairs = rewrite_pairs(tmp_path)
@@ -167,7 +167,7 @@ def test_training_encodes_pairs_exactly_as_scoring_does(encoder, tiny_models, tm
 
 
 def test_the_stage_is_deterministic_for_a_seed(trained_run, tiny_models, tmp_path):
-    from pipelines.reward_model import run_reward_model
+    from pipelines.stages.train_reward_model import run_reward_model
 
     _, first = trained_run
     write_run(tmp_path, list(TOPICS), kept_for=set(TOPICS))
@@ -177,7 +177,7 @@ def test_the_stage_is_deterministic_for_a_seed(trained_run, tiny_models, tmp_pat
 
 
 def test_zero_training_pairs_is_a_clear_error_and_publishes_nothing(tiny_models, tmp_path):
-    from pipelines.reward_model import run_reward_model
+    from pipelines.stages.train_reward_model import run_reward_model
 
     write_run(tmp_path, list(TOPICS), kept_for={"u-eval-0", "u-eval-1"})
     with pytest.raises(RuntimeError, match=r"no training pairs.*rewrites/rewrites.*drop 'reward_model'"):

@@ -11,7 +11,7 @@ import pytest
 
 from actors.policy_sampler import Samples
 from pipelines.config import RewardsConfig, parse_config
-from pipelines.rewards import (apply_threshold, margin_zscore, pooled_std, quantile_cutoff, reward_prompts,
+from pipelines.stages.rewards import (apply_threshold, margin_zscore, pooled_std, quantile_cutoff, reward_prompts,
                                run_rewards, sample_and_score, sample_id, select_pair)
 from pipelines.rounds import attach_personas
 from pipelines.schema import CONVERSATIONS, FOLLOWUPS, PERSONAS, SAMPLES, check_schema

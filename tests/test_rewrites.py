@@ -13,9 +13,9 @@ from actors.judge import Judge
 from actors.policy_sampler import PolicySampler
 from actors.prompts import base_system_prompt
 from actors.rewriter import Rewriter
-from pipelines import quality
+from pipelines.stages.rewrites import quality
 from pipelines.config import QualityFilterConfig, RewritesConfig, parse_config
-from pipelines.rewrites import check_prompt, rewrite_rows, run_rewrites
+from pipelines.stages.rewrites.stage import check_prompt, rewrite_rows, run_rewrites
 from pipelines.schema import FEEDBACK_LABELS, REWRITES, check_schema
 
 SETTINGS = QualityFilterConfig(min_tokens=2, max_tokens=20, max_length_ratio=3.0, truncate_tokens=5)

@@ -11,10 +11,10 @@ import random
 import pytest
 
 from actors.engines import Completion
-from pipelines.sim.answers import all_value_combinations, write_answer
-from pipelines.sim.feedback import ASK, NAME, feedback_message
-from pipelines.sim.generate import generate_logs, make_users
-from pipelines.sim.profiles import PROPERTIES, check_answer, measure
+from sim.answers import all_value_combinations, write_answer
+from sim.feedback import ASK, NAME, feedback_message
+from sim.generate import generate_logs, make_users
+from sim.profiles import PROPERTIES, check_answer, measure
 
 
 class ScriptedEngine:
@@ -99,7 +99,7 @@ def test_logs_folder_holds_only_wildchat_parquet_and_profiles_stay_outside(sim_d
 
 
 def test_every_followup_has_a_label_by_construction(sim_dir):
-    from pipelines.followup_eval import followup_examples, load_gold_labels, read_conversations
+    from pipelines.tools.followup_eval import followup_examples, load_gold_labels, read_conversations
 
     out, summary = sim_dir
     gold = load_gold_labels(out / "followup_labels.jsonl")
@@ -110,7 +110,7 @@ def test_every_followup_has_a_label_by_construction(sim_dir):
 
 def test_rules_classifier_scores_on_simulated_followups(sim_dir):
     from actors.followup_rules import RulesClassifier
-    from pipelines.followup_eval import evaluate_backend
+    from pipelines.tools.followup_eval import evaluate_backend
 
     out, _ = sim_dir
     result = evaluate_backend(out / "logs", out / "followup_labels.jsonl",
@@ -121,7 +121,7 @@ def test_rules_classifier_scores_on_simulated_followups(sim_dir):
 
 
 def test_cli_sim_generate_writes_logs_and_prints_json(monkeypatch, tmp_path, capsys):
-    import pipelines.sim.generate as gen
+    import sim.generate as gen
     from pipelines.cli import main
 
     seen = []  # the model option reaches the engine factory; the scripted policy answers
@@ -134,7 +134,7 @@ def test_cli_sim_generate_writes_logs_and_prints_json(monkeypatch, tmp_path, cap
 
 
 def test_warmstart_data_covers_every_property_value():
-    from pipelines.sim.warmstart import sft_examples
+    from sim.warmstart import sft_examples
 
     seen = {p: set() for p in PROPERTIES}
     for chat in sft_examples(96, random.Random(0)):
@@ -145,8 +145,8 @@ def test_warmstart_data_covers_every_property_value():
 
 def test_warmstart_chats_are_the_policy_prompt_and_obey_the_constraint_phrase(monkeypatch):
     from actors.prompts import base_system_prompt
-    from pipelines.sim import warmstart
-    from pipelines.sim.feedback import ASK
+    from sim import warmstart
+    from sim.feedback import ASK
 
     monkeypatch.setitem(warmstart.RECIPE, "constrained_share", 1.0)
     rng = random.Random(3)
@@ -161,7 +161,7 @@ def test_warmstart_chats_are_the_policy_prompt_and_obey_the_constraint_phrase(mo
 
 
 def test_warmstart_rewrite_chats_fix_the_one_value_the_feedback_names():
-    from pipelines.sim import warmstart
+    from sim import warmstart
 
     rng = random.Random(5)
     for _ in range(30):
@@ -186,7 +186,7 @@ PERSONA_VALUES = {"length": ("length", {"short": "short", "medium": "medium", "l
 
 def test_warmstart_personas_are_built_by_the_pipelines_backend_and_state_the_wanted_values():
     from actors.persona_extractive import DIMENSIONS
-    from pipelines.sim.warmstart import synthetic_persona
+    from sim.warmstart import synthetic_persona
 
     rng = random.Random(7)
     for _ in range(40):
@@ -235,7 +235,7 @@ class FollowingEngine:
 
 
 def test_diagnose_tells_a_role_that_follows_from_one_that_ignores():
-    from pipelines.sim.diagnose import CHECKS, diagnose
+    from sim.diagnose import CHECKS, diagnose
 
     following = diagnose(FollowingEngine(), n=22)
     assert all(following[c]["followed"] == 1.0 for c in CHECKS), following
@@ -244,7 +244,7 @@ def test_diagnose_tells_a_role_that_follows_from_one_that_ignores():
 
 
 def test_warmstart_is_built_once_then_cached(monkeypatch, tmp_path):
-    from pipelines.sim import warmstart
+    from sim import warmstart
 
     monkeypatch.setenv("RLHI_MODEL_CACHE", str(tmp_path))
     monkeypatch.setitem(warmstart.RECIPE, "steps", 2)      # the recipe, shrunk for speed
@@ -257,7 +257,7 @@ def test_warmstart_is_built_once_then_cached(monkeypatch, tmp_path):
 
 def test_written_logs_pass_ingest_with_nothing_rejected(ray_session, sim_dir, tmp_path):
     from pipelines.config import parse_config
-    from pipelines.ingest import run_ingest
+    from pipelines.stages.ingest.stage import run_ingest
 
     out, summary = sim_dir
     config = parse_config({"run_dir": str(tmp_path), "ingest": {"inputs": [str(out / "logs")]},

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import parse_config
-from pipelines.sim.arms import bootstrap_mean, paired_difference
-from pipelines.sim.experiment import ABLATIONS, ARMS, QUICK, pair_quality, pipeline_config, summarize
+from sim.arms import bootstrap_mean, paired_difference
+from sim.experiment import ABLATIONS, ARMS, QUICK, pair_quality, pipeline_config, summarize
 
 
 def test_bootstrap_interval_brackets_the_mean_and_repeats_with_the_seed():
@@ -57,8 +57,8 @@ def test_pair_quality_scores_each_train_pair_with_its_users_hidden_profile(tmp_p
     import pyarrow.parquet as pq
 
     from pipelines.schema import PAIRS
-    from pipelines.sim.answers import write_answer
-    from pipelines.sim.profiles import PROPERTIES, sample_profile
+    from sim.answers import write_answer
+    from sim.profiles import PROPERTIES, sample_profile
 
     rng = random.Random(0)
     profile = sample_profile(rng, 0, "u1")
@@ -101,7 +101,7 @@ def test_ablations_differ_from_rlhi_only_in_their_switch(tmp_path):
 @pytest.mark.experiment   # ~8 minutes on 2 cores (plus ~12 to build the warm-start once): make experiment
 @pytest.mark.slow
 def test_quick_experiment_rlhi_beats_base(ray_session, tmp_path):
-    from pipelines.sim.experiment import run_experiment
+    from sim.experiment import run_experiment
 
     result = run_experiment(quick=True, seed=0, out=tmp_path / "exp", log=lambda s: None)
     assert set(result["arms"]) == set(ARMS)

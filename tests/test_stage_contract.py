@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.stage import StageWriter, read_manifest
+from pipelines.contract import StageWriter, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_a_stage_killed_midway_leaves_no_folder_that_looks_finished(tmp_path):
     rows = sample_rows() * 80  # about 4,000 rows: long enough to be killed mid-stage
     data = write_wildchat(tmp_path / "big.parquet", rows)
     run_dir = tmp_path / "run"
-    code = ("from pipelines.config import parse_config; from pipelines.ingest import run_ingest; "
+    code = ("from pipelines.config import parse_config; from pipelines.stages.ingest.stage import run_ingest; "
             f"run_ingest(parse_config({{'run_dir': {str(run_dir)!r}, 'ingest': {{'inputs': [{str(data)!r}], "
             "'rows_per_task': 100}}), use_ray=False)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)

@@ -107,7 +107,7 @@ def test_served_rewriter_returns_one_rewrite_per_answer_in_order(served, tiny_mo
 # ---------------------------------------------------------------- the stages
 
 def test_run_rewards_scores_through_the_served_app(served, pipeline_run, tmp_path):
-    from pipelines.rewards import run_rewards
+    from pipelines.stages.rewards import run_rewards
 
     stage = {"rewards": {"n": 2, "max_prompts": 4, "batch_size": 2, "workers": 1}}
     via_serve = _stage_config(served, _copy_run(pipeline_run, tmp_path, "serve"),
@@ -132,7 +132,7 @@ def test_run_rewards_scores_through_the_served_app(served, pipeline_run, tmp_pat
 
 
 def test_run_rewrites_rewrites_through_the_served_app(served, pipeline_run, tmp_path):
-    from pipelines.rewrites import run_rewrites
+    from pipelines.stages.rewrites.stage import run_rewrites
 
     run_dir = _copy_run(pipeline_run, tmp_path)
     config = _stage_config(served, run_dir, rewrites={"batch_size": 2, "workers": 1, "max_followups": 2,
@@ -152,7 +152,8 @@ def test_run_rewrites_rewrites_through_the_served_app(served, pipeline_run, tmp_
 
 @pytest.mark.parametrize("stage", ["rewards", "rewrites"])
 def test_no_server_is_a_clear_error_before_ray_data_starts(stage, pipeline_run, tmp_path, monkeypatch):
-    from pipelines import rewards, rewrites
+    from pipelines.stages import rewards
+    from pipelines.stages.rewrites import stage as rewrites
     from serve.roles import ServeUnavailableError
 
     def must_not_run(*args, **kwargs):

@@ -1,4 +1,4 @@
-"""Stage `train`: persona-DPO on Ray Train (pipelines/train.py, pipelines/dpo_worker.py).
+"""Stage `train`: persona-DPO on Ray Train (pipelines/stages/train/stage.py, pipelines/stages/train/dpo_worker.py).
 
 Two real Ray Train runs on synthetic pairs with the tiny Llama (2 workers each): a worker
 killed mid-run and retried by FailureConfig, and a run whose driver gave up, rerun to
@@ -17,10 +17,10 @@ import pytest
 
 from actors.prompts import base_system_prompt
 from pipelines.config import TrainConfig, load_config, parse_config
-from pipelines.dpo_worker import coverage, load_pair_datasets, read_ledger
+from pipelines.stages.train.dpo_worker import coverage, load_pair_datasets, read_ledger
 from pipelines.schema import PAIRS
-from pipelines.stage import StageWriter
-from pipelines.train_memory import architecture, estimate, memory_report
+from pipelines.contract import StageWriter
+from pipelines.stages.train.memory import architecture, estimate, memory_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def train_config(run_dir: Path, policy: Path, **train) -> "RunConfig":  # noqa: 
 # ---- plain functions ------------------------------------------------------------------------
 
 def test_pair_datasets_are_ordered_split_and_cut_to_whole_global_batches(tmp_path, tiny_models):
-    from pipelines.dpo_worker import load_policy_tokenizer
+    from pipelines.stages.train.dpo_worker import load_policy_tokenizer
 
     write_pairs_stage(tmp_path, n_train=15, n_eval=3)
     tokenizer = load_policy_tokenizer(str(tiny_models.causal_lm))
@@ -122,7 +122,7 @@ def test_dry_run_prints_plan_and_memory_without_starting_ray(capsys):
 @pytest.fixture(scope="module")
 def killed_and_retried(ray_session, tiny_models, tmp_path_factory):
     """2 workers, 2 epochs of 4 steps; a worker dies at step 3, FailureConfig retries."""
-    from pipelines.train import run_train
+    from pipelines.stages.train.stage import run_train
 
     run_dir = write_pairs_stage(tmp_path_factory.mktemp("train-killed"))
     config = train_config(run_dir, tiny_models.causal_lm)
@@ -163,7 +163,7 @@ def test_train_stage_outputs_checkpoints_metrics_and_a_loadable_policy(killed_an
 
 
 def test_rerun_after_a_failed_run_resumes_from_its_checkpoint(ray_session, tiny_models, tmp_path):
-    from pipelines.train import run_train
+    from pipelines.stages.train.stage import run_train
 
     run_dir = write_pairs_stage(tmp_path)
     config = train_config(run_dir, tiny_models.causal_lm, max_failures=0, epochs=1)
@@ -176,7 +176,7 @@ def test_rerun_after_a_failed_run_resumes_from_its_checkpoint(ray_session, tiny_
 
 
 def test_too_few_pairs_for_one_global_batch_is_a_clear_error(ray_session, tiny_models, tmp_path):
-    from pipelines.train import run_train
+    from pipelines.stages.train.stage import run_train
 
     run_dir = write_pairs_stage(tmp_path, n_train=3, n_eval=1)
     with pytest.raises(RuntimeError, match="3 training pairs.*one global batch needs 4"):

@@ -35,7 +35,7 @@ def two_nodes():
 def test_dpo_with_one_worker_per_node_completes(two_nodes, tmp_path):
     import ray
 
-    from pipelines.train import run_train
+    from pipelines.stages.train.stage import run_train
     from test_train import train_config, write_pairs_stage
     from tiny_models import build_all
 

@@ -1,6 +1,6 @@
 """The simulated-user experiment: does RLHI make a policy satisfy users it has only read about?
 
-    python -m pipelines.sim.experiment --quick [--users N] [--seed S] [--out DIR] [--json]
+    python -m sim.experiment --quick [--users N] [--seed S] [--out DIR] [--json]
 
 Top to bottom (Jin et al. 2025, sec. 4 in miniature, with a checkable ground truth):
 1. Simulated users with hidden profiles talk to the warm-start policy (`generate_logs`).
@@ -31,10 +31,10 @@ from typing import Any, Callable
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.sim.arms import Arm, EvalUser, bootstrap_mean, evaluate_arm, paired_difference, sft_rows, train_sft
-from pipelines.sim.diagnose import CHECKS, diagnose_model
-from pipelines.sim.profiles import Profile, check_answer
-from pipelines.sim.warmstart import REWRITE_PROMPT
+from sim.arms import Arm, EvalUser, bootstrap_mean, evaluate_arm, paired_difference, sft_rows, train_sft
+from sim.diagnose import CHECKS, diagnose_model
+from sim.profiles import Profile, check_answer
+from sim.warmstart import REWRITE_PROMPT
 
 ARMS = ("base", "base_persona", "sft", "rlhi", "user_agnostic", "from_scratch")
 ABLATIONS = {"rlhi": {}, "user_agnostic": {"user_agnostic": True},
@@ -244,8 +244,8 @@ def run_experiment(*, users: int | None = None, seed: int = 0, out: str | Path =
                    log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, Any]:
     """Run the whole experiment into `out`; returns the result (arms, paired differences,
     seconds, sizes) also written to `out/results.json`, `out/results.md`, `out/results.png`."""
-    from pipelines.sim.generate import generate_logs
-    from pipelines.sim.warmstart import ensure_warmstart
+    from sim.generate import generate_logs
+    from sim.warmstart import ensure_warmstart
 
     t0 = time.perf_counter()
     sizes = sizes or (QUICK if quick else Sizes())

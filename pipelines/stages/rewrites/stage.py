@@ -18,7 +18,7 @@ follow-up or anything after it.
 
 Top to bottom: read the eligible follow-ups and their personas, mark those over the cap,
 run `rewrite_rows` batch by batch in a Ray Data actor pool (sampler, rewriter and judge
-built once per actor), filter with pipelines/quality.py, write every follow-up's row.
+built once per actor), filter with pipelines/stages/rewrites/quality.py, write every follow-up's row.
 
 With `rewrites.rewriter_via: serve` the actors send the rewrites to the running `rlhi
 serve` app (serve/roles.py ServedRewriter, POST /v1/rewrite) instead of loading the
@@ -38,11 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import quality
+from pipelines.stages.rewrites import quality
 from pipelines.config import RewritesConfig, RunConfig
 from pipelines.rounds import actor_gpus, attach_personas, policy_spec, round_dir
 from pipelines.schema import FOLLOWUPS, REWRITES, check_schema
-from pipelines.stage import StageWriter, require_stage
+from pipelines.contract import StageWriter, require_stage
 
 if TYPE_CHECKING:
     from serve.roles import Endpoint
@@ -75,7 +75,7 @@ def check_prompt(prompt: Sequence[dict], context: Sequence[dict], message: str, 
         problem = "contains the follow-up message"
     if problem:
         raise ValueError(f"follow-up {followup_id}: the DPO prompt {problem}; the prompt must be "
-                         "the policy prompt of the context before the answer (pipelines/rewrites.py)")
+                         "the policy prompt of the context before the answer (pipelines/stages/rewrites/stage.py)")
 
 
 def rewrite_rows(rows: Sequence[dict[str, Any]], *, sampler, rewriter, judge,

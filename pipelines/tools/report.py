@@ -8,7 +8,7 @@ It reads no model and starts no Ray, so it costs seconds, and it never raises fo
 missing or unreadable optional table: the section says what was wrong instead.
 
 Tables are counted from the Parquet files rather than the summaries, so a report written
-after `rlhi forget` (pipelines/forget.py) shows the rows that are left.
+after `rlhi forget` (pipelines/tools/forget.py) shows the rows that are left.
 
 The evaluation section reads `<run_dir>/evaluate/summary.json` when the evaluate stage
 has written it. The keys it understands:
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipelines.schema import FOLLOWUP_LABELS  # noqa: E402
-from pipelines.stage import MANIFEST  # noqa: E402
+from pipelines.contract import MANIFEST  # noqa: E402
 
 REPORT_DIR = "report"
 RUN_STAGES = ("ingest", "followups", "personas", "rewrites", "reward_model", "rewards", "pairs", "train")

@@ -2,14 +2,14 @@
 
 Top to bottom:
 1. plan: check every input file on the driver and split it into read tasks
-   (pipelines/sources.py); a file that cannot be read fails here, naming it;
+   (pipelines/stages/ingest/sources.py); a file that cannot be read fails here, naming it;
 2. check: a Ray Data actor pool streams the tasks; per row, structure rules, filters and
-   redaction (pipelines/checks.py); each task writes its kept rows and rejects as Parquet
+   redaction (pipelines/stages/ingest/checks.py); each task writes its kept rows and rejects as Parquet
    parts, so row data never passes through the driver;
 3. decide: on the driver, from the kept rows' keys alone (two short strings a row),
    duplicates (same conversation_id, the first in input order kept) and the per-user cap;
 4. finalize: parts with no row to drop are moved as they are, the others rewritten; the
-   stage folder is published atomically (pipelines/stage.py).
+   stage folder is published atomically (pipelines/contract.py).
 
 Every input row ends in exactly one place: `conversations`, or `rejects` with status
 "filtered" (a configured filter) or "rejected" (malformed) and a reason; the summary
@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.checks import check_records, reject_row
+from pipelines.stages.ingest.checks import check_records, reject_row
 from pipelines.config import IngestConfig, RunConfig
 from pipelines.schema import REJECTS
-from pipelines.sources import InputError, ReadTask, detect_format, plan_file, read_task_records, resolve_inputs
-from pipelines.stage import StageWriter, fingerprint
+from pipelines.stages.ingest.sources import InputError, ReadTask, detect_format, plan_file, read_task_records, resolve_inputs
+from pipelines.contract import StageWriter, fingerprint
 
 STAGE = "ingest"
 

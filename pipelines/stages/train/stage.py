@@ -2,7 +2,7 @@
 
 Top to bottom: read the round's pairs (training users only; evaluation users' pairs measure
 reward accuracy at the end), check that Ray has the workers' resources, run a
-`TorchTrainer` whose workers each run `pipelines/dpo_worker.py`, then publish the exported
+`TorchTrainer` whose workers each run `pipelines/stages/train/dpo_worker.py`, then publish the exported
 policy, the checkpoints, the per-step metrics and the ledger of pairs seen.
 
 Checkpoints live under `<round_dir>/.train-storage/<key>/` while the stage runs (`key`
@@ -26,10 +26,10 @@ from typing import Any
 
 from actors.models import resolve_model
 from pipelines.config import RunConfig
-from pipelines.dpo_worker import (EXPORT, RESULT, coverage, load_policy_tokenizer, prepare_pairs,
+from pipelines.stages.train.dpo_worker import (EXPORT, RESULT, coverage, load_policy_tokenizer, prepare_pairs,
                                   read_ledger, train_loop_per_worker)
 from pipelines.rounds import POLICY_FOLDER, policy_spec, round_dir
-from pipelines.stage import StageWriter, require_stage
+from pipelines.contract import StageWriter, require_stage
 
 STAGE = "train"
 STORAGE = ".train-storage"

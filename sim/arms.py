@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pipelines.sim.profiles import Profile, check_answer
-from pipelines.sim.requests import make_request
+from sim.profiles import Profile, check_answer
+from sim.requests import make_request
 
 BOOTSTRAP_SAMPLES = 2000
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from pipelines.sim.profiles import MIN_BULLETS, PROPERTIES, measure
+from sim.profiles import MIN_BULLETS, PROPERTIES, measure
 
 # Neutral sentences (no contractions, no "!"): usable in either register.
 TOPIC_SENTENCES = {

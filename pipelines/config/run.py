@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, PositiveInt, ValidationError, field_valid
 
 from actors.models import ModelSpec
 from pipelines.redact import REDACTION_KINDS
-from pipelines.config_learning import (_Section, AblationConfig, BenchmarkConfig, EvaluateConfig,  # noqa: F401
+from pipelines.config.learning import (_Section, AblationConfig, BenchmarkConfig, EvaluateConfig,  # noqa: F401
                                       LoraSettings, OnlineConfig, QualityFilterConfig, RewardModelConfig,
                                       RewardsConfig, RewritesConfig, TrainConfig)
 
@@ -111,7 +111,7 @@ class FollowupsConfig(_Section):
 
 
 class PersonasConfig(_Section):
-    """Persona snapshots per user (pipelines/personas.py)."""
+    """Persona snapshots per user (pipelines/stages/personas.py)."""
 
     backend: Literal["extractive", "llm"] = "extractive"
     """`extractive`: deterministic summary; `llm`: models.persona summarises the history."""

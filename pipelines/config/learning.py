@@ -1,5 +1,5 @@
 """Run configuration, part two: the sections of the learning stages (rewrites, rewards,
-reward_model, train, online rounds, evaluate) and the ablations. `pipelines/config.py`
+reward_model, train, online rounds, evaluate) and the ablations. `pipelines/config/run.py`
 holds the data stages, serving and `RunConfig`, and re-exports every class here, so
 `from pipelines.config import TrainConfig` works as before.
 """
@@ -50,7 +50,7 @@ class QualityFilterConfig(_Section):
 
 
 class RewritesConfig(_Section):
-    """Stage `rewrites`: user-guided rewrites from feedback follow-ups (pipelines/rewrites.py)."""
+    """Stage `rewrites`: user-guided rewrites from feedback follow-ups (pipelines/stages/rewrites/stage.py)."""
 
     rejected: Literal["regenerated", "original"] = "regenerated"
     """`regenerated` (the paper, on-policy): the policy re-answers the context and that is
@@ -120,7 +120,7 @@ class LoraSettings(_Section):
 
 
 class TrainConfig(_Section):
-    """Stage `train`: persona-DPO with TRL's DPOTrainer on Ray Train (pipelines/train.py)."""
+    """Stage `train`: persona-DPO with TRL's DPOTrainer on Ray Train (pipelines/stages/train/stage.py)."""
 
     sources: list[Literal["rewrite", "reward"]] = Field(default_factory=lambda: ["rewrite", "reward"])
     """Pair sources trained on."""
@@ -175,8 +175,8 @@ class BenchmarkConfig(_Section):
     """One benchmark file of the evaluate stage and the subset of it to run."""
 
     path: str
-    """JSON-lines file in the benchmark's own format (pipelines/eval_reasoning.py,
-    pipelines/evaluate.py); point it at the full set to evaluate all of it."""
+    """JSON-lines file in the benchmark's own format (pipelines/stages/evaluate/reasoning.py,
+    pipelines/stages/evaluate/stage.py); point it at the full set to evaluate all of it."""
     n: int = Field(8, ge=0)
     """Items to evaluate; 0 skips the benchmark."""
     subset: Literal["first", "sample"] = "first"

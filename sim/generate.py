@@ -30,9 +30,9 @@ import pyarrow.parquet as pq
 
 from actors.engines import GenerationEngine, SamplingParams, make_engine
 from actors.models import ModelSpec
-from pipelines.sim.feedback import FollowUp, feedback_message, thanks_message
-from pipelines.sim.profiles import Profile, check_answer, sample_profile
-from pipelines.sim.requests import SAMPLE, make_request
+from sim.feedback import FollowUp, feedback_message, thanks_message
+from sim.profiles import Profile, check_answer, sample_profile
+from sim.requests import SAMPLE, make_request
 
 SCHEMA = pq.read_schema(SAMPLE)  # WildChat's Hub schema, declared once by the data itself
 START = datetime(2024, 3, 1, tzinfo=timezone.utc)
@@ -221,7 +221,7 @@ def generate_logs(users: int, out: str | Path, *, seed: int = 0, model: str | No
     t0 = time.perf_counter()
     if engine is None:
         if model is None:
-            from pipelines.sim.warmstart import ensure_warmstart
+            from sim.warmstart import ensure_warmstart
 
             model = str(ensure_warmstart(log))
         engine = make_engine(ModelSpec(id=model, engine="transformers", batch_size=batch_size,

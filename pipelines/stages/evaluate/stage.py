@@ -10,9 +10,9 @@ Four blocks, each naming the judge (or scorer) behind its numbers:
   the persona too and compares the answers once per criterion (personalization,
   instruction following, overall), in both orders. Win / tie / loss with 95% intervals
   from a bootstrap over users, answer lengths, and a length-controlled win rate
-  (pipelines/eval_stats.py).
+  (pipelines/stages/evaluate/stats.py).
 - **Reasoning**: GSM8K and MATH-500 accuracy of both arms by math-verify
-  (pipelines/eval_reasoning.py); intervals resample problems.
+  (pipelines/stages/evaluate/reasoning.py); intervals resample problems.
 - **Arena-Hard v0.1**: both arms answer each question (no persona); judged overall.
 - **Judge quality**: position consistency (share of comparisons whose two orders agree; the
   Judge calls the others ties) and accuracy on pairs with a known better answer: a gold
@@ -22,7 +22,7 @@ Four blocks, each naming the judge (or scorer) behind its numbers:
 
 Generation and judging run in the driver process, batched by the engines: the stage is a
 few hundred prompts, and on a GPU one vLLM engine per model batches them better than a pool.
-What is asked (turns, benchmark items, known pairs) is built in pipelines/eval_items.py.
+What is asked (turns, benchmark items, known pairs) is built in pipelines/stages/evaluate/items.py.
 Output: `<run_dir>/evaluate/summary.json` (with `arms` for the run report),
 `judgements.jsonl` (one row per comparison) and `reasoning.jsonl` (one row per answer).
 """
@@ -37,12 +37,12 @@ from actors.engines import GenerationEngine, SamplingParams, make_engine
 from actors.judge import Judge
 from actors.models import ModelSpec
 from actors.policy_sampler import PolicySampler
-from pipelines import eval_reasoning as reasoning
-from pipelines import eval_stats as stats
+from pipelines.stages.evaluate import reasoning
+from pipelines.stages.evaluate import stats
 from pipelines.config import RunConfig
-from pipelines.eval_items import EvalItem, benchmark_items, benchmark_path, known_pairs, user_turns
+from pipelines.stages.evaluate.items import EvalItem, benchmark_items, benchmark_path, known_pairs, user_turns
 from pipelines.rounds import policy_spec, round_dir
-from pipelines.stage import StageWriter, fingerprint, require_stage
+from pipelines.contract import StageWriter, fingerprint, require_stage
 
 STAGE = "evaluate"
 # Each completes the judge prompt's "decide which of two candidate answers ...".

@@ -32,7 +32,7 @@ RUN_KEY: ContextVar[str | None] = ContextVar("rlhi_run_key", default=None)
 # When the driver started the step: a stage's own work may begin before its writer opens,
 # and the manifest's `seconds` should be the step's wall time.
 STEP_STARTED: ContextVar[float | None] = ContextVar("rlhi_step_started", default=None)
-_PACKAGES = ("actors", "pipelines", "serve")
+_PACKAGES = ("actors", "pipelines", "serve", "sim")
 _REPO = Path(__file__).resolve().parents[1]
 
 

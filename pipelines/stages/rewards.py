@@ -43,7 +43,7 @@ from actors.models import ModelSpec
 from pipelines.config import RewardsConfig, RunConfig
 from pipelines.rounds import actor_gpus, attach_personas, policy_spec, round_dir
 from pipelines.schema import FEEDBACK_LABELS, MESSAGES, SAMPLES, check_schema
-from pipelines.stage import StageWriter, require_stage
+from pipelines.contract import StageWriter, require_stage
 
 if TYPE_CHECKING:
     from serve.roles import Endpoint

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "wildchat" / "train-00000-of-00001.parquet"
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "wildchat" / "train-00000-of-00001.parquet"
 MIN_CHARS, MAX_CHARS = 15, 300  # no bare greetings, no pasted documents
 # Unflagged by moderation but asks for non-consensual image editing: not a request to replay.
 EXCLUDED_PHRASES = ("removing man clothes",)

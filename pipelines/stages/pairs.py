@@ -2,7 +2,7 @@
 
 Reads a round's kept rewrites (source `rewrite`: the rewrite is chosen, the regenerated or
 original answer rejected) and kept samples (source `reward`: best versus worst candidate,
-`pipelines.rewards.select_pair`), only the sources in `train.sources`. The prompt is used
+`pipelines.stages.rewards.select_pair`), only the sources in `train.sources`. The prompt is used
 as the upstream stage stored it: base system prompt + persona block + context, ending with
 the user turn answered. Rows are split by user (`user_splits`), so no user is on both sides.
 
@@ -23,13 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import RunConfig
-from pipelines.rewards import select_pair
+from pipelines.stages.rewards import select_pair
 from pipelines.rounds import round_dir, user_splits
 from pipelines.schema import PAIRS, REWRITES, SAMPLES, check_schema
-from pipelines.stage import StageWriter, read_manifest, require_stage
+from pipelines.contract import StageWriter, read_manifest, require_stage
 
 STAGE = "pairs"
-EVAL_DATA = Path(__file__).resolve().parents[1] / "data" / "eval"  # held-out benchmarks
+EVAL_DATA = Path(__file__).resolve().parents[2] / "data" / "eval"  # held-out benchmarks
 
 
 class PairError(ValueError):

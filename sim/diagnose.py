@@ -28,9 +28,9 @@ from actors.engines import GenerationEngine, make_engine
 from actors.models import ModelSpec
 from actors.policy_sampler import PolicySampler
 from actors.rewriter import Rewriter
-from pipelines.sim import answers, feedback, requests
-from pipelines.sim.profiles import PROPERTIES, TOPICS, measure
-from pipelines.sim.warmstart import REWRITE_PROMPT, ensure_warmstart, synthetic_persona
+from sim import answers, feedback, requests
+from sim.profiles import PROPERTIES, TOPICS, measure
+from sim.warmstart import REWRITE_PROMPT, ensure_warmstart, synthetic_persona
 
 CHECKS = ("policy", "rewriter", "persona")
 

@@ -50,8 +50,8 @@ from pathlib import Path
 from actors import persona_extractive, prompts
 from actors.models import model_cache_dir
 from actors.rewriter import rewrite_messages
-from pipelines.sim import answers, feedback, requests
-from pipelines.sim.profiles import PROPERTIES, TOPICS
+from sim import answers, feedback, requests
+from sim.profiles import PROPERTIES, TOPICS
 
 # Every knob of the recipe, named once; part of the cache key. Following a constraint is
 # what takes training: at 480 steps the policy followed a request's phrase no more often

@@ -22,7 +22,7 @@ What it records:
 - `<run_dir>/forget.jsonl` gains one line per call: the user id, the time, the rows
   removed per table and the weights listed. The id is stored as given: in this project it
   is already a pseudonym (a hash of WildChat's hashed IP and request headers, see
-  pipelines/sources.py), and the log must let an operator show which id was forgotten.
+  pipelines/stages/ingest/sources.py), and the log must let an operator show which id was forgotten.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.stage import MANIFEST
+from pipelines.contract import MANIFEST
 
 LOG = "forget.jsonl"
 # Folders under a stage that hold no user tables: Ray Train's storage and exported models.
@@ -153,7 +153,7 @@ def trained_on_user(run_dir: Path, user_id: str) -> tuple[list[dict], list[dict]
     A round's train stage trained on the user when its pairs table has the user's rows in
     the train split; round k > 0 starts from round k-1's policy (pipelines/rounds.py), so
     every later round inherits it. The reward model trains on round 0's kept rewrites of
-    train-split users (pipelines/reward_model.py).
+    train-split users (pipelines/stages/train_reward_model.py).
     """
     trained, derived, tainted = [], [], False
     splits = {r["split"] for r in user_rows(run_dir / "personas" / "users", user_id, ["split"])}

@@ -1,6 +1,6 @@
 """Per-row rules of ingest: structure, filters, user key, redaction.
 
-Plain functions over plain records (see pipelines/sources.py), so they are tested without
+Plain functions over plain records (see pipelines/stages/ingest/sources.py), so they are tested without
 Ray and shared by the Ray Data stage and the single-process baseline of bench/ingest.py.
 """
 from __future__ import annotations

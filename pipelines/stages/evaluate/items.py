@@ -16,12 +16,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines import eval_reasoning as reasoning
+from pipelines.stages.evaluate import reasoning
 from pipelines.config import BenchmarkConfig, RunConfig
-from pipelines.personas import turn_times
+from pipelines.stages.personas import turn_times
 from pipelines.rounds import attach_personas, user_splits
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from actors.models import ModelSpec
 from actors.reward_model import RewardModel, encoder_prompt_text, init_trained_reward_model
 from pipelines.config import RunConfig
 from pipelines.rounds import user_splits
-from pipelines.stage import StageWriter, require_stage
+from pipelines.contract import StageWriter, require_stage
 
 STAGE = "reward_model"
 MODEL_FOLDER = "model"  # <run_dir>/reward_model/model: what the rewards stage loads

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import RunConfig
 from pipelines.schema import CONVERSATIONS, FOLLOWUPS
-from pipelines.stage import StageWriter, require_stage
+from pipelines.contract import StageWriter, require_stage
 
 STAGE = "followups"
 UNLABELLED = [name for name in FOLLOWUPS.names if name not in ("label", "confidence", "backend", "unclassified_reason")]

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import PersonasConfig, RunConfig
 from pipelines.schema import FEEDBACK_LABELS, PERSONAS, USERS, check_schema
-from pipelines.stage import StageWriter, require_stage
+from pipelines.contract import StageWriter, require_stage
 
 STAGE = "personas"
 BEGINNING = datetime(1970, 1, 1, tzinfo=timezone.utc)
