@@ -6,11 +6,15 @@
     python data/wildchat-more/label_kit.py render-bundled        # the bundled sample with its gold labels (calibration)
     python data/wildchat-more/label_kit.py check PASS CHUNK      # a pass's label file for a chunk is complete and valid
     python data/wildchat-more/label_kit.py disagreements CHUNK   # the turns where passes a and b differ, in context
+    python data/wildchat-more/label_kit.py merge                 # followup_labels.jsonl + agreement.json (needs scikit-learn)
 
 A follow-up is a user turn right after an assistant turn; its key is the conversation's
 `conversation_hash` and the turn's `message_index` in `conversation`. Label files are JSONL,
 one line per follow-up: labels/pass-<a|b>/<chunk>.jsonl, labels/adjudicated/<chunk>.jsonl.
-Only pyarrow is needed.
+`merge` writes `followup_labels.jsonl` (every follow-up: the adjudicated label where the
+passes disagreed, else theirs; both passes' labels and preferences; the split) and
+`agreement.json` (Cohen's kappa of the two passes per label, one against the rest, for
+"carries feedback", and over all labels). Only pyarrow is needed, and scikit-learn for merge.
 """
 from __future__ import annotations
 
@@ -175,6 +179,52 @@ def disagreements(chunk: str) -> str:
     return "\n".join(out) or "(no disagreements)"
 
 
+def _prefs(item: dict) -> list[dict]:
+    return sorted(item.get("preferences", []), key=lambda p: (p["dimension"], str(p["value"])))
+
+
+def merge() -> dict:
+    """Write followup_labels.jsonl and agreement.json from the passes and the adjudication."""
+    from sklearn.metrics import cohen_kappa_score
+
+    rows, a_labels, b_labels = [], [], []
+    for chunk in sorted({r["chunk"] for r in split_rows()}):
+        a = {(x["conversation_hash"], x["message_index"]): x for x in read_labels(LABELS / "pass-a" / f"{chunk}.jsonl")}
+        b = {(x["conversation_hash"], x["message_index"]): x for x in read_labels(LABELS / "pass-b" / f"{chunk}.jsonl")}
+        settled = {(x["conversation_hash"], x["message_index"]): x
+                   for x in read_labels(LABELS / "adjudicated" / f"{chunk}.jsonl")}
+        for row in chunk_conversations(chunk):
+            for i in followup_indices(row["conversation"]):
+                key = (row["conversation_hash"], i)
+                la, lb = a[key], b[key]
+                agreed = la["label"] == lb["label"] and _prefs(la) == _prefs(lb)
+                if not agreed and key not in settled:
+                    raise SystemExit(f"{chunk}: {key} has no adjudicated label")
+                final = la if agreed else settled[key]
+                rows.append({"conversation_hash": key[0], "message_index": i, "label": final["label"],
+                             "feedback": final["label"] in FEEDBACK_LABELS, "preferences": _prefs(final),
+                             "rationale": final["rationale"], "split": chunk.split("-")[0], "chunk": chunk,
+                             "label_a": la["label"], "label_b": lb["label"], "preferences_a": _prefs(la),
+                             "preferences_b": _prefs(lb), "adjudicated": not agreed})
+                a_labels.append(la["label"])
+                b_labels.append(lb["label"])
+
+    def kappa(x: list, y: list) -> float | None:
+        return None if len(set(x) | set(y)) < 2 else round(float(cohen_kappa_score(x, y)), 3)
+
+    agreement = {"followups": len(rows), "raw_agreement": round(sum(x == y for x, y in zip(a_labels, b_labels)) / len(rows), 3),
+                 "kappa_all_labels": kappa(a_labels, b_labels),
+                 "kappa_carries_feedback": kappa([x in FEEDBACK_LABELS for x in a_labels],
+                                                 [y in FEEDBACK_LABELS for y in b_labels]),
+                 "kappa_per_label": {lab: kappa([x == lab for x in a_labels], [y == lab for y in b_labels])
+                                     for lab in FOLLOWUP_LABELS},
+                 "adjudicated": sum(r["adjudicated"] for r in rows),
+                 "per_split": {split: sum(r["split"] == split for r in rows) for split in ("dev", "test")}}
+    (HERE / "followup_labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (HERE / "agreement.json").write_text(json.dumps(agreement, indent=2) + "\n")
+    return agreement
+
+
 def main(argv: list[str]) -> int:
     command, *rest = argv or ["help"]
     if command == "split":
@@ -198,6 +248,8 @@ def main(argv: list[str]) -> int:
         return 1 if problems else 0
     elif command == "disagreements":
         print(disagreements(rest[0]))
+    elif command == "merge":
+        print(json.dumps(merge(), indent=2))
     else:
         print(__doc__)
     return 0
