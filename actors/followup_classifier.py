@@ -26,10 +26,10 @@ from typing import Any, Literal, Sequence
 from actors.batch import Batch, map_batch
 from actors.engines import GenerationEngine, make_engine, normalize
 from actors.engines.base import as_messages
+from actors.followup_labels import FOLLOWUP_LABELS
 from actors.followup_rules import RulesClassifier
 from actors.models import SMOLLM2, ModelSpec, as_spec
 from actors.prompts import fit_to_budget, render
-from pipelines.schema import FOLLOWUP_LABELS
 
 Backend = Literal["rules", "llm", "cascade"]
 # A rules `new_request` at or above this confidence skips the model in `cascade`; the

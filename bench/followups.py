@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.wildchat_synth import generate  # noqa: E402
 from pipelines.config import parse_config  # noqa: E402
+from pipelines.schema import table_path  # noqa: E402
 
 
 def prepare(workdir: Path, size: int) -> Path:
@@ -77,7 +78,7 @@ def single_process(run_dir: Path, batch_size: int) -> tuple[float, float, Counte
     counts: Counter = Counter()
     out = Path(tempfile.mkdtemp(prefix="followups-single-"))
     start = time.perf_counter()
-    for part in sorted((run_dir / "ingest" / "conversations").glob("*.parquet")):
+    for part in sorted(table_path(run_dir, "ingest", "conversations").glob("*.parquet")):
         labelled = label(classifier, pq.read_table(part, schema=CONVERSATIONS), batch_size)
         pq.write_table(labelled, out / part.name)
         counts.update(labelled.column("label").to_pylist())

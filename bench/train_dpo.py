@@ -41,7 +41,6 @@ import json
 import os
 import random
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -85,8 +84,7 @@ def make_pairs_run(run_dir: Path, tokenizer, pairs: int, seed: int) -> Path:
                      "persona_id": None, "conversation_id": f"c{i}", "followup_id": f"f{i}",
                      "sample_id": None, "round": 0})
     with StageWriter(run_dir, "pairs") as stage:
-        (stage.tmp / "pairs").mkdir()
-        pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), stage.tmp / "pairs" / "part-0.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), stage.table_dir("pairs") / "part-0.parquet")
         stage.commit(config_hash="bench", inputs=[], counts={"pairs": len(rows)}, seed=seed)
     return run_dir
 
@@ -121,6 +119,7 @@ def plain_trl(run_dir: Path, policy: str, steps: int, threads: int) -> dict[str,
     import torch
     from transformers import TrainerCallback
 
+    from pipelines.schema import table_path
     from pipelines.stages.train.dpo_worker import build_dpo_trainer
 
     class StepEnds(TrainerCallback):
@@ -132,7 +131,7 @@ def plain_trl(run_dir: Path, policy: str, steps: int, threads: int) -> dict[str,
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-dpo-trl-"))
     job = {"train": run_config(run_dir, policy, steps, 1).train.model_dump(mode="json"),
-           "pairs": str(run_dir / "pairs" / "pairs"), "policy": policy, "storage": str(scratch),
+           "pairs": str(table_path(run_dir, "pairs", "pairs")), "policy": policy, "storage": str(scratch),
            "scratch": str(scratch), "seed": 0, "save": False, "tensorboard": False}
     torch.set_num_threads(threads)
     callback = StepEnds()
@@ -159,19 +158,15 @@ def ray_stage(run_dir: Path, policy: str, steps: int, workers: int, precompute: 
 
 
 def loss_event_times(folder: Path) -> dict[int, float]:
-    """Step -> wall time of its `train/loss` scalar, read from TFRecord event files
-    (length, length CRC, Event proto, data CRC)."""
-    from tensorboardX.proto.event_pb2 import Event
+    """Step -> wall time of its `train/loss` scalar, read with TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     times: dict[int, float] = {}
     for path in sorted(folder.glob("events.out.tfevents.*")):
-        data, offset = path.read_bytes(), 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
-            offset += 12 + length + 4
-            if any(value.tag == "train/loss" for value in event.summary.value):
-                times[event.step] = event.wall_time
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        if "train/loss" in events.Tags()["scalars"]:
+            times.update({event.step: event.wall_time for event in events.Scalars("train/loss")})
     return times
 
 
@@ -199,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(policy)
+    tokenizer = AutoTokenizer.from_pretrained(policy, trust_remote_code=False)
     runs = {name: make_pairs_run(workdir / f"run-{name}", tokenizer, pairs, seed=0)
             for name in ("trl", "ray1", "ray2", "ray1-precompute")}
     load_before = os.getloadavg()

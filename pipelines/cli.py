@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from pipelines.config import InputFormat, RunConfig, UserKey, load_config, parse_config
+from pipelines.driver import add_run_arguments
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
@@ -37,30 +38,15 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
         ingest["skip_bad_files"] = True
     data = base.model_dump() | {"ingest": ingest, "run_dir": args.out, "stages": ["ingest"]}
     config = parse_config(data, "command line")
+    from pipelines.driver import run_stages
+
     return run_stages(config)["ingest"]
 
 
-def run_stages(config: RunConfig, **options: Any) -> dict[str, Any]:
-    """Run the configured stages and online rounds (pipelines/driver.py); print each.
-    Returns each step's summary by name (a skipped step: its manifest's counts)."""
-    from pipelines.driver import run_pipeline
-
-    result = run_pipeline(config, report=False, **options)
-    return {name: {**step["counts"], "output": step["output"]} for name, step in result["stages"].items()}
-
-
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.driver import dry_run, format_dry_run
+    from pipelines.driver import run_command
 
-    overrides = {"run_dir": args.out} if args.out else {}
-    config = load_config(args.config, overrides)
-    if args.dry_run:
-        report = dry_run(config)
-        print(format_dry_run(report))
-        return report
-    from pipelines.driver import run_pipeline
-
-    return run_pipeline(config, start=args.start, only=args.only)
+    return run_command(args)
 
 
 def followup_classify_batch(backend: str, config: RunConfig):
@@ -111,7 +97,7 @@ def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from pipelines.driver import evaluate_lines
+    from pipelines.console import evaluate_lines
     from pipelines.stages.evaluate.stage import run_evaluate
     from pipelines.runtime import start_ray
 
@@ -167,14 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(handler=cmd_ingest)
 
     run = commands.add_parser("run", help="run the stages of a run configuration")
-    run.add_argument("--config", required=True, metavar="FILE", help="run configuration YAML (e.g. configs/default.yaml)")
-    run.add_argument("--out", metavar="RUN_DIR", help="run directory (overrides run_dir in the config)")
-    run.add_argument("--from", dest="start", metavar="STEP",
-                     help="rerun STEP and every step after it (e.g. rewards, round-1/train); earlier ones are kept")
-    run.add_argument("--only", metavar="STEP", help="run only STEP (its inputs must exist)")
-    run.add_argument("--dry-run", action="store_true",
-                     help="start nothing: print the plan and the per-GPU memory estimate of each training setting")
-    run.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    add_run_arguments(run)
     run.set_defaults(handler=cmd_run)
 
     report = commands.add_parser("report", help="write RUN_DIR/report/report.md and its plots from a run's tables")

@@ -1,12 +1,14 @@
 """The stage contract every stage follows.
 
 A stage writes into a temporary folder beside its final one (`<run_dir>/.<stage>.tmp-*`)
-and renames it into place (`<run_dir>/<stage>/`) only when complete, with `manifest.json`
-written last before the rename. So a folder named after a stage always holds a finished
-stage; a crash leaves only a `.tmp-` folder, removed when the stage next starts.
+and renames it into place (`<run_dir>/<stage>/`, pipelines/schema.py `stage_dir`) only when
+complete, with `manifest.json` written last before the rename. So a folder named after a
+stage always holds a finished stage; a crash leaves only a `.tmp-` folder, removed when the
+stage next starts.
 
-The manifest records what the output depends on (configuration hash, input fingerprints,
-model ids and weight hashes, code version, seed) and its counts, so a rerun can tell
+The manifest records what the output depends on (the hash of the stage's settings as the
+registry declares them, input fingerprints, model ids and weight hashes, the hash of the
+code the stage runs, the seed, the driver's rerun key) and its counts, so a rerun can tell
 whether the stage must run again.
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
+
+from pipelines.schema import stage_dir
 
 MANIFEST = "manifest.json"
 # The driver's key for the stage being run (pipelines/driver.py): recorded in the manifest so
@@ -74,19 +78,20 @@ def code_version() -> dict[str, str]:
     return {"package": package_version, "source_sha256": digest.hexdigest()[:16]}
 
 
-def read_manifest(run_dir: Path | str, stage: str) -> dict[str, Any] | None:
+def read_manifest(run_dir: Path | str, stage: str, round_index: int = 0) -> dict[str, Any] | None:
     """The manifest of a finished stage, or None if the stage has not finished."""
-    path = Path(run_dir) / stage / MANIFEST
+    path = stage_dir(run_dir, stage, round_index) / MANIFEST
     if not path.is_file():
         return None
     return json.loads(path.read_text())
 
 
-def require_stage(run_dir: Path | str, stage: str) -> dict[str, Any]:
+def require_stage(run_dir: Path | str, stage: str, round_index: int = 0) -> dict[str, Any]:
     """The manifest of a stage another stage reads; an error saying what to run if missing."""
-    manifest = read_manifest(run_dir, stage)
+    manifest = read_manifest(run_dir, stage, round_index)
     if manifest is None:
-        raise RuntimeError(f"{run_dir}/{stage} is missing or unfinished: run the {stage} stage first")
+        raise RuntimeError(f"{stage_dir(run_dir, stage, round_index)} is missing or unfinished: "
+                           f"run the {stage} stage first")
     return manifest
 
 
@@ -94,15 +99,16 @@ def require_stage(run_dir: Path | str, stage: str) -> dict[str, Any]:
 class StageWriter:
     """Write one stage's output atomically.
 
-        with StageWriter(run_dir, "ingest") as stage:
-            write tables under stage.tmp
-            stage.commit(config_hash=..., inputs=..., counts=...)
+        with StageWriter(run_dir, "pairs", round_index) as stage:
+            write tables under stage.table_dir("pairs")
+            stage.commit(config=config, inputs=..., counts=...)
 
     Leaving the block without `commit` (an exception, a kill) publishes nothing.
     """
 
     run_dir: Path
     name: str
+    round_index: int = 0
     tmp: Path = field(init=False)
     started: float = field(init=False)
 
@@ -111,31 +117,60 @@ class StageWriter:
 
     @property
     def final(self) -> Path:
-        return self.run_dir / self.name
+        return stage_dir(self.run_dir, self.name, self.round_index)
+
+    @property
+    def folder(self) -> Path:
+        """The round's folder the stage is published in."""
+        return self.final.parent
+
+    def table_dir(self, table: str) -> Path:
+        """A new, empty folder for one of the stage's tables inside the unfinished output."""
+        path = self.tmp / table
+        path.mkdir()
+        return path
 
     def __enter__(self) -> "StageWriter":
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.run_dir.glob(f".{self.name}.tmp-*"):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob(f".{self.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        self.tmp = self.run_dir / f".{self.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.folder / f".{self.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
         self.started = time.time()
         self._committed = False
         return self
 
-    def commit(self, *, config_hash: str, inputs: list[dict[str, Any]], counts: dict[str, Any],
-               seed: int, models: list[dict[str, Any]] | None = None,
-               upstream: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Write the manifest, then move the finished folder into place. `upstream` maps
-        the stages read to their manifests; each is recorded by its config hash and start."""
+    def commit(self, *, counts: dict[str, Any], config: Any = None, inputs: list[dict[str, Any]] | None = None,
+               models: list[dict[str, Any]] | None = None, upstream: dict[str, dict[str, Any]] | None = None,
+               config_hash: str | None = None, seed: int | None = None) -> dict[str, Any]:
+        """Write the manifest, then move the finished folder into place.
+
+        `config` (the RunConfig) gives the settings hash, the seed and the code hash of the
+        stage as the registry declares them (pipelines/registry.py); a hand-made stage
+        outside the registry (tests, benchmarks) passes `config_hash` and `seed` instead.
+        `upstream` maps the stages read to their manifests; each is recorded by its config
+        hash and start."""
+        from pipelines.registry import BY_NAME, settings_hash
+
+        code = None
+        if config is not None:
+            from pipelines.code_hash import code_hash
+
+            config_hash, seed = settings_hash(config, self.name), config.seed
+            stage = BY_NAME[self.name]
+            code = {"module": stage.module, "sha256": code_hash(stage.module), "settings": list(stage.settings)}
+        if config_hash is None:
+            raise ValueError(f"stage {self.name!r}: commit() needs the run config (or a config_hash)")
         started = min(self.started, STEP_STARTED.get() or self.started)
         manifest = {
             "stage": self.name,
+            "round": self.round_index,
             "config_hash": config_hash,
-            "inputs": inputs,
+            "inputs": inputs or [],
             "upstream": {name: f"{m['config_hash']}:{m['started_at']}" for name, m in (upstream or {}).items()},
             "models": models or [],
             "code_version": code_version(),
+            "code": code,
             "seed": seed,
             "counts": counts,
             "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),

@@ -1,14 +1,19 @@
-"""Arrow schemas of every table a run writes, declared once and imported everywhere.
+"""Arrow schemas of every table a run writes, and where each lives, declared once.
 
-Each stage writes Parquet under `<run_dir>/<stage>/<table>/` with exactly these schemas, so
-any table can be read back with pandas, DuckDB or `pyarrow.dataset` and checked against
-them. Column order is part of the contract.
+Each stage writes Parquet under `<run_dir>/<stage>/<table>/` (round k >= 1 of the online
+stages under `<run_dir>/round-<k>/<stage>/<table>/`) with exactly these schemas, so any
+table can be read back with pandas, DuckDB or `pyarrow.dataset` and checked against them.
+Column order is part of the contract. `table_path` and `stage_dir` are the only way code
+names a place inside a run directory.
 """
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pyarrow as pa
+
+from actors.followup_labels import FEEDBACK_LABELS, FOLLOWUP_LABELS  # noqa: F401
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -24,10 +29,8 @@ TURN = pa.struct([
     ("turn_identifier", pa.int64()),
 ])
 
-# Follow-up labels (DESIGN.md). The first three carry feedback and feed rewrites.
-FOLLOWUP_LABELS = ("reattempt_feedback", "correction", "complaint",
-                   "clarification", "positive", "new_request")
-FEEDBACK_LABELS = frozenset(FOLLOWUP_LABELS[:3])
+# Follow-up labels belong to the classifier role (actors/followup_labels.py); re-exported
+# here beside the tables that carry them.
 
 # Where each row came from: the input file and the row's index in it (the Parquet row
 # number, or the 0-based line number of a JSONL file).
@@ -137,6 +140,8 @@ SAMPLES = pa.schema([
     ("status", pa.string()),              # "kept" (became a pair) or "filtered"
     ("reason", pa.string()),              # why no pair: e.g. below_threshold, tied_scores
     ("margin", pa.float32()),             # best - worst score; null with fewer than 2
+    ("chosen_index", pa.int32()),         # the pair's candidates when kept (best, worst); else null
+    ("rejected_index", pa.int32()),
 ])
 
 PAIR_SOURCES = ("rewrite", "reward")
@@ -168,6 +173,45 @@ TABLES: dict[str, pa.Schema] = {
     "samples": SAMPLES,
     "pairs": PAIRS,
 }
+
+
+MODEL_FOLDER = "model"
+# The stage that writes each table.
+TABLE_STAGE = {"conversations": "ingest", "rejects": "ingest", "followups": "followups",
+               "personas": "personas", "users": "personas", "rewrites": "rewrites",
+               "samples": "rewards", "pairs": "pairs"}
+
+
+def round_dir(run_dir: Path | str, round_index: int = 0) -> Path:
+    """The folder round `round_index`'s stages write into: the run directory for round 0,
+    `<run_dir>/round-<k>/` for online round k."""
+    run_dir = Path(run_dir)
+    return run_dir if round_index == 0 else run_dir / f"round-{round_index}"
+
+
+def run_rounds(run_dir: Path | str) -> list[int]:
+    """The rounds a run directory holds: 0, then every online round with a folder."""
+    later = [int(p.name[6:]) for p in Path(run_dir).glob("round-*") if p.name[6:].isdigit()]
+    return [0, *sorted(later)]
+
+
+def stage_dir(run_dir: Path | str, stage: str, round_index: int = 0) -> Path:
+    """A finished stage's folder (its tables, summary.json, manifest.json, models)."""
+    return round_dir(run_dir, round_index) / stage
+
+
+def model_path(run_dir: Path | str, stage: str, round_index: int = 0) -> Path:
+    """Where a model-training stage (train, reward_model) exports its model: a folder that
+    `from_pretrained` loads (safetensors, config, tokenizer)."""
+    return stage_dir(run_dir, stage, round_index) / MODEL_FOLDER
+
+
+def table_path(run_dir: Path | str, stage: str, table: str, round_index: int = 0) -> Path:
+    """The folder of one table (Parquet parts) of a stage in a round."""
+    if TABLE_STAGE.get(table) != stage:
+        raise ValueError(f"table {table!r} is not written by stage {stage!r}; the tables are "
+                         + ", ".join(f"{t} ({s})" for t, s in TABLE_STAGE.items()))
+    return stage_dir(run_dir, stage, round_index) / table
 
 
 def conversation_id(user_id: str, conversation_hash: str, first_turn_key: str) -> str:

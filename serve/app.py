@@ -172,27 +172,27 @@ def _scaling(app: ServeAppConfig) -> dict[str, Any]:
 
 def build_app(config: RunConfig, digest: str):
     """The Serve application of `config.serve` with the models of `config.models`."""
-    cfg, models = config.serve, config.models
-    limits = Limits(max_candidates=cfg.max_candidates, max_messages=cfg.max_messages,
-                    max_chars=cfg.max_chars, max_tokens=cfg.max_tokens)
+    settings, models = config.serve, config.models
+    limits = Limits(max_candidates=settings.max_candidates, max_messages=settings.max_messages,
+                    max_chars=settings.max_chars, max_tokens=settings.max_tokens)
     reward = rewrite = chat = None
-    if cfg.reward.enabled:
-        reward = RewardReplica.options(**_scaling(cfg.reward)).bind(
-            cfg.reward.backend, models.reward.model_dump(), cfg.reward.max_batch_size,
-            cfg.reward.batch_wait_timeout_s)
-    if cfg.rewrite.enabled:
-        rewrite = RewriteReplica.options(**_scaling(cfg.rewrite)).bind(
-            models.rewriter.model_dump(), cfg.max_tokens, cfg.rewrite.max_batch_size,
-            cfg.rewrite.batch_wait_timeout_s)
-    if cfg.chat.enabled:
-        run_dir = cfg.run_dir or config.run_dir
-        chat = ChatReplica.options(**_scaling(cfg.chat)).bind(
-            models.policy.model_dump(), cfg.max_tokens, str(Path(run_dir).resolve()))
-    gateway = make_gateway(limits, digest, cfg.max_body_bytes, cfg.request_timeout_s)
+    if settings.reward.enabled:
+        reward = RewardReplica.options(**_scaling(settings.reward)).bind(
+            settings.reward.backend, models.reward.model_dump(), settings.reward.max_batch_size,
+            settings.reward.batch_wait_timeout_s)
+    if settings.rewrite.enabled:
+        rewrite = RewriteReplica.options(**_scaling(settings.rewrite)).bind(
+            models.rewriter.model_dump(), settings.max_tokens, settings.rewrite.max_batch_size,
+            settings.rewrite.batch_wait_timeout_s)
+    if settings.chat.enabled:
+        run_dir = settings.run_dir or config.run_dir
+        chat = ChatReplica.options(**_scaling(settings.chat)).bind(
+            models.policy.model_dump(), settings.max_tokens, str(Path(run_dir).resolve()))
+    gateway = make_gateway(limits, digest, settings.max_body_bytes, settings.request_timeout_s)
     # The gateway only routes: no CPU reserved, and enough slots for every client at once.
-    return gateway.options(num_replicas=cfg.ingress_replicas, max_ongoing_requests=1024,
+    return gateway.options(num_replicas=settings.ingress_replicas, max_ongoing_requests=1024,
                            ray_actor_options={"num_cpus": 0}).bind(
-        reward, rewrite, chat, cfg.reward.backend)
+        reward, rewrite, chat, settings.reward.backend)
 
 
 def app_builder(args: dict[str, Any]):

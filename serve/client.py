@@ -4,19 +4,20 @@
     client.score(persona, messages, ["answer A", "answer B"])   # -> [0.71, 0.12]
 
 Every call carries a request id (kept across its retries, so server logs line up), a
-timeout, and bounded retries with exponential backoff and jitter on connection errors and
-5xx (a replica restarting answers 503). 4xx are the caller's to fix and never retried.
+timeout, and bounded retries (tenacity, over one httpx client) with exponential backoff and
+jitter on connection errors and 5xx (a replica restarting answers 503). 4xx are the
+caller's to fix and never retried.
 Thread-safe: one client may serve many threads; `retries` counts retries across them.
 """
 from __future__ import annotations
 
-import random
 import threading
 import time
 import uuid
 from typing import Any, Sequence
 
-import requests
+import httpx
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 RETRY_STATUS = frozenset({500, 502, 503, 504})
 
@@ -30,19 +31,25 @@ class ServeError(RuntimeError):
         self.status, self.request_id, self.body = status, request_id, body
 
 
+class _Transient(Exception):
+    """One attempt that may succeed when tried again (connection error, timeout, 5xx)."""
+
+    def __init__(self, message: str, status: int | None = None, body: Any = None) -> None:
+        super().__init__(message)
+        self.message, self.status, self.body = message, status, body
+
+
 class RLHIClient:
     """Calls /v1/score, /v1/rewrite, /v1/chat/completions and /healthz."""
 
     def __init__(self, base_url: str, token: str | None, *, timeout_s: float = 60.0,
-                 max_retries: int = 5, backoff_s: float = 0.2, max_backoff_s: float = 5.0,
-                 session: requests.Session | None = None) -> None:
+                 max_retries: int = 5, backoff_s: float = 0.2, max_backoff_s: float = 5.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
-        self._local = threading.local()
-        self._session = session
+        self.http = httpx.Client(timeout=timeout_s)  # thread-safe, pools connections
         self._lock = threading.Lock()
         self.retries = 0
         """Retries made so far by this client (all threads)."""
@@ -69,8 +76,8 @@ class RLHIClient:
     def healthy(self) -> bool:
         """True once every app of the server is running."""
         try:
-            return self._http().get(f"{self.base_url}/healthz", timeout=self.timeout_s).ok
-        except requests.RequestException:
+            return self.http.get(f"{self.base_url}/healthz").is_success
+        except httpx.HTTPError:
             return False
 
     def wait_healthy(self, timeout_s: float = 120.0, poll_s: float = 0.5) -> None:
@@ -89,47 +96,35 @@ class RLHIClient:
         headers = {"X-Request-ID": request_id}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        last: tuple[str, int | None, Any] = ("no attempt", None, None)
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self._count_retry()
-                time.sleep(self._backoff(attempt))
+
+        def attempt() -> dict[str, Any]:
             try:
-                response = self._http().post(f"{self.base_url}{path}", json=body,
-                                             headers=headers, timeout=self.timeout_s)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                last = (f"{type(exc).__name__} calling {path}", None, None)
-                continue
+                response = self.http.post(f"{self.base_url}{path}", json=body, headers=headers)
+            except httpx.TransportError as exc:  # connection refused or reset, timeouts
+                raise _Transient(f"{type(exc).__name__} calling {path}") from exc
             if response.status_code < 400:
                 return response.json()
             detail = _json_or_text(response)
             if response.status_code not in RETRY_STATUS:
-                raise ServeError(f"{path} refused the request: {detail}",
-                                 response.status_code, request_id, detail)
-            last = (f"{path} failed: {detail}", response.status_code, detail)
-        message, status, detail = last
-        raise ServeError(f"{message}; gave up after {self.max_retries} retries", status,
-                         request_id, detail)
+                raise ServeError(f"{path} refused the request: {detail}", response.status_code, request_id, detail)
+            raise _Transient(f"{path} failed: {detail}", response.status_code, detail)
 
-    def _backoff(self, attempt: int) -> float:
         # Full jitter: concurrent clients that failed together do not retry together.
-        cap = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-        return random.uniform(cap / 2, cap)
+        retrying = Retrying(stop=stop_after_attempt(self.max_retries + 1), reraise=True,
+                            wait=wait_random_exponential(multiplier=self.backoff_s, max=self.max_backoff_s),
+                            retry=retry_if_exception_type(_Transient), before_sleep=lambda _: self._count_retry())
+        try:
+            return retrying(attempt)
+        except _Transient as last:
+            raise ServeError(f"{last.message}; gave up after {self.max_retries} retries", last.status,
+                             request_id, last.body) from None
 
     def _count_retry(self) -> None:
         with self._lock:
             self.retries += 1
 
-    def _http(self) -> requests.Session:
-        # requests.Session is not thread-safe: one per thread unless the caller gave one.
-        if self._session is not None:
-            return self._session
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-        return self._local.session
 
-
-def _json_or_text(response: requests.Response) -> Any:
+def _json_or_text(response: httpx.Response) -> Any:
     try:
         return response.json()
     except ValueError:

@@ -73,13 +73,14 @@ def load_serving_personas(run_dir: str | Path | None) -> dict[str, tuple[str, st
     table (pipelines/schema.py PERSONAS). A missing table means no personas."""
     if run_dir is None:
         return {}
-    table_dir = Path(run_dir) / "personas" / "personas"
-    if not table_dir.is_dir():
-        return {}
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipelines.schema import PERSONAS
+    from pipelines.schema import PERSONAS, table_path
+
+    table_dir = table_path(run_dir, "personas", "personas")
+    if not table_dir.is_dir():
+        return {}
 
     table = pq.read_table(table_dir, schema=PERSONAS)
     table = table.filter(pc.equal(table.column("serving"), True))

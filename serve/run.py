@@ -28,19 +28,19 @@ def serve_forever(config: RunConfig, port: int | None = None,
     from serve.client import RLHIClient
 
     token = read_token(config.serve.token_file)  # before anything starts: no token, no server
-    cfg = config.serve.model_copy(update={"port": port}) if port else config.serve
+    settings = config.serve.model_copy(update={"port": port}) if port else config.serve
     started_ray = not ray.is_initialized()
     start_ray(config.resources)
     stop = stop or threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
-    base = f"http://{cfg.host}:{cfg.port}"
+    base = f"http://{settings.host}:{settings.port}"
     try:
-        serve.start(http_options={"host": cfg.host, "port": cfg.port})
-        serve.run(build_app(config.model_copy(update={"serve": cfg}), token_digest(token)),
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(config.model_copy(update={"serve": settings}), token_digest(token)),
                   name=APP_NAME, route_prefix="/")
         RLHIClient(base, token).wait_healthy(timeout_s=600)
-        apps = [name for name in ("reward", "rewrite", "chat") if getattr(cfg, name).enabled]
+        apps = [name for name in ("reward", "rewrite", "chat") if getattr(settings, name).enabled]
         print(f"rlhi serve: {', '.join(apps)} on {base}", flush=True)
         for endpoint in ENDPOINTS:
             method, path = endpoint.split()
@@ -55,4 +55,4 @@ def serve_forever(config: RunConfig, port: int | None = None,
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return {"url": base, "apps": [n for n in ("reward", "rewrite", "chat")
-                                  if getattr(cfg, n).enabled]}
+                                  if getattr(settings, n).enabled]}

@@ -1,4 +1,4 @@
-"""Simulated users with hidden, checkable preferences (issue 5/8).
+"""Simulated users with hidden, checkable preferences.
 
 Real logs cannot say whether the loop learns, because nobody knows what those users wanted.
 These users' preferences are hidden from the pipeline but checkable:

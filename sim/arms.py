@@ -1,4 +1,4 @@
-"""The arms of the simulated-user experiment, how each is evaluated, and the statistics.
+"""The arms of the simulated-user experiment and how each is evaluated.
 
 An arm is a policy folder and whether it answers with the user's persona. Evaluation asks
 held-out users new requests, lets the arm answer through the same PolicySampler the
@@ -6,7 +6,7 @@ pipeline samples with (base system prompt + persona block + request), and scores
 answer with the checker against the user's hidden profile. Only this scoring reads the
 profile: the arms see the persona text the pipeline built from the user's logged history.
 
-Intervals are percentile bootstraps over held-out users (the unit that varies), seeded;
+Intervals (pipelines/bootstrap.py) are over held-out users, the unit that varies;
 differences between arms are paired, resampling the same users for both arms.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ from typing import Callable, Sequence
 from sim.profiles import Profile, check_answer
 from sim.requests import make_request
 
-BOOTSTRAP_SAMPLES = 2000
 
 
 @dataclass(frozen=True)
@@ -39,40 +38,6 @@ class EvalUser:
     user_id: str
     persona: str
     profile: Profile
-
-
-@dataclass(frozen=True)
-class Interval:
-    mean: float
-    ci_low: float
-    ci_high: float
-
-    def to_json(self) -> dict[str, float]:
-        return {"mean": round(self.mean, 4), "ci_low": round(self.ci_low, 4), "ci_high": round(self.ci_high, 4)}
-
-
-# --- statistics ---------------------------------------------------------------------------
-
-def bootstrap_mean(values: Sequence[float], *, seed: int, samples: int = BOOTSTRAP_SAMPLES,
-                   level: float = 0.95) -> Interval:
-    """Mean of `values` with a percentile bootstrap interval (resampling the values)."""
-    if not values:
-        raise ValueError("bootstrap_mean needs at least one value")
-    rng = random.Random(seed)
-    n = len(values)
-    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(samples))
-    tail = (1 - level) / 2
-    return Interval(sum(values) / n, means[int(tail * (samples - 1))], means[int((1 - tail) * (samples - 1))])
-
-
-def paired_difference(a: dict[str, float], b: dict[str, float], *, seed: int,
-                      samples: int = BOOTSTRAP_SAMPLES) -> Interval:
-    """mean(a - b) over the users both arms were scored on, bootstrapped over users: each
-    resample draws users, and both arms' scores of a drawn user move together."""
-    users = sorted(a.keys() & b.keys())
-    if not users:
-        raise ValueError("paired_difference: the two arms share no users")
-    return bootstrap_mean([a[u] - b[u] for u in users], seed=seed, samples=samples)
 
 
 # --- evaluation ---------------------------------------------------------------------------
@@ -134,8 +99,8 @@ def train_sft(base_model: str, rows: list[dict], out: Path, *, max_steps: int, l
 
     if not rows:
         raise ValueError("no kept rewrites to fine-tune on: the rewrites stage kept no pair")
-    tok = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForCausalLM.from_pretrained(base_model)
+    tok = AutoTokenizer.from_pretrained(base_model, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(base_model, trust_remote_code=False, use_safetensors=True)
     args = SFTConfig(output_dir=str(out / "checkpoints"), max_steps=max_steps, learning_rate=learning_rate,
                      per_device_train_batch_size=batch_size, save_strategy="no", report_to="none",
                      logging_steps=max(1, max_steps // 4), seed=seed, use_cpu=True, max_length=1024,

@@ -28,10 +28,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sim.arms import Arm, EvalUser, bootstrap_mean, evaluate_arm, paired_difference, sft_rows, train_sft
+from pipelines.persona_join import user_splits
+from pipelines.schema import model_path, table_path
+from pipelines.bootstrap import mean_interval, paired_difference
+from sim.arms import Arm, EvalUser, evaluate_arm, sft_rows, train_sft
 from sim.diagnose import CHECKS, diagnose_model
 from sim.profiles import Profile, check_answer
 from sim.warmstart import REWRITE_PROMPT
@@ -65,20 +67,7 @@ class Sizes:
     train_sources: tuple[str, ...] = ("rewrite",)
 
 
-# Both runs train on rewrite pairs only: with the warm-start policy as judge, the reward
-# pairs' chosen answers satisfy the hidden profiles no better than their rejected ones
-# (checker +0.02 at 40 users), so they add noise and minutes. DPO at 1e-3 for 60 steps drove
-# every trained arm to the same long bullet list whatever the persona (final loss 5e-4).
-# 200 users (about 65 held out), 8 minutes on 2 cores: how much persona-guided inference
-# helps differs a lot between users (per-user rlhi - base sd 0.16), so at 100 users (29 held
-# out) the interval was +-0.057 wide and missed 0 at seeds 0 and 2 of 0-4 (+0.039
-# [-0.019, 0.095] at seed 0); at 200 it clears 0 at all five (seed 0: +0.063 [0.027, 0.097]).
-# DPO at 1e-4: at 5e-4 the trained policy drifted to formal, example-free answers whatever
-# the persona (150 and 137 of 174), 0.022 below base_persona; at 1e-4 it keeps what
-# persona-guided inference gives (seed 0, 24 requests: rlhi - base_persona +0.001; 3e-5
-# -0.007, 2e-4 with beta 0.5 -0.004, DPO+SFT loss at 5e-4 -0.020). 24 requests per user:
-# with a warm-start that ignored personas, base_persona - base read +0.028 at 12 requests
-# and +0.001 at 36 on the same users: 12 were too few.
+# The CI-sized run; README ("The simulated-user experiment") says why each size is what it is.
 QUICK = replace(Sizes(), users=200, max_followups=120, reward_prompts=32, dpo_steps=60)
 
 
@@ -116,7 +105,7 @@ def run_variants(out: Path, logs: Path, model: str, sizes: Sizes, seed: int,
                  log: Callable[[str], None]) -> dict[str, Path]:
     """The RLHI run and its two ablations; each ablation starts from a copy of the RLHI run,
     so ingest, follow-ups and personas run once."""
-    from pipelines.cli import run_stages
+    from pipelines.driver import run_stages
     from pipelines.config import parse_config
     from pipelines.runtime import start_ray
 
@@ -137,9 +126,8 @@ def run_variants(out: Path, logs: Path, model: str, sizes: Sizes, seed: int,
 def eval_users(run_dir: Path, profiles_file: Path) -> list[EvalUser]:
     """The pipeline's held-out users with their serving persona (built from their logs);
     their hidden profile is joined only here, for the checker."""
-    users = pq.read_table(run_dir / "personas" / "users")
-    held_out = set(users.filter(pc.equal(users.column("split"), "eval")).column("user_id").to_pylist())
-    personas = pq.read_table(run_dir / "personas" / "personas").to_pylist()
+    held_out = {user for user, split in user_splits(run_dir).items() if split == "eval"}
+    personas = pq.read_table(table_path(run_dir, "personas", "personas")).to_pylist()
     serving = {p["user_id"]: p["persona"] for p in personas if p["serving"]}
     profiles = read_profiles(profiles_file)
     return [EvalUser(u, serving.get(u, ""), profiles[u]) for u in sorted(held_out)]
@@ -160,7 +148,7 @@ def pair_quality(run_dir: Path, profiles_file: Path) -> dict[str, dict[str, floa
     What DPO can learn from the pairs at most; near 0, no training can show an effect."""
     profiles = read_profiles(profiles_file)
     diffs: dict[str, list[float]] = {}
-    for row in pq.read_table(run_dir / "pairs" / "pairs").to_pylist():
+    for row in pq.read_table(table_path(run_dir, "pairs", "pairs")).to_pylist():
         if row["split"] == "train":
             prefs = profiles[row["user_id"]].preferences
             diffs.setdefault(row["source"], []).append(
@@ -172,17 +160,16 @@ def pair_quality(run_dir: Path, profiles_file: Path) -> dict[str, dict[str, floa
 
 
 def train_users(run_dir: Path) -> set[str]:
-    users = pq.read_table(run_dir / "personas" / "users")
-    return set(users.filter(pc.equal(users.column("split"), "train")).column("user_id").to_pylist())
+    return {user for user, split in user_splits(run_dir).items() if split == "train"}
 
 
 def build_arms(out: Path, runs: dict[str, Path], base_model: str, sizes: Sizes, seed: int) -> list[Arm]:
     """The six arms; the SFT arm is trained here on the RLHI run's kept rewrites of train users."""
-    rewrites = pq.read_table(runs["rlhi"] / "rewrites" / "rewrites")
+    rewrites = pq.read_table(table_path(runs["rlhi"], "rewrites", "rewrites"))
     sft = train_sft(base_model, sft_rows(rewrites, train_users(runs["rlhi"])), out / "sft",
                     max_steps=sizes.dpo_steps, learning_rate=sizes.sft_learning_rate,
                     batch_size=sizes.dpo_batch, seed=seed)
-    trained = {name: str(run / "train" / "model") for name, run in runs.items()}
+    trained = {name: str(model_path(run, "train")) for name, run in runs.items()}
     return [Arm("base", base_model, False), Arm("base_persona", base_model, True),
             Arm("sft", str(sft), True),
             Arm("rlhi", trained["rlhi"], True, str(runs["rlhi"])),
@@ -194,7 +181,7 @@ def summarize(scores: dict[str, dict[str, float]], seed: int) -> dict[str, Any]:
     """Per-arm intervals and the paired differences the experiment is about: RLHI against the
     base policy, against the user-agnostic ablation, and against the base policy answering
     with the same personas (what training adds to persona-guided inference alone)."""
-    arms = {name: bootstrap_mean([s[u] for u in sorted(s)], seed=seed).to_json() for name, s in scores.items()}
+    arms = {name: mean_interval([s[u] for u in sorted(s)], seed=seed).to_json() for name, s in scores.items()}
     return {"arms": arms} | {key: paired_difference(scores["rlhi"], scores[other], seed=seed).to_json()
                              for key, other in DIFFERENCES.items()}
 

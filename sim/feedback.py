@@ -65,7 +65,7 @@ class FollowUp:
 
     @property
     def label(self) -> str:
-        """The follow-up label (pipelines.schema.FOLLOWUP_LABELS) this message has by construction."""
+        """The follow-up label (actors.followup_labels.FOLLOWUP_LABELS) this message has by construction."""
         return LABELS[self.kind]
 
 

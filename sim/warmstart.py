@@ -14,25 +14,6 @@ answer missing one value, the user's re-attempt or correction naming it, and the
 with that value fixed: what an instruct LLM does when a user replies. `rlhi sim diagnose`
 measures all three roles against chance.
 
-What was tried and measured (`rlhi sim diagnose`, followed / chance, n=110):
-- policy chats only, 240 steps, no system prompt: nothing followed (every ratio 1.00);
-- policy chats only, 2000 steps: policy 0.81 / 0.53, rewriter (quoted layout) 0.35 / 0.53,
-  persona 0.52 / 0.53;
-- plus the Rewriter's quoted layout (`rewriter.jinja`, ~340 tokens, the feedback quoted
-  after the answer) in 40% of the chats, and 400 further rewrite-only steps: the rewriter
-  stayed at chance (1.11);
-- the chat layout in half the chats (3000 steps), personas in 30% of the policy chats and
-  followed 30% of the time: policy 0.82 / 0.47, rewriter 0.67 / 0.47, persona 0.47 / 0.47
-  (personas ignored). With personas of two lines (stated preferences, languages) rather
-  than the extractive backend's five, the rewriter reached 0.755 and the persona 0.58, but
-  real personas have five lines; with personas in the rewrite chats too, the rewriter
-  stayed at 0.60 / 0.56;
-- this recipe, personas in half the policy chats and followed 60% of the time: policy
-  0.84 / 0.52, rewriter 0.70 / 0.52, persona 0.69 / 0.52 (12 minutes on 2 cores);
-- the same with minimal-edit rewrite targets (the answer and its fix written from one rng
-  state, the rest copied): policy 0.72 / 0.51, rewriter 0.62 / 0.51, persona 0.59 / 0.51,
-  and the rewrites copied only about 70% of the answer; dropped.
-
 A plain torch loop (one file, top to bottom) rather than a trainer. Built once and cached
 under `<model cache>/sim-warmstart-<hash>`, where the hash covers the recipe (`RECIPE`, the
 functions below that make the data and the model, the modules they use, the prompt

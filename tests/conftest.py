@@ -30,7 +30,7 @@ def wildchat_sample() -> Path:
     return WILDCHAT_SAMPLE
 
 
-# ---- models (issue 2/8): tiny fixtures built in code, and the embedded SmolLM2 when present
+# ---- models: tiny fixtures built in code, and the embedded SmolLM2 when present
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
@@ -67,7 +67,7 @@ def smollm2_spec():
 def pipeline_run(ray_session, tmp_path_factory):
     """One end-to-end run of every stage so far on the bundled sample, for many tests to
     inspect: (run_dir, {stage: summary})."""
-    from pipelines.cli import run_stages
+    from pipelines.driver import run_stages
     from pipelines.config import parse_config
 
     run_dir = tmp_path_factory.mktemp("pipeline-run")

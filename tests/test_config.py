@@ -52,8 +52,15 @@ def test_invalid_yaml_is_reported_with_the_file(tmp_path):
         load_config(path)
 
 
-def test_the_section_hash_changes_with_a_setting():
-    a = parse_config({})
-    b = parse_config({"ingest": {"filters": {"max_chars": 1000}}})
-    assert a.section_hash("ingest") == parse_config({}).section_hash("ingest")
-    assert a.section_hash("ingest") != b.section_hash("ingest")
+def test_a_stage_settings_hash_changes_with_its_own_settings_only():
+    from pipelines.registry import settings_hash
+
+    base = parse_config({})
+    ingest_changed = parse_config({"ingest": {"filters": {"max_chars": 1000}}})
+    policy_changed = parse_config({"models": {"policy": {"temperature": 0.9}}})
+    assert settings_hash(base, "ingest") == settings_hash(parse_config({}), "ingest")
+    assert settings_hash(base, "ingest") != settings_hash(ingest_changed, "ingest")
+    assert settings_hash(base, "followups") == settings_hash(ingest_changed, "followups")
+    # models.policy is a train setting, not a followups one
+    assert settings_hash(base, "train") != settings_hash(policy_changed, "train")
+    assert settings_hash(base, "followups") == settings_hash(policy_changed, "followups")

@@ -96,3 +96,35 @@ def test_forget_outlives_a_rerun_of_ingest(run_copy, capsys):
     assert result["stages"]["ingest"]["status"] == "ran"
     for table in ("ingest/conversations", "followups/followups", "personas/personas", "personas/users"):
         assert users[0] not in pq.read_table(run_copy / table).column("user_id").to_pylist(), table
+
+
+def test_the_rerun_key_covers_exactly_the_code_each_step_runs(tmp_path):
+    """Keys computed over a copy of the source tree: an edit to a module reruns the steps
+    whose stage imports it (and, through the chain, every step after), nothing else does."""
+    from conftest import REPO
+    from pipelines.code_hash import code_hash, module_closure
+    from pipelines.driver import step_keys
+
+    for package in ("actors", "pipelines", "serve", "sim"):
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
+    config = config_for("/tmp/x", stages=["ingest", "followups", "personas", "rewrites", "rewards", "pairs",
+                                          "train", "evaluate"], online={"rounds": 1})
+
+    def keys_after(path, line):
+        code_hash.cache_clear()
+        with open(tmp_path / path, "a") as handle:
+            handle.write(line)
+        return step_keys(config, code_root=tmp_path)
+
+    def changed(before, after):
+        return [name for name in before if before[name] != after[name]]
+
+    before = keys_after("README.md", "")
+    assert changed(before, keys_after("README.md", "\nan edit to the docs\n")) == []
+    steps = list(before)
+    followups_on = keys_after("actors/followup_rules.py", "\n# an edit\n")
+    assert changed(before, followups_on) == steps[steps.index("followups"):]
+    pairs_on = keys_after("pipelines/stages/pairs.py", "\n# an edit\n")
+    assert changed(followups_on, pairs_on) == steps[steps.index("pairs"):]
+    assert "pipelines.stages.rewards" not in module_closure("pipelines.stages.pairs", tmp_path)

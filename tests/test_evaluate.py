@@ -134,27 +134,6 @@ def test_the_judge_prompt_carries_the_criterion():
 
 # --- statistics ---------------------------------------------------------------------------
 
-def test_bootstrap_of_all_wins_is_one_to_one():
-    assert stats.bootstrap_users([1.0] * 12, [f"u{i % 4}" for i in range(12)], samples=200) == (1.0, 1.0)
-
-
-def test_bootstrap_over_users_covers_the_true_win_rate():
-    rng = np.random.default_rng(3)
-    users = [f"u{u}" for u in range(40) for _ in range(5)]
-    wins = (rng.random(len(users)) < 0.7).astype(float)
-    low, high = stats.bootstrap_users(wins, users, samples=500, seed=0)
-    assert low < 0.7 < high and high - low < 0.25
-
-
-def test_bootstrap_resamples_users_not_turns():
-    # Each user all wins or all losses: the turns are perfectly correlated within a user, so
-    # the interval must be as wide as with one turn per user (4 users), not 40 turns.
-    users = [f"u{u}" for u in range(4) for _ in range(10)]
-    wins = [1.0 if u in ("u0", "u1") else 0.0 for u in users]
-    low, high = stats.bootstrap_users(wins, users, samples=500, seed=0)
-    assert low <= 0.25 and high >= 0.75
-
-
 def test_length_control_recovers_one_half_when_length_explains_every_win():
     rng = np.random.default_rng(0)
     base = rng.integers(50, 150, size=400).astype(float)
@@ -222,8 +201,14 @@ def test_run_evaluate_writes_every_block_with_its_judge(small_run, tiny_models):
                  "gsm8k_trained_acc", "math500_base_acc", "math500_trained_acc", "arena_hard_overall_win",
                  "judge_known_pair_accuracy"}
     assert set(saved["arms"]) == expected
-    for arm in saved["arms"].values():
-        assert arm["ci_low"] <= arm["mean"] <= arm["ci_high"] and arm["judge"]
+    # The trained policy is a byte copy of the base, so both answer every prompt alike
+    # (greedy): every verdict is a tie and both arms solve the same problems.
+    for name, arm in saved["arms"].items():
+        assert arm["judge"] == ("math-verify" if name.endswith("_acc") else str(tiny_models.causal_lm)), name
+        if name.endswith(("_win", "_win_lc")):
+            assert (arm["mean"], arm["ci_low"], arm["ci_high"]) == (0.5, 0.5, 0.5), name
+    for bench in ("gsm8k", "math500"):
+        assert saved["arms"][f"{bench}_base_acc"]["mean"] == saved["arms"][f"{bench}_trained_acc"]["mean"]
     assert saved["arms"]["usereval_first_overall_win"]["judge"] == str(tiny_models.causal_lm)
     assert saved["usereval"]["first"]["users"] == 2 and saved["usereval"]["followup"]["turns"] == 2
     assert saved["policies"]["trained"] == str((small_run / "train" / "model").resolve())

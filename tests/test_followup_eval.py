@@ -153,9 +153,14 @@ def test_a_backend_returning_the_wrong_number_of_results_is_an_error(tmp_path):
         evaluate_backend(conversations_file(tmp_path), labels, lambda items: [])
 
 
-def test_rules_backend_on_the_development_labels():
+# Regression floor, not a measure of generalisation: the bundled labels are the ones the
+# rules were written against (a development set). Held-out figures come from a test split.
+BUNDLED_DEV_FEEDBACK_F1_FLOOR = 0.70
+
+
+def test_rules_backend_keeps_its_regression_floor_on_the_bundled_development_labels():
     result = evaluate_backend(WILDCHAT_SAMPLE, FOLLOWUP_LABELS, RulesClassifier().classify)
     print("\n" + format_report(result))
     assert result["n"] == 156
     assert sum(m["support"] for m in result["per_label"].values()) == 156
-    assert result["feedback_f1"] >= 0.70
+    assert result["feedback_f1"] >= BUNDLED_DEV_FEEDBACK_F1_FLOOR

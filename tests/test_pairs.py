@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.config import parse_config
 from pipelines.stages.pairs import EVAL_DATA, PairError, check_not_eval_data, check_pair, reward_pairs, run_pairs
-from pipelines.rounds import user_splits
+from pipelines.persona_join import user_splits
 from pipelines.schema import PAIRS, REWRITES, SAMPLES, check_schema
 from pipelines.contract import StageWriter
 
@@ -61,11 +61,11 @@ def test_no_input_may_come_from_the_held_out_eval_data(tmp_path):
     check_not_eval_data([tmp_path / "followups"])
 
 
-def test_a_reward_pair_is_the_best_candidate_against_the_worst():
+def test_a_reward_pair_is_the_pair_the_rewards_stage_recorded():
     samples = pa.Table.from_pylist([
         {"sample_id": "s1", "user_id": "u1", "persona_id": "p", "conversation_id": "c1", "turn_index": 0,
          "prompt": [SYSTEM, QUESTION], "candidates": ["Lyon.", "Paris.", "Nice."], "scores": [0.2, 0.9, 0.1],
-         "round": 0, "status": "kept", "margin": 0.8},
+         "round": 0, "status": "kept", "margin": 0.8, "chosen_index": 1, "rejected_index": 2},
         {"sample_id": "s2", "user_id": "u1", "conversation_id": "c1", "turn_index": 2, "prompt": [],
          "candidates": [], "scores": [], "round": 0, "status": "filtered", "reason": "over_cap"},
     ], schema=SAMPLES)
@@ -73,6 +73,15 @@ def test_a_reward_pair_is_the_best_candidate_against_the_worst():
     assert row["chosen"] == [{"role": "assistant", "content": "Paris."}]
     assert row["rejected"] == [{"role": "assistant", "content": "Nice."}]
     assert (row["sample_id"], row["followup_id"], row["source"]) == ("s1", None, "reward")
+
+
+def test_a_kept_sample_without_its_pair_is_refused_by_name():
+    samples = pa.Table.from_pylist([
+        {"sample_id": "s1", "user_id": "u1", "conversation_id": "c1", "turn_index": 0, "prompt": [SYSTEM, QUESTION],
+         "candidates": ["Lyon.", "Paris."], "scores": [0.2, 0.9], "round": 0, "status": "kept", "margin": 0.7,
+         "chosen_index": 5, "rejected_index": 0}], schema=SAMPLES)
+    with pytest.raises(PairError, match="sample s1 .*chosen_index 5"):
+        reward_pairs(samples)
 
 
 # --- the stage ----------------------------------------------------------------------------

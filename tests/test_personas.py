@@ -7,7 +7,8 @@ import pandas as pd
 import pyarrow as pa
 
 from actors.persona_extractive import extractive_persona, stated_preferences
-from pipelines.stages.personas import BEGINNING, join_personas, split_users, user_snapshots
+from pipelines.persona_join import join_personas
+from pipelines.stages.personas import BEGINNING, split_users, user_snapshots
 from pipelines.schema import PERSONAS
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipelines.stages.personas import join_personas
+from pipelines.persona_join import join_personas
 from pipelines.schema import FOLLOWUPS, PERSONAS, USERS
 
 

@@ -20,7 +20,7 @@ from pipelines.stages.rewrites.stage import check_prompt
 
 @pytest.fixture(scope="module")
 def trained_run(pipeline_run, tiny_models, tmp_path_factory):
-    from pipelines.cli import run_stages
+    from pipelines.driver import run_stages
 
     source, _ = pipeline_run
     run_dir = tmp_path_factory.mktemp("pipeline-train") / "run"
@@ -117,7 +117,7 @@ def test_online_round_samples_with_the_trained_policy_and_trains_from_it(trained
 
 def test_simulated_users_end_to_end(ray_session, tiny_models, tmp_path):
     """Simulated users' logs (5/8) through every stage to a trained policy."""
-    from pipelines.cli import run_stages
+    from pipelines.driver import run_stages
     from sim.generate import generate_logs
     from test_sim import ScriptedEngine
 

@@ -2,7 +2,9 @@
 
 A fake run directory holds the personas and rewrites tables (with manifests) the stage
 reads. Chosen answers follow a learnable pattern (they take up the user's topic and say
-how; rejected ones brush the request off), so a tiny BERT learns it in a few epochs.
+how; rejected ones brush the request off), so a tiny BERT learns it in a few epochs. Length
+does not decide: half the rejected answers are longer than the chosen ones, so the model is
+graded on held-out users' pairs that a length heuristic gets half right.
 """
 from __future__ import annotations
 
@@ -25,7 +27,16 @@ TOPICS = {"u-train-0": "Python code", "u-train-1": "French cooking", "u-train-2"
           "u-train-3": "Italian travel", "u-train-4": "tax forms", "u-train-5": "chess openings",
           "u-eval-0": "garden design", "u-eval-1": "guitar chords"}
 PAIRS_PER_USER = 4
-BRUSH_OFFS = ["No.", "I can't help with that.", "Try searching online.", "Not sure, sorry."]
+HELPFUL = ["Sure, here is a detailed answer about {topic}: start with the basics, then go step by step.",
+           "For {topic}, do this step by step: first the basics, then one worked example.",
+           "Here are the steps for {topic}: first the basics, then practice, then a check.",
+           "About {topic}: start with the basics, then follow each step in order."]
+BRUSH_OFFS = ["No.",
+              "I am sorry, but I cannot help with that request right now, please try searching "
+              "online somewhere else instead of asking me about it.",
+              "Try searching online.",
+              "Unfortunately that is not something I am able to help with today, so you may want "
+              "to look elsewhere for it, sorry about that."]
 
 
 def split_of(user: str) -> str:
@@ -40,8 +51,7 @@ def rewrite_row(user: str, index: int, *, status: str = "kept") -> dict:
         "followup_id": f"{user}-f{index}", "conversation_id": f"{user}-c{index}",
         "user_id": user, "persona_id": f"{user}-p", "turn_index": 0,
         "prompt": render("policy", persona, context),
-        "chosen": f"Here is a detailed answer about {topic}, step {index + 1} by step: "
-                  f"first {topic}, then the example with {topic}.",
+        "chosen": HELPFUL[index % len(HELPFUL)].format(topic=topic),
         "rejected": BRUSH_OFFS[index % len(BRUSH_OFFS)],
         "rejected_source": "original", "label": "reattempt_feedback", "margin": 0.4,
         "status": status, "reason": None if status == "kept" else "judge_prefers_original",
@@ -97,28 +107,33 @@ def test_summary_reports_pairs_and_accuracy_before_and_after_training(trained_ru
     saved = json.loads((run_dir / "reward_model" / "summary.json").read_text())
     assert saved["train_pairs"] == 6 * PAIRS_PER_USER      # filtered rows are not pairs
     assert saved["eval_pairs"] == 2 * PAIRS_PER_USER
-    for split in ("eval", "train"):
-        assert 0.0 <= saved["accuracy_before"][split] <= 1.0
-    assert saved["accuracy_after"]["train"] >= 0.9
-    assert saved["accuracy_after"]["eval"] >= 0.75         # unseen users, same pattern
+    assert saved["accuracy_after"]["eval"] >= 0.75          # unseen users and topics, same pattern
+    assert saved["accuracy_after"]["eval"] > saved["accuracy_before"]["eval"]
     assert saved["encoder"] == summary["encoder"] and saved["loss"] > 0
     manifest = json.loads((run_dir / "reward_model" / "manifest.json").read_text())
     assert set(manifest["upstream"]) == {"rewrites", "personas"}
 
 
-def test_the_saved_model_loads_as_the_trained_backend_and_ranks_chosen_first(trained_run):
-    run_dir, _ = trained_run
+def test_held_out_pairs_are_not_decided_by_length():
+    rows = [rewrite_row(user, i) for user in TOPICS if split_of(user) == "eval" for i in range(PAIRS_PER_USER)]
+    longer_chosen = sum(len(r["chosen"]) > len(r["rejected"]) for r in rows)
+    assert longer_chosen == len(rows) // 2
+
+
+def test_the_saved_model_loads_as_the_trained_backend_and_ranks_held_out_pairs(trained_run):
+    run_dir, summary = trained_run
     folder = run_dir / "reward_model" / "model"
     assert (folder / "model.safetensors").is_file()
     reward = RewardModel("trained", str(folder))
-    rows = [rewrite_row(user, i) for user in TOPICS if split_of(user) == "train"
+    rows = [rewrite_row(user, i) for user in TOPICS if split_of(user) == "eval"
             for i in range(PAIRS_PER_USER)]
     contexts = [[m for m in row["prompt"] if m["role"] != "system"] for row in rows]
     personas = [f"Cares about {TOPICS[row['user_id']]}; likes detailed, step-by-step answers."
                 for row in rows]
     scores = reward.score_batch(personas, contexts, [[r["chosen"], r["rejected"]] for r in rows])
     ranked_right = sum(chosen > rejected for chosen, rejected in scores)
-    assert ranked_right >= 0.9 * len(rows)
+    assert ranked_right >= 0.75 * len(rows)
+    assert ranked_right / len(rows) == summary["accuracy_after"]["eval"]  # the stage's figure, reproduced
 
 
 def test_the_split_is_respected_no_eval_user_trains(trained_run):

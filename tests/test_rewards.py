@@ -9,11 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from actors.policy_sampler import Samples
 from pipelines.config import RewardsConfig, parse_config
 from pipelines.stages.rewards import (apply_threshold, margin_zscore, pooled_std, quantile_cutoff, reward_prompts,
                                run_rewards, sample_and_score, sample_id, select_pair)
-from pipelines.rounds import attach_personas
+from pipelines.persona_join import attach_personas
 from pipelines.schema import CONVERSATIONS, FOLLOWUPS, PERSONAS, SAMPLES, check_schema
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
@@ -47,6 +46,8 @@ def test_zscore_threshold_keeps_prompts_whose_margin_is_large_for_this_model():
     apply_threshold(rows, RewardsConfig(threshold="zscore", min_z=1.0))   # pooled std 0.51
     assert [(r["status"], r["reason"]) for r in rows] == [("kept", None), ("filtered", "below_threshold")]
     assert [r["margin"] for r in rows] == pytest.approx([2.0, 0.2])
+    # a kept row names its pair (best, worst; first index on ties), a filtered one none
+    assert [(r["chosen_index"], r["rejected_index"]) for r in rows] == [(3, 0), (None, None)]
 
 
 def test_quantile_threshold_keeps_the_top_share_of_this_runs_margins():
@@ -173,27 +174,25 @@ def test_a_turn_sees_only_the_persona_built_strictly_before_it(tmp_path):
 
 # --- sampling and scoring, without Ray ----------------------------------------------------
 
-class FakeSampler:
-    def sample_batch(self, personas, contexts):
-        return [Samples([{"role": "system", "content": f"base {p}"}, *c], [f"{p}-a", f"{p}-b"], 0)
-                for p, c in zip(personas, contexts)]
+def test_sample_and_score_keeps_every_candidate_and_gives_the_reward_model_the_persona(tiny_models, tiny_engine):
+    from actors.policy_sampler import PolicySampler
+    from actors.reward_model import RewardModel
+    from tiny_models import RecordingEngine
 
-
-class FakeRewardModel:
-    seen = None
-
-    def score_batch(self, personas, contexts, candidates):
-        self.seen = personas
-        return [[float(len(c)) for c in cands] for cands in candidates]
-
-
-def test_sample_and_score_keeps_every_candidate_and_gives_the_reward_model_the_persona():
-    rm = FakeRewardModel()
+    spec = {"id": str(tiny_models.causal_lm), "max_new_tokens": 8}
+    sampler = PolicySampler(spec, n=2, engine=tiny_engine)
+    judge = RecordingEngine(tiny_engine)
+    reward_model = RewardModel("judge", spec, engine=judge)
     context = [{"role": "user", "content": "Hi"}]
-    rows = sample_and_score(FakeSampler(), rm, ["likes cats", ""], [context, context])
-    assert rows[0]["candidates"] == ["likes cats-a", "likes cats-b"] and len(rows[0]["scores"]) == 2
-    assert rows[0]["prompt"][-1] == {"role": "user", "content": "Hi"}
-    assert rm.seen == ["likes cats", None]
+    rows = sample_and_score(sampler, reward_model, ["likes cats", ""], [context, context])
+    assert [len(r["candidates"]) for r in rows] == [2, 2] and [len(r["scores"]) for r in rows] == [2, 2]
+    assert rows[0]["prompt"][-1] == {"role": "user", "content": "Hi"} and "likes cats" in rows[0]["prompt"][0]["content"]
+    # each candidate is scored in its own judge prompt, with the persona only where there is one
+    assert len(judge.prompts) == 4
+    rendered = [" ".join(m["content"] for m in prompt) for prompt in judge.prompts]
+    assert ["likes cats" in text for text in rendered] == [True, True, False, False]
+    assert all(c in text for c, text in zip(rows[0]["candidates"] + rows[1]["candidates"], rendered))
+    assert rows[0]["scores"] == reward_model.score("likes cats", context, rows[0]["candidates"])
 
 
 # --- the stage on Ray ---------------------------------------------------------------------

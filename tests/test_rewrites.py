@@ -1,4 +1,5 @@
-"""Stage `rewrites`: the quality filter, one batch with scripted models, one run on Ray."""
+"""Stage `rewrites`: the quality filter, one batch with the tiny model (and with scripted
+models where a judge or policy must misbehave on purpose), one run on Ray."""
 from __future__ import annotations
 
 import json
@@ -132,50 +133,74 @@ def _run(rows, settings=RewritesConfig(), **options):
     return out, engines
 
 
-def test_the_regenerated_answer_is_rejected_and_the_rewrite_chosen():
-    [row], _ = _run([_row()])
-    assert (row["chosen"], row["rejected"], row["rejected_source"]) == (
-        "BETTER: Paris is the capital of France.", "Marseille is the capital city.", "regenerated")
-    assert row["status"] == "kept" and row["reason"] is None and row["margin"] > 0.05
+# --- one batch with the tiny real model -----------------------------------------------------
+
+@pytest.fixture
+def tiny_roles(tiny_models, tiny_engine):
+    """The three roles on the tiny Llama, each through its own recording view of one engine."""
+    from tiny_models import RecordingEngine
+
+    spec = {"id": str(tiny_models.causal_lm), "max_new_tokens": 8}
+    engines = {name: RecordingEngine(tiny_engine) for name in ("policy", "rewriter", "judge")}
+    roles = {"sampler": PolicySampler(spec, n=1, engine=engines["policy"]),
+             "rewriter": Rewriter(spec, engine=engines["rewriter"]),
+             "judge": Judge(spec, engine=engines["judge"], reason_tokens=0)}
+    return roles, engines
 
 
-def test_the_prompt_is_the_policy_prompt_ending_at_the_answered_turn_without_the_followup():
-    [row], engines = _run([_row()])
+def _run_tiny(tiny_roles, rows, settings=RewritesConfig(filter=QualityFilterConfig(min_tokens=1)), **options):
+    roles, engines = tiny_roles
+    return rewrite_rows(rows, **roles, tokenize=words, settings=settings, **options), engines
+
+
+def test_the_regenerated_answer_is_rejected_and_the_rewrite_of_it_chosen(tiny_roles):
+    [row], engines = _run_tiny(tiny_roles, [_row()])
+    roles, _ = tiny_roles
+    again = roles["sampler"].sample_batch([PERSONA], [CONTEXT])[0]     # seeded: the same draw
+    assert row["rejected"] == again.candidates[0].strip() and row["rejected_source"] == "regenerated"
+    rewrite = roles["rewriter"].rewrite(PERSONA, CONTEXT, row["rejected"], FOLLOWUP)   # greedy
+    assert row["chosen"] == rewrite.text
+    assert row["rejected"] in engines["rewriter"].prompts[0][-2]["content"] + engines["rewriter"].prompts[0][-1]["content"]
+
+
+def test_the_prompt_is_the_policy_prompt_ending_at_the_answered_turn_without_the_followup(tiny_roles):
+    [row], engines = _run_tiny(tiny_roles, [_row()])
     assert row["prompt"][1:] == CONTEXT and row["prompt"][-1]["role"] == "user"
     assert PERSONA in row["prompt"][0]["content"]
     assert all(FOLLOWUP not in m["content"] for m in row["prompt"])
     assert engines["policy"].prompts == [row["prompt"]]          # sampled from the DPO prompt itself
 
 
-def test_a_prompt_holding_the_followup_as_a_message_is_refused():
-    prompt = [{"role": "system", "content": "x"}, *CONTEXT, {"role": "user", "content": FOLLOWUP}]
-    with pytest.raises(ValueError, match="f1"):
-        check_prompt(prompt, CONTEXT, FOLLOWUP, "f1")
-    repeated = [{"role": "user", "content": FOLLOWUP}]       # the user repeated their request verbatim
-    check_prompt([{"role": "system", "content": "x"}, *repeated], repeated, FOLLOWUP, "f1")
-
-
-def test_rejected_original_uses_the_logged_answer_without_sampling():
-    [row], engines = _run([_row()], settings=RewritesConfig(rejected="original"))
+def test_rejected_original_uses_the_logged_answer_without_sampling(tiny_roles):
+    settings = RewritesConfig(rejected="original", filter=QualityFilterConfig(min_tokens=1))
+    [row], engines = _run_tiny(tiny_roles, [_row()], settings=settings)
     assert (row["rejected"], row["rejected_source"]) == ("Lyon is the capital of France.", "original")
     assert engines["policy"].prompts == []
     assert row["prompt"][1:] == CONTEXT
 
 
-def test_the_rewriter_sees_the_followup_but_not_from_scratch():
-    _, guided = _run([_row()])
-    _, scratch = _run([_row()], from_scratch=True)
+def test_the_rewriter_sees_the_followup_but_not_from_scratch(tiny_roles, tiny_models, tiny_engine):
+    from tiny_models import RecordingEngine
+
+    _, guided = _run_tiny(tiny_roles, [_row()])
+    scratch_roles = ({**tiny_roles[0], "rewriter": Rewriter({"id": str(tiny_models.causal_lm)},
+                                                            engine=RecordingEngine(tiny_engine))}, None)
+    _run_tiny(scratch_roles, [_row()], from_scratch=True)
+    scratch_prompt = scratch_roles[0]["rewriter"].engine.prompts[0]
     assert FOLLOWUP in guided["rewriter"].prompts[0][-1]["content"]
-    assert all(FOLLOWUP not in m["content"] for m in scratch["rewriter"].prompts[0])
-    assert "<user_message>" not in scratch["rewriter"].prompts[0][-1]["content"]
+    assert all(FOLLOWUP not in m["content"] for m in scratch_prompt)
+    assert "<user_message>" not in scratch_prompt[-1]["content"]
 
 
-def test_user_agnostic_rows_have_no_persona_block_for_any_role():
-    [row], engines = _run([_row(persona="", persona_id=None)])
+def test_user_agnostic_rows_have_no_persona_block_for_any_role(tiny_roles):
+    [row], engines = _run_tiny(tiny_roles, [_row(persona="", persona_id=None)])
     assert row["prompt"][0]["content"] == base_system_prompt() and row["persona_id"] is None
     seen = [p for e in engines.values() for p in e.prompts]
-    assert seen and all("<persona>" not in m["content"] for p in seen for m in p)
+    assert len({id(e) for e in engines.values()}) == 3 and all(e.prompts for e in engines.values())
+    assert all("<persona>" not in m["content"] for p in seen for m in p)
 
+
+# --- scripted models: a model that misbehaves on purpose -------------------------------------
 
 def test_a_rewrite_the_judge_does_not_prefer_is_below_margin():
     [row], _ = _run([_row()], roles={"rewrite": "Paris, France's capital, is there.",

@@ -90,11 +90,36 @@ def test_score_returns_one_score_per_candidate(server):
     assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
 
 
-def test_rewrite_returns_a_revised_answer(server):
+def test_rewrite_returns_what_the_rewriter_role_writes_for_the_same_request(server, tiny_models):
+    from actors.models import ModelSpec
+    from actors.rewriter import Rewriter
     from serve.client import RLHIClient
 
     out = RLHIClient(server[0], TOKEN).rewrite(PERSONA_TEXT, CONTEXT, "A robot.", "Longer please")
-    assert isinstance(out["rewrite"], str) and out["finish_reason"] in ("stop", "length")
+    config = server[1]
+    spec = ModelSpec.model_validate(config.models.rewriter.model_dump())
+    local = Rewriter(spec.model_copy(update={"max_new_tokens": min(spec.max_new_tokens, config.serve.max_tokens)}))
+    expected = local.rewrite(PERSONA_TEXT, CONTEXT, "A robot.", "Longer please")
+    assert out["rewrite"] and out["rewrite"] == expected.text  # greedy: the same words
+    assert out["finish_reason"] == expected.finish_reason
+
+
+def test_chat_replica_renders_the_users_serving_persona_into_the_prompt(tiny_models, tmp_path):
+    import asyncio
+
+    from serve.replicas import ChatReplica
+    from tiny_models import RecordingEngine
+
+    _write_personas(tmp_path)
+    lm = {"id": str(tiny_models.causal_lm), "engine": "transformers", "max_new_tokens": 8}
+    replica = ChatReplica.func_or_class(lm, 8, str(tmp_path))
+    replica.sampler.engine = engine = RecordingEngine(replica.sampler.engine)
+    known = asyncio.run(replica.complete("u1", CONTEXT, 4, None, None, 0))
+    unknown = asyncio.run(replica.complete("nobody", CONTEXT, 4, None, None, 0))
+    with_persona, without = (" ".join(m["content"] for m in prompt) for prompt in engine.prompts)
+    assert known["persona_id"] == "p-serving" and unknown["persona_id"] is None
+    assert PERSONA_TEXT in with_persona and "old" not in with_persona.split()  # the serving row, not the snapshot
+    assert PERSONA_TEXT not in without and CONTEXT[0]["content"] in without
 
 
 def test_chat_uses_the_serving_persona_and_returns_its_id_never_its_text(server):

@@ -48,4 +48,6 @@ def test_the_serve_config_yaml_points_at_a_builder_that_builds_the_app(monkeypat
     app = spec["applications"][0]
     assert spec["http_options"]["host"] == "127.0.0.1"
     builder = import_attr(app["import_path"])
-    assert builder(app["args"]) is not None  # an Application: deployments bound, not started
+    gateway = builder(app["args"])._bound_deployment  # deployments bound, nothing started
+    bound = [getattr(getattr(arg, "_bound_deployment", None), "name", None) for arg in gateway.init_args]
+    assert gateway.name == "gateway" and bound[:3] == ["reward", "rewrite", "chat"]

@@ -1,4 +1,4 @@
-"""Simulated users (issue 5/8): the checker, the feedback, the logs and their labels.
+"""Simulated users: the checker, the feedback, the logs and their labels.
 
 Most tests drive the loop with `ScriptedEngine`, a stand-in policy that writes synthetic
 answers with random property values, so they take milliseconds and need no model.
@@ -108,16 +108,20 @@ def test_every_followup_has_a_label_by_construction(sim_dir):
     assert {"reattempt_feedback", "correction", "complaint"} <= set(gold.values())
 
 
-def test_rules_classifier_scores_on_simulated_followups(sim_dir):
+# Regression value, not a goal: the rules backend's "carries feedback" figures on these 12
+# simulated users (seed 3). The rules are never tuned on the simulator's phrasings, so a
+# change here means the rules or the simulator changed; update it with the change that did.
+RULES_ON_SIMULATED = {"feedback_precision": 1.0, "feedback_recall": 0.303, "feedback_f1": 0.465}
+
+
+def test_rules_classifier_scores_on_simulated_followups_as_recorded(sim_dir):
     from actors.followup_rules import RulesClassifier
     from pipelines.tools.followup_eval import evaluate_backend
 
     out, _ = sim_dir
     result = evaluate_backend(out / "logs", out / "followup_labels.jsonl",
                               RulesClassifier().classify, n_boot=100)
-    assert 0.0 <= result["feedback_f1"] <= 1.0
-    print(f"rules on simulated follow-ups: P {result['feedback_precision']:.3f} "
-          f"R {result['feedback_recall']:.3f} F1 {result['feedback_f1']:.3f}")
+    assert {key: round(result[key], 3) for key in RULES_ON_SIMULATED} == RULES_ON_SIMULATED
 
 
 def test_cli_sim_generate_writes_logs_and_prints_json(monkeypatch, tmp_path, capsys):

@@ -7,35 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import parse_config
-from sim.arms import bootstrap_mean, paired_difference
 from sim.experiment import ABLATIONS, ARMS, QUICK, pair_quality, pipeline_config, summarize
-
-
-def test_bootstrap_interval_brackets_the_mean_and_repeats_with_the_seed():
-    values = [0.2, 0.4, 0.5, 0.6, 0.9, 1.0]
-    iv = bootstrap_mean(values, seed=1)
-    assert iv.ci_low <= iv.mean <= iv.ci_high
-    assert iv.mean == pytest.approx(sum(values) / len(values))
-    assert bootstrap_mean(values, seed=1) == iv
-
-
-def test_constant_values_have_a_zero_width_interval():
-    iv = bootstrap_mean([0.5] * 8, seed=0)
-    assert (iv.ci_low, iv.mean, iv.ci_high) == pytest.approx((0.5, 0.5, 0.5))
-
-
-def test_paired_difference_removes_the_shared_user_effect():
-    # Users differ a lot, but arm a beats arm b by exactly 0.1 on every user: paired, the
-    # interval is exactly 0.1 wide of nothing; unpaired it would straddle zero.
-    b = {f"u{i}": i / 10 for i in range(10)}
-    a = {u: s + 0.1 for u, s in b.items()}
-    iv = paired_difference(a, b, seed=0)
-    assert (iv.ci_low, iv.mean, iv.ci_high) == pytest.approx((0.1, 0.1, 0.1))
-
-
-def test_paired_difference_uses_only_users_both_arms_scored():
-    iv = paired_difference({"u1": 1.0, "u2": 0.0}, {"u1": 0.5}, seed=0)
-    assert iv.mean == pytest.approx(0.5)
 
 
 def test_summary_reports_every_arm_and_every_difference():

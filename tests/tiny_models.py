@@ -104,3 +104,22 @@ def build_all(root: Path) -> TinyModels:
                           num_labels=1)
     encoder = _save(BertForSequenceClassification(bert_cfg), tok, root / "tiny-bert-rm")
     return TinyModels(causal, reward, base, encoder)
+
+
+class RecordingEngine:
+    """A real engine that also keeps every prompt it is given (for tests asserting on
+    what a role rendered); everything else passes through."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.prompts = inner, []
+
+    def generate(self, prompts, params):
+        self.prompts += [list(p) for p in prompts]
+        return self.inner.generate(prompts, params)
+
+    def score_continuations(self, prompts, continuations):
+        self.prompts += [list(p) for p in prompts]
+        return self.inner.score_continuations(prompts, continuations)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

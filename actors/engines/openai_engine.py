@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import math
 import os
-import random
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from actors.engines.base import Completion, Message, SamplingParams
 from actors.models import ModelSpec
 
-RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 TOP_LOGPROBS = 20  # the most OpenAI's API returns
 
 
@@ -31,10 +28,12 @@ class OpenAIEngineError(RuntimeError):
 
 
 class OpenAIEngine:
-    """GenerationEngine over HTTP, with timeouts and bounded retries with backoff."""
+    """GenerationEngine over HTTP with the `openai` client, which times out each request
+    and retries connection errors, 408, 409, 429 and 5xx with exponential backoff
+    (`ModelSpec.max_retries`, `timeout_s`); other errors are not retried."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        import requests
+        from openai import OpenAI
 
         if not spec.base_url:
             raise ValueError(f"model {spec.id!r}: engine 'openai' needs base_url")
@@ -42,10 +41,9 @@ class OpenAIEngine:
         self.url = spec.base_url.rstrip("/") + "/chat/completions"
         # No config names the server's context length: assume 8k unless told.
         self.max_context_tokens = spec.max_context_tokens or 8192
-        self.session = requests.Session()
-        key = os.environ.get(spec.api_key_env)
-        if key:
-            self.session.headers["Authorization"] = f"Bearer {key}"
+        # A local server often needs no key; the client insists on one, so send a placeholder.
+        self.client = OpenAI(base_url=spec.base_url, api_key=os.environ.get(spec.api_key_env) or "no-key",
+                             timeout=spec.timeout_s, max_retries=spec.max_retries)
 
     # ------------------------------------------------------------------ interface
 
@@ -69,61 +67,46 @@ class OpenAIEngine:
 
     def _generate_one(self, messages: Sequence[Message], params: SamplingParams,
                       index: int) -> list[Completion]:
-        body: dict[str, Any] = {
-            "model": self.spec.id, "messages": list(messages),
-            "max_tokens": params.max_new_tokens, "temperature": params.temperature,
-            "top_p": params.top_p, "n": params.n,
-        }
+        options: dict[str, Any] = {"max_tokens": params.max_new_tokens, "temperature": params.temperature,
+                                   "top_p": params.top_p, "n": params.n}
         if params.stop:
-            body["stop"] = list(params.stop)
+            options["stop"] = list(params.stop)
         if params.seed is not None:
-            body["seed"] = params.seed + index
-        reply = self._post(body)
-        choices = reply.get("choices") or []
+            options["seed"] = params.seed + index
+        reply = self._create(messages, **options)
+        choices = reply.choices or []
         if len(choices) != params.n:
             raise OpenAIEngineError(f"{self.url} returned {len(choices)} choices for n="
                                     f"{params.n}; set n=1 for servers without n support")
         # Usage is per request: share the completion tokens out evenly between choices.
-        used = (reply.get("usage") or {}).get("completion_tokens", 0)
-        return [Completion(text=c["message"].get("content") or "",
-                           num_tokens=round(used / params.n),
-                           finish_reason="length" if c.get("finish_reason") == "length"
-                           else "stop")
+        used = reply.usage.completion_tokens if reply.usage else 0
+        return [Completion(text=c.message.content or "", num_tokens=round(used / params.n),
+                           finish_reason="length" if c.finish_reason == "length" else "stop")
                 for c in choices]
 
     def _first_token_logprobs(self, messages: Sequence[Message]) -> dict[str, float]:
-        reply = self._post({"model": self.spec.id, "messages": list(messages),
-                            "max_tokens": 1, "temperature": 0.0, "logprobs": True,
-                            "top_logprobs": TOP_LOGPROBS})
+        reply = self._create(messages, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=TOP_LOGPROBS)
         try:
-            first = reply["choices"][0]["logprobs"]["content"][0]
-        except (KeyError, IndexError, TypeError):
+            first = reply.choices[0].logprobs.content[0]
+        except (AttributeError, IndexError, TypeError):
             raise OpenAIEngineError(f"{self.url} returned no logprobs; label-likelihood "
-                                    "scoring needs a server that supports top_logprobs") \
-                from None
-        top = {t["token"]: float(t["logprob"]) for t in first.get("top_logprobs") or []}
-        top.setdefault(first["token"], float(first["logprob"]))
+                                    "scoring needs a server that supports top_logprobs") from None
+        top = {t.token: float(t.logprob) for t in first.top_logprobs or []}
+        top.setdefault(first.token, float(first.logprob))
         return top
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        import requests
+    def _create(self, messages: Sequence[Message], **options: Any) -> Any:
+        import openai
 
-        last = ""
-        for attempt in range(self.spec.max_retries + 1):
-            if attempt:
-                time.sleep(min(8.0, 0.25 * 2 ** attempt) * (0.5 + random.random()))
-            try:
-                resp = self.session.post(self.url, json=body, timeout=self.spec.timeout_s)
-            except (requests.ConnectionError, requests.Timeout) as err:
-                last = f"{type(err).__name__}: {err}"
-                continue
-            if resp.status_code == 200:
-                return resp.json()
-            last = f"HTTP {resp.status_code}: {resp.text[:300]}"
-            if resp.status_code not in RETRY_STATUSES:
-                break
-        raise OpenAIEngineError(f"model {self.spec.id!r} at {self.url} failed after "
-                                f"{attempt + 1} attempt(s): {last}")
+        try:
+            return self.client.chat.completions.create(model=self.spec.id, messages=list(messages), **options)
+        except openai.APIStatusError as err:
+            raise OpenAIEngineError(f"model {self.spec.id!r} at {self.url} failed (retries: "
+                                    f"{self.spec.max_retries}): HTTP {err.status_code}: "
+                                    f"{err.response.text[:300]}") from None
+        except openai.APIError as err:  # connection errors and timeouts, after the retries
+            raise OpenAIEngineError(f"model {self.spec.id!r} at {self.url} failed after "
+                                    f"{self.spec.max_retries} retries: {type(err).__name__}: {err}") from None
 
     def _map(self, fn: Any, items: list[Any]) -> list[Any]:
         if len(items) <= 1:

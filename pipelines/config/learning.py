@@ -9,7 +9,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from actors.followup_labels import FOLLOWUP_LABELS
 from actors.models import ModelSpec
+from pipelines.registry import ROUND_STAGES
+
+FEEDBACK_LABEL_NAMES = FOLLOWUP_LABELS[:3]
 
 
 class _Section(BaseModel):
@@ -55,8 +59,8 @@ class RewritesConfig(_Section):
     rejected: Literal["regenerated", "original"] = "regenerated"
     """`regenerated` (the paper, on-policy): the policy re-answers the context and that is
     the rejected answer; `original`: the logged answer, for comparison."""
-    labels: list[Literal["reattempt_feedback", "correction", "complaint"]] = Field(
-        default_factory=lambda: ["reattempt_feedback", "correction", "complaint"])
+    labels: list[Literal[FEEDBACK_LABEL_NAMES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(FEEDBACK_LABEL_NAMES))
     """Follow-up labels that carry feedback and get a rewrite."""
     max_followups: PositiveInt | None = None
     """Cap on follow-ups rewritten (the first ones by conversation and turn); None: all."""
@@ -166,7 +170,7 @@ class OnlineConfig(_Section):
 
     rounds: int = Field(0, ge=0)
     """Extra rounds after round 0; each writes `<run_dir>/round-<k>/`."""
-    stages: list[Literal["rewrites", "rewards", "pairs", "train"]] = Field(
+    stages: list[Literal[ROUND_STAGES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["rewards", "pairs", "train"])
     """Stages each online round reruns with the newest policy."""
 

@@ -7,7 +7,6 @@ at load with a message naming the key, the value and what is allowed, e.g.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -17,12 +16,14 @@ from pydantic import BaseModel, Field, PositiveInt, ValidationError, field_valid
 
 from actors.models import ModelSpec
 from pipelines.redact import REDACTION_KINDS
+from pipelines.registry import DEFAULT_STAGES, STAGE_NAMES
 from pipelines.config.learning import (_Section, AblationConfig, BenchmarkConfig, EvaluateConfig,  # noqa: F401
                                       LoraSettings, OnlineConfig, QualityFilterConfig, RewardModelConfig,
                                       RewardsConfig, RewritesConfig, TrainConfig)
 
 UserKey = Literal["hashed_ip", "hashed_ip+user_agent", "hashed_ip+user_agent+accept_language"]
 InputFormat = Literal["auto", "wildchat", "jsonl"]
+StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -94,7 +95,7 @@ class ModelsConfig(_Section):
     answer?) and evaluation. Never a model trained on this run's pairs."""
     reward: ModelSpec = ModelSpec()
     """Reward model of `serve.reward.backend`: an instruct model for `judge` (the default,
-    SmolLM2 until 6/8 trains one), a reward-model id or folder for `classifier`, the
+    SmolLM2), a reward-model id or folder for `classifier`, the
     reward_model stage's folder for `trained`."""
 
 
@@ -217,11 +218,9 @@ class RunConfig(_Section):
     run_dir: str = "runs/default"
     """Where every stage writes its tables, manifests and summaries."""
     seed: int = 0
-    stages: list[Literal["ingest", "followups", "personas", "rewrites", "reward_model",
-                         "rewards", "pairs", "train", "evaluate"]] = Field(
-        default_factory=lambda: ["ingest", "followups", "personas", "rewrites", "rewards",
-                                 "pairs", "train"])
-    """Stages to run, in pipeline order (`reward_model` and `evaluate` are optional)."""
+    stages: list[StageName] = Field(default_factory=lambda: list(DEFAULT_STAGES))
+    """Stages to run, in pipeline order (pipelines/registry.py; `reward_model` and
+    `evaluate` are optional)."""
     ingest: IngestConfig = IngestConfig()
     followups: FollowupsConfig = FollowupsConfig()
     personas: PersonasConfig = PersonasConfig()
@@ -235,14 +234,6 @@ class RunConfig(_Section):
     models: ModelsConfig = ModelsConfig()
     resources: ResourcesConfig = ResourcesConfig()
     serve: ServeConfig = ServeConfig()
-
-    def section_hash(self, *names: str) -> str:
-        """A hash of the named sections, for stage manifests: a rerun with the same hash
-        and inputs may skip the stage."""
-        data = {name: getattr(self, name).model_dump(mode="json") for name in names}
-        data["seed"] = self.seed
-        blob = json.dumps(data, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import RunConfig
-from pipelines.schema import CONVERSATIONS, FOLLOWUPS
+from pipelines.schema import CONVERSATIONS, FOLLOWUPS, stage_dir, table_path
 from pipelines.contract import StageWriter, require_stage
 
 STAGE = "followups"
@@ -92,7 +92,6 @@ def label_with_ray(parts: list[Path], config: RunConfig, out: Path) -> tuple[int
 
     settings = config.followups
     workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
-    out.mkdir(parents=True)
     results = ray.data.from_items([{"path": str(p)} for p in parts], override_num_blocks=len(parts)).map_batches(
         LabelWorker, fn_constructor_kwargs={"backend": settings.backend, "batch_size": settings.batch_size,
                                             "model": config.models.classifier.model_dump(), "out": str(out)},
@@ -110,13 +109,12 @@ def run_followups(config: RunConfig) -> dict[str, Any]:
     """Run the stage into `<run_dir>/followups/`; returns its summary."""
     run_dir = Path(config.run_dir)
     upstream = require_stage(run_dir, "ingest")
-    parts = sorted((run_dir / "ingest" / "conversations").glob("*.parquet"))
+    parts = sorted(table_path(run_dir, "ingest", "conversations").glob("*.parquet"))
     with StageWriter(run_dir, STAGE) as stage:
-        table_dir = stage.tmp / "followups"
+        table_dir = stage.table_dir("followups")
         if parts:
             written, labels = label_with_ray(parts, config, table_dir)
         else:
-            table_dir.mkdir()
             written, labels = 0, Counter()
         if not any(table_dir.iterdir()):
             pq.write_table(FOLLOWUPS.empty_table(), table_dir / "part-000000.parquet")
@@ -129,9 +127,8 @@ def run_followups(config: RunConfig) -> dict[str, Any]:
             "unclassified": labels.get(None, 0), "backend": config.followups.backend,
         }
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        stage.commit(config_hash=config.section_hash("followups", "models"), inputs=[],
-                     upstream={"ingest": upstream},
+        stage.commit(config=config, upstream={"ingest": upstream},
                      models=[config.models.classifier.model_dump()] if config.followups.backend != "rules" else [],
-                     counts=summary, seed=config.seed)
-    summary["output"] = str(run_dir / STAGE)
+                     counts=summary)
+    summary["output"] = str(stage_dir(run_dir, STAGE))
     return summary

@@ -2,7 +2,7 @@
 
 Reads a round's kept rewrites (source `rewrite`: the rewrite is chosen, the regenerated or
 original answer rejected) and kept samples (source `reward`: best versus worst candidate,
-`pipelines.stages.rewards.select_pair`), only the sources in `train.sources`. The prompt is used
+the candidates the rewards stage recorded), only the sources in `train.sources`. The prompt is used
 as the upstream stage stored it: base system prompt + persona block + context, ending with
 the user turn answered. Rows are split by user (`user_splits`), so no user is on both sides.
 
@@ -23,10 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import RunConfig
-from pipelines.stages.rewards import select_pair
-from pipelines.rounds import round_dir, user_splits
-from pipelines.schema import PAIRS, REWRITES, SAMPLES, check_schema
 from pipelines.contract import StageWriter, read_manifest, require_stage
+from pipelines.persona_join import user_splits
+from pipelines.schema import PAIRS, REWRITES, SAMPLES, check_schema, stage_dir, table_path
 
 STAGE = "pairs"
 EVAL_DATA = Path(__file__).resolve().parents[2] / "data" / "eval"  # held-out benchmarks
@@ -69,14 +68,15 @@ def reward_pairs(samples: pa.Table) -> list[dict[str, Any]]:
     for s in samples.to_pylist():
         if s["status"] != "kept":
             continue
-        selection = select_pair(s["candidates"], s["scores"])
-        if selection.reason is not None:
-            raise PairError(f"sample {s['sample_id']} is kept but makes no pair ({selection.reason}): "
-                            "rerun the rewards stage")
+        chosen, rejected = s["chosen_index"], s["rejected_index"]
+        if chosen is None or rejected is None or not (0 <= chosen < len(s["candidates"])
+                                                      and 0 <= rejected < len(s["candidates"])):
+            raise PairError(f"sample {s['sample_id']} is kept but names no valid pair of candidates "
+                            f"(chosen_index {chosen}, rejected_index {rejected}): rerun the rewards stage")
         rows.append({
             "pair_id": pair_id("reward", s["sample_id"], s["round"]), "prompt": s["prompt"],
-            "chosen": answer(s["candidates"][selection.chosen]),
-            "rejected": answer(s["candidates"][selection.rejected]), "user_id": s["user_id"],
+            "chosen": answer(s["candidates"][chosen]),
+            "rejected": answer(s["candidates"][rejected]), "user_id": s["user_id"],
             "source": "reward", "margin": s["margin"], "persona_id": s["persona_id"],
             "conversation_id": s["conversation_id"], "followup_id": None, "sample_id": s["sample_id"],
             "round": s["round"], "label": None,
@@ -138,40 +138,38 @@ def rewrites_configured(config: RunConfig, round_index: int) -> bool:
 def run_pairs(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     """Run the stage into `<round_dir>/pairs/` (table `pairs`); returns its summary."""
     run_dir, sources = Path(config.run_dir), config.train.sources
-    out = round_dir(run_dir, round_index)
     upstream = {name: require_stage(run_dir, name) for name in ("followups", "personas")}
-    inputs = [run_dir / "followups" / "followups", run_dir / "personas" / "users"]
+    inputs = [table_path(run_dir, "followups", "followups"), table_path(run_dir, "personas", "users")]
     rows, rewrites_status = [], "not a train source"
     if "rewrite" in sources:
-        manifest = read_manifest(out, "rewrites")
+        manifest = read_manifest(run_dir, "rewrites", round_index)
         if manifest is None and rewrites_configured(config, round_index):
-            require_stage(out, "rewrites")   # configured but not run: say so
+            require_stage(run_dir, "rewrites", round_index)   # configured but not run: say so
         if manifest is None:
             rewrites_status = "absent: the rewrites stage is not configured, so no rewrite pairs"
         else:
             upstream["rewrites"] = manifest
-            inputs.append(out / "rewrites" / "rewrites")
+            inputs.append(table_path(run_dir, "rewrites", "rewrites", round_index))
             rewrites_status = "read"
     if "reward" in sources:
-        upstream["rewards"] = require_stage(out, "rewards")
-        inputs.append(out / "rewards" / "samples")
+        upstream["rewards"] = require_stage(run_dir, "rewards", round_index)
+        inputs.append(table_path(run_dir, "rewards", "samples", round_index))
     check_not_eval_data(inputs)
 
     if "rewrites" in upstream:
-        rows += rewrite_pairs(pq.read_table(out / "rewrites" / "rewrites", schema=REWRITES))
+        rows += rewrite_pairs(pq.read_table(table_path(run_dir, "rewrites", "rewrites", round_index), schema=REWRITES))
     if "rewards" in upstream:
-        rows += reward_pairs(pq.read_table(out / "rewards" / "samples", schema=SAMPLES))
+        rows += reward_pairs(pq.read_table(table_path(run_dir, "rewards", "samples", round_index), schema=SAMPLES))
     followups = {f["followup_id"]: f for f in
                  pq.read_table(inputs[0], columns=["followup_id", "message", "context"]).to_pylist()}
     for row in rows:
         check_pair(row, followups.get(row["followup_id"]) if row["source"] == "rewrite" else None)
     rows = sorted(with_splits(rows, user_splits(run_dir)), key=lambda r: (r["split"], r["source"], r["pair_id"]))
 
-    with StageWriter(out, STAGE) as stage:
+    with StageWriter(run_dir, STAGE, round_index) as stage:
         pairs = pa.Table.from_pylist(rows, schema=PAIRS)
         check_schema(pairs, PAIRS, "pairs")
-        (stage.tmp / "pairs").mkdir()
-        pq.write_table(pairs, stage.tmp / "pairs" / "part-0.parquet")
+        pq.write_table(pairs, stage.table_dir("pairs") / "part-0.parquet")
         summary = {
             "pairs": len(rows), "sources": list(sources), "rewrites": rewrites_status,
             "by_source": {source: {split: sum(1 for r in rows if r["source"] == source and r["split"] == split)
@@ -181,7 +179,6 @@ def run_pairs(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
             "round": round_index,
         }
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        stage.commit(config_hash=config.section_hash("train", "ablation"), inputs=[], seed=config.seed,
-                     upstream=upstream, counts=summary)
-    summary["output"] = str(out / STAGE)
+        stage.commit(config=config, upstream=upstream, counts=summary)
+    summary["output"] = str(stage_dir(run_dir, STAGE, round_index))
     return summary

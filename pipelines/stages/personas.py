@@ -7,7 +7,8 @@ history budget, toxic ones left out. Every user also gets an explicit empty snap
 start of time (counted) and one serving persona built from all history.
 
 Later stages join a turn to the latest non-serving snapshot whose `as_of` is strictly earlier
-than the turn (`join_personas`), so a persona never contains its own turn or anything after.
+than the turn (pipelines/persona_join.py), so a persona never contains its own turn or
+anything after.
 
 Users are split into train and evaluation users by a hash of their key, with a guaranteed
 minimum of evaluation users who have history (`split_users`).
@@ -21,13 +22,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.config import PersonasConfig, RunConfig
-from pipelines.schema import FEEDBACK_LABELS, PERSONAS, USERS, check_schema
+from pipelines.schema import FEEDBACK_LABELS, PERSONAS, USERS, check_schema, stage_dir, table_path
 from pipelines.contract import StageWriter, require_stage
 
 STAGE = "personas"
@@ -125,23 +124,6 @@ def split_users(conversation_counts: dict[str, int], *, eval_fraction: float,
          for u in sorted(users)], schema=USERS)
 
 
-def join_personas(turns: pd.DataFrame, personas: pa.Table) -> pd.Series:
-    """For rows with `user_id` and `time`, the persona_id of the latest non-serving
-    snapshot of that user whose as_of is strictly earlier than `time`."""
-    snaps = personas.filter(pc.invert(personas.column("serving"))) \
-                    .select(["user_id", "as_of", "persona_id"]).to_pandas()
-    left = turns[["user_id", "time"]].reset_index().sort_values("time")
-    merged = pd.merge_asof(left, snaps.sort_values("as_of"), left_on="time", right_on="as_of",
-                           by="user_id", allow_exact_matches=False, direction="backward")
-    return merged.set_index("index")["persona_id"].reindex(turns.index)
-
-
-def turn_times(conversation_timestamp: datetime, turn: dict[str, Any]) -> datetime:
-    """When a turn happened: its own timestamp where the log has one, else its conversation's."""
-    return turn.get("timestamp") or conversation_timestamp
-
-
-
 # --- the stage on Ray Data ----------------------------------------------------------------
 
 class PersonaWorker:
@@ -181,8 +163,8 @@ def run_personas(config: RunConfig) -> dict[str, Any]:
 
     run_dir, settings = Path(config.run_dir), config.personas
     upstream = {name: require_stage(run_dir, name) for name in ("ingest", "followups")}
-    conversations = pq.read_table(run_dir / "ingest" / "conversations")
-    followups = pq.read_table(run_dir / "followups" / "followups")
+    conversations = pq.read_table(table_path(run_dir, "ingest", "conversations"))
+    followups = pq.read_table(table_path(run_dir, "followups", "followups"))
     table = with_feedback(conversations, followups)
     counts = Counter(table.column("user_id").to_pylist())
     with StageWriter(run_dir, STAGE) as stage:
@@ -194,15 +176,14 @@ def run_personas(config: RunConfig) -> dict[str, Any]:
             fn_constructor_kwargs={"settings_json": settings.model_dump_json(),
                                    "model": config.models.persona.model_dump()},
             compute=ray.data.ActorPoolStrategy(size=min(workers, max(len(counts), 1))))
-        (stage.tmp / "personas").mkdir()
+        personas_dir = stage.table_dir("personas")
         for index, batch in enumerate(dataset.iter_batches(batch_format="pyarrow", batch_size=None)):
-            pq.write_table(batch, stage.tmp / "personas" / f"part-{index:06d}.parquet")
-        personas = pq.read_table(stage.tmp / "personas", schema=PERSONAS)
+            pq.write_table(batch, personas_dir / f"part-{index:06d}.parquet")
+        personas = pq.read_table(personas_dir, schema=PERSONAS)
         check_schema(personas, PERSONAS, "personas")
         users = split_users(dict(counts), eval_fraction=settings.eval_fraction,
                             min_eval_with_history=settings.min_eval_users_with_history, seed=config.seed)
-        (stage.tmp / "users").mkdir()
-        pq.write_table(users, stage.tmp / "users" / "part-0.parquet")
+        pq.write_table(users, stage.table_dir("users") / "part-0.parquet")
         rows = personas.select(["persona", "serving", "redactions"]).to_pylist()
         summary = {
             "users": len(counts), "snapshots": sum(1 for r in rows if not r["serving"]),
@@ -214,9 +195,8 @@ def run_personas(config: RunConfig) -> dict[str, Any]:
             "backend": settings.backend,
         }
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        stage.commit(config_hash=config.section_hash("personas", "models"), inputs=[], seed=config.seed,
-                     upstream=upstream,
+        stage.commit(config=config, upstream=upstream,
                      models=[config.models.persona.model_dump()] if settings.backend == "llm" else [],
                      counts=summary)
-    summary["output"] = str(run_dir / STAGE)
+    summary["output"] = str(stage_dir(run_dir, STAGE))
     return summary

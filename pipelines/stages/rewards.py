@@ -23,7 +23,8 @@ Top to bottom:
 
 Every prompt gets one `samples` row with all candidates and scores and status kept or
 filtered with the reason; prompts beyond `max_prompts` are filtered `over_cap` without any
-model call. The pairs stage builds the reward pairs from the kept rows with `select_pair`.
+model call. A kept row records its pair's candidates (`chosen_index`, `rejected_index`), from
+which the pairs stage builds the reward pairs.
 """
 from __future__ import annotations
 
@@ -41,15 +42,15 @@ import pyarrow.parquet as pq
 
 from actors.models import ModelSpec
 from pipelines.config import RewardsConfig, RunConfig
-from pipelines.rounds import actor_gpus, attach_personas, policy_spec, round_dir
-from pipelines.schema import FEEDBACK_LABELS, MESSAGES, SAMPLES, check_schema
+from pipelines.persona_join import attach_personas
+from pipelines.rounds import actor_gpus, policy_spec
+from pipelines.schema import FEEDBACK_LABELS, MESSAGES, SAMPLES, check_schema, model_path, stage_dir, table_path
 from pipelines.contract import StageWriter, require_stage
 
 if TYPE_CHECKING:
     from serve.roles import Endpoint
 
 STAGE = "rewards"
-TRAINED_MODEL = Path("reward_model") / "model"  # where the reward_model stage saves its model
 
 # Reasons a prompt yields no pair, in the order they are checked.
 OVER_CAP = "over_cap"
@@ -228,6 +229,8 @@ def apply_threshold(rows: list[dict[str, Any]], settings: RewardsConfig) -> list
             reason = None if passes else BELOW_THRESHOLD
         row["margin"] = selection.margin
         row["status"], row["reason"] = ("kept", None) if reason is None else ("filtered", reason)
+        row["chosen_index"], row["rejected_index"] = \
+            (selection.chosen, selection.rejected) if reason is None else (None, None)
     return rows
 
 
@@ -237,7 +240,7 @@ def reward_model_spec(config: RunConfig) -> dict[str, Any]:
     """models.reward, or for backend `trained` the model this run's reward_model stage saved."""
     if config.rewards.backend != "trained":
         return config.models.reward.model_dump()
-    folder = (Path(config.run_dir) / TRAINED_MODEL).resolve()
+    folder = model_path(config.run_dir, "reward_model").resolve()
     return config.models.reward.model_copy(update={"id": str(folder)}).model_dump()
 
 
@@ -281,6 +284,7 @@ def samples_rows(prompts: pd.DataFrame, scored: dict[str, dict[str, Any]], backe
             "scores": result["scores"] if result else [],
             "reward_backend": backend, "round": round_index,
             "status": None if result else "filtered", "reason": None if result else OVER_CAP, "margin": None,
+            "chosen_index": None, "rejected_index": None,
         })
     return rows
 
@@ -309,8 +313,8 @@ def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     reward_spec = config.models.reward.model_dump() if served else None
     if settings.backend == "trained" and not served:
         upstream["reward_model"] = require_stage(run_dir, "reward_model")
-    conversations = pq.read_table(run_dir / "ingest" / "conversations")
-    followups = pq.read_table(run_dir / "followups" / "followups")
+    conversations = pq.read_table(table_path(run_dir, "ingest", "conversations"))
+    followups = pq.read_table(table_path(run_dir, "followups", "followups"))
     found, covered = reward_prompts(conversations, followups, include_first_turns=settings.include_first_turns,
                                     include_no_feedback_turns=settings.include_no_feedback_turns)
     prompts = pd.DataFrame(found, columns=["conversation_id", "user_id", "turn_index", "time", "context", "first_turn"])
@@ -318,14 +322,12 @@ def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
                             for conversation, index in zip(prompts["conversation_id"], prompts["turn_index"])]
     prompts = attach_personas(prompts, run_dir, user_agnostic=config.ablation.user_agnostic)
     capped = prompts if settings.max_prompts is None else prompts.iloc[: settings.max_prompts]
-    out = round_dir(run_dir, round_index)
-    with StageWriter(out, STAGE) as stage:
+    with StageWriter(run_dir, STAGE, round_index) as stage:
         scored = score_with_ray(capped, config, policy, served) if len(capped) else {}
         rows = apply_threshold(samples_rows(prompts, scored, backend, round_index), settings)
         samples = pa.Table.from_pylist(rows, schema=SAMPLES)
         check_schema(samples, SAMPLES, "samples")
-        (stage.tmp / "samples").mkdir()
-        pq.write_table(samples, stage.tmp / "samples" / "part-0.parquet")
+        pq.write_table(samples, stage.table_dir("samples") / "part-0.parquet")
         reasons = Counter(r["reason"] for r in rows if r["status"] == "filtered")
         kept = sum(1 for r in rows if r["status"] == "kept")
         if kept + sum(reasons.values()) != len(prompts) or len(scored) != len(capped):
@@ -346,8 +348,6 @@ def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
             summary["served"] = {"url": served.url, "backend": backend, "model": config.models.reward.id}
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         models = [policy.model_dump(), reward_spec or reward_model_spec(config)] if len(capped) else []
-        sections = ("rewards", "ablation", "models") + (("serve",) if served is not None else ())
-        stage.commit(config_hash=config.section_hash(*sections), inputs=[],
-                     upstream=upstream, models=models, counts=summary, seed=config.seed)
-    summary["output"] = str(out / STAGE)
+        stage.commit(config=config, upstream=upstream, models=models, counts=summary)
+    summary["output"] = str(stage_dir(run_dir, STAGE, round_index))
     return summary

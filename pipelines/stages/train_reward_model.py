@@ -41,11 +41,11 @@ from actors.engines.reward_scorer import SequenceRewardScorer
 from actors.models import ModelSpec
 from actors.reward_model import RewardModel, encoder_prompt_text, init_trained_reward_model
 from pipelines.config import RunConfig
-from pipelines.rounds import user_splits
+from pipelines.persona_join import user_splits
+from pipelines.schema import MODEL_FOLDER, model_path, stage_dir, table_path
 from pipelines.contract import StageWriter, require_stage
 
 STAGE = "reward_model"
-MODEL_FOLDER = "model"  # <run_dir>/reward_model/model: what the rewards stage loads
 PAIR_COLUMNS = ["user_id", "split", "persona", "context", "chosen", "rejected"]
 
 
@@ -59,9 +59,9 @@ def rewrite_pairs(run_dir: Path | str) -> pd.DataFrame:
     personas stage did not split are dropped (there are none in a consistent run).
     """
     run_dir = Path(run_dir)
-    rewrites = pq.read_table(run_dir / "rewrites" / "rewrites")
+    rewrites = pq.read_table(table_path(run_dir, "rewrites", "rewrites"))
     kept = rewrites.filter(pc.equal(rewrites.column("status"), "kept")).to_pylist()
-    personas = pq.read_table(run_dir / "personas" / "personas", columns=["persona_id", "persona"])
+    personas = pq.read_table(table_path(run_dir, "personas", "personas"), columns=["persona_id", "persona"])
     persona_text = dict(zip(personas.column("persona_id").to_pylist(),
                             personas.column("persona").to_pylist()))
     splits = user_splits(run_dir)
@@ -133,8 +133,8 @@ def run_reward_model(config: RunConfig) -> dict[str, Any]:
     train, held_out = pairs[pairs["split"] == "train"], pairs[pairs["split"] == "eval"]
     if train.empty:
         raise RuntimeError(
-            f"reward_model: no training pairs. {run_dir}/rewrites/rewrites has {len(pairs)} kept "
-            f"pairs, none from a training user (split in {run_dir}/personas/users). Give the run "
+            f"reward_model: no training pairs. {table_path(run_dir, 'rewrites', 'rewrites')} has {len(pairs)} kept "
+            f"pairs, none from a training user (split in {table_path(run_dir, 'personas', 'users')}). Give the run "
             "more data (more conversations with feedback follow-ups, so more rewrites are kept), "
             "or drop 'reward_model' from `stages` and score rewards with the judge or classifier.")
 
@@ -179,15 +179,14 @@ def run_reward_model(config: RunConfig) -> dict[str, Any]:
             "device": str(trainer.args.device),
         }
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        stage.commit(config_hash=config.section_hash("reward_model"), inputs=[], seed=config.seed,
-                     upstream=upstream, models=[settings.encoder.model_dump()], counts=summary)
+        stage.commit(config=config, upstream=upstream, models=[settings.encoder.model_dump()], counts=summary)
     del trainer, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    summary["output"] = str(run_dir / STAGE)
+    summary["output"] = str(stage_dir(run_dir, STAGE))
     return summary
 
 
 def trained_model_spec(run_dir: Path | str) -> ModelSpec:
     """The spec the rewards stage loads the trained model with (backend `trained`)."""
-    return ModelSpec(id=str((Path(run_dir) / STAGE / MODEL_FOLDER).resolve()))
+    return ModelSpec(id=str(model_path(run_dir, STAGE).resolve()))

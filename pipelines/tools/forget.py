@@ -39,10 +39,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.contract import MANIFEST
+from pipelines.schema import MODEL_FOLDER, run_rounds, stage_dir, table_path
 
 LOG = "forget.jsonl"
 # Folders under a stage that hold no user tables: Ray Train's storage and exported models.
-_SKIP_PARTS = {"storage", "model", "report"}
+_SKIP_PARTS = {"storage", MODEL_FOLDER, "report"}
 NOTE = ("Rows were removed from the run's tables, but weights cannot be untrained: the listed "
         "checkpoints and models were trained on this user's data. Retrain them without the user "
         "(rerun those stages) or delete them. Stage manifests marked `forgotten_users` have counts "
@@ -69,8 +70,8 @@ def forget_user(run_dir: Path, user_id: str) -> dict[str, Any]:
         if n:
             removed[str(path.parent.relative_to(run_dir))] += n
             touched_stages.add(path.parent.parent)
-    for stage_dir in sorted(touched_stages):
-        mark_manifest(stage_dir)
+    for folder in sorted(touched_stages):
+        mark_manifest(folder)
 
     total = sum(removed.values())
     summary = {
@@ -116,21 +117,16 @@ def remove_rows(path: Path, user_id: str) -> int:
     return n
 
 
-def mark_manifest(stage_dir: Path) -> None:
+def mark_manifest(folder: Path) -> None:
     """Add one to the stage manifest's `forgotten_users` (written atomically)."""
-    path = stage_dir / MANIFEST
+    path = folder / MANIFEST
     if not path.is_file():
         return
     manifest = json.loads(path.read_text())
     manifest["forgotten_users"] = int(manifest.get("forgotten_users", 0)) + 1
-    tmp = stage_dir / f".{MANIFEST}.forget-{uuid.uuid4().hex[:8]}"
+    tmp = folder / f".{MANIFEST}.forget-{uuid.uuid4().hex[:8]}"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     os.replace(tmp, path)
-
-
-def round_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    later = [(int(p.name[6:]), p) for p in run_dir.glob("round-*") if p.name[6:].isdigit()]
-    return [(0, run_dir)] + sorted(later)
 
 
 def user_rows(folder: Path, user_id: str, columns: list[str]) -> list[dict[str, Any]]:
@@ -140,11 +136,11 @@ def user_rows(folder: Path, user_id: str, columns: list[str]) -> list[dict[str, 
     return table.filter(user_mask(table, user_id)).to_pylist()
 
 
-def weights(stage_dir: Path) -> dict[str, Any]:
+def weights(folder: Path) -> dict[str, Any]:
     """The weights a model-training stage folder holds."""
-    paths = [stage_dir / "model"] if (stage_dir / "model").exists() else []
-    paths += sorted(p for p in (stage_dir / "storage").rglob("checkpoint_*") if p.is_dir())
-    return {"stage": str(stage_dir), "paths": [str(p) for p in paths]}
+    paths = [folder / MODEL_FOLDER] if (folder / MODEL_FOLDER).exists() else []
+    paths += sorted(p for p in (folder / "storage").rglob("checkpoint_*") if p.is_dir())
+    return {"stage": str(folder), "paths": [str(p) for p in paths]}
 
 
 def trained_on_user(run_dir: Path, user_id: str) -> tuple[list[dict], list[dict]]:
@@ -156,15 +152,16 @@ def trained_on_user(run_dir: Path, user_id: str) -> tuple[list[dict], list[dict]
     train-split users (pipelines/stages/train_reward_model.py).
     """
     trained, derived, tainted = [], [], False
-    splits = {r["split"] for r in user_rows(run_dir / "personas" / "users", user_id, ["split"])}
-    kept = [r for r in user_rows(run_dir / "rewrites" / "rewrites", user_id, ["status"]) if r["status"] == "kept"]
-    if "train" in splits and kept and (run_dir / "reward_model").is_dir():
-        trained.append(weights(run_dir / "reward_model"))
-    for _, folder in round_dirs(run_dir):
-        train = folder / "train"
+    splits = {r["split"] for r in user_rows(table_path(run_dir, "personas", "users"), user_id, ["split"])}
+    kept = [r for r in user_rows(table_path(run_dir, "rewrites", "rewrites"), user_id, ["status"])
+            if r["status"] == "kept"]
+    if "train" in splits and kept and stage_dir(run_dir, "reward_model").is_dir():
+        trained.append(weights(stage_dir(run_dir, "reward_model")))
+    for k in run_rounds(run_dir):
+        train = stage_dir(run_dir, "train", k)
         if not train.is_dir():
             continue
-        pairs = user_rows(folder / "pairs" / "pairs", user_id, ["split"])
+        pairs = user_rows(table_path(run_dir, "pairs", "pairs", k), user_id, ["split"])
         if any(r["split"] == "train" for r in pairs):
             trained.append(weights(train))
             tainted = True
@@ -182,19 +179,19 @@ def forgotten_users(run_dir: Path) -> list[str]:
     return sorted(set(users))
 
 
-def reapply_forgets(run_dir: Path, stage_dir: Path) -> int:
+def reapply_forgets(run_dir: Path, folder: Path) -> int:
     """Remove forgotten users from a stage that was just (re)built: a rerun of ingest reads
     the raw logs again, and forgetting must outlive it. Returns the rows removed."""
     users = forgotten_users(run_dir)
-    if not users or not Path(stage_dir).is_dir():
+    if not users or not Path(folder).is_dir():
         return 0
     removed = 0
-    for path in sorted(Path(stage_dir).rglob("*.parquet")):
-        parts = path.relative_to(stage_dir).parts
+    for path in sorted(Path(folder).rglob("*.parquet")):
+        parts = path.relative_to(folder).parts
         if any(p.startswith(".") for p in parts) or _SKIP_PARTS & set(parts[:-1]):
             continue
         if "user_id" in pq.read_schema(path).names:
             removed += sum(remove_rows(path, user) for user in users)
     if removed:
-        mark_manifest(Path(stage_dir))
+        mark_manifest(Path(folder))
     return removed

@@ -33,13 +33,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from pipelines.schema import FOLLOWUP_LABELS  # noqa: E402
 from pipelines.contract import MANIFEST  # noqa: E402
+from pipelines.registry import ROUND_STAGES, STAGES  # noqa: E402
+from pipelines.schema import FOLLOWUP_LABELS, run_rounds, stage_dir, table_path  # noqa: E402
 
 REPORT_DIR = "report"
-RUN_STAGES = ("ingest", "followups", "personas", "rewrites", "reward_model", "rewards", "pairs", "train")
-LAST_STAGES = ("evaluate",)  # after the online rounds
-ROUND_STAGES = ("rewrites", "rewards", "pairs", "train")
 NOT_RUN = "_not run_"
 
 
@@ -75,16 +73,14 @@ class Run:
 
     def __init__(self, run_dir: Path, out: Path, stage_results: dict) -> None:
         self.dir, self.out, self.results = run_dir, out, stage_results
-        later = sorted((p for p in run_dir.glob("round-*") if p.name[6:].isdigit()),
-                       key=lambda p: int(p.name[6:]))
-        self.rounds: list[tuple[int, Path]] = [(0, run_dir)] + [(int(p.name[6:]), p) for p in later]
+        self.rounds = run_rounds(run_dir)
 
     def steps(self) -> list[tuple[str, Path]]:
         """Every step of the run as (driver step name, folder), in run order."""
-        steps = [(stage, self.dir / stage) for stage in RUN_STAGES]
-        for k, folder in self.rounds[1:]:
-            steps += [(f"round-{k}/{stage}", folder / stage) for stage in ROUND_STAGES]
-        steps += [(stage, self.dir / stage) for stage in LAST_STAGES]
+        steps = [(s.name, stage_dir(self.dir, s.name)) for s in STAGES if not s.last]
+        for k in self.rounds[1:]:
+            steps += [(f"round-{k}/{stage}", stage_dir(self.dir, stage, k)) for stage in ROUND_STAGES]
+        steps += [(s.name, stage_dir(self.dir, s.name)) for s in STAGES if s.last]
         return steps
 
     def manifest(self, folder: Path) -> dict[str, Any] | None:
@@ -183,7 +179,7 @@ def stage_table(run: Run) -> list[str]:
 
 def ingest_section(run: Run) -> list[str]:
     lines = ["## Ingest", ""]
-    summary = read_json(run.dir / "ingest" / "summary.json")
+    summary = read_json(stage_dir(run.dir, "ingest") / "summary.json")
     if summary is None:
         return lines + [NOT_RUN, ""]
     filtered, rejected = summary.get("filtered", {}), summary.get("rejected", {})
@@ -197,7 +193,7 @@ def ingest_section(run: Run) -> list[str]:
 
 def followups_section(run: Run) -> list[str]:
     lines = ["## Follow-ups by label", ""]
-    rows = run.table(run.dir / "followups" / "followups", ["label"])
+    rows = run.table(table_path(run.dir, "followups", "followups"), ["label"])
     if rows is None:
         return lines + [NOT_RUN, ""]
     counts = Counter(r["label"] or "unclassified" for r in rows)
@@ -217,8 +213,8 @@ def followups_section(run: Run) -> list[str]:
 def status_by_reason(run: Run, stage: str, table: str, title: str) -> list[str]:
     """Kept and filtered rows of a per-round table, filtered ones by reason."""
     lines, rows_out = [f"## {title}", ""], []
-    for k, folder in run.rounds:
-        rows = run.table(folder / stage / table, ["status", "reason"])
+    for k in run.rounds:
+        rows = run.table(table_path(run.dir, stage, table, k), ["status", "reason"])
         if rows is None:
             continue
         counts = Counter("kept" if r["status"] == "kept" else f"filtered: {r['reason']}" for r in rows)
@@ -238,7 +234,7 @@ def rewards_section(run: Run) -> list[str]:
 
 def reward_model_section(run: Run) -> list[str]:
     lines = ["## Reward model", ""]
-    summary = read_json(run.dir / "reward_model" / "summary.json")
+    summary = read_json(stage_dir(run.dir, "reward_model") / "summary.json")
     if summary is None:
         return lines + [NOT_RUN, ""]
     before, after = summary.get("accuracy_before", {}), summary.get("accuracy_after", {})
@@ -250,11 +246,11 @@ def reward_model_section(run: Run) -> list[str]:
 
 def pairs_section(run: Run) -> list[str]:
     lines = ["## Preference pairs", ""]
-    followups = run.table(run.dir / "followups" / "followups", ["followup_id", "label"]) or []
+    followups = run.table(table_path(run.dir, "followups", "followups"), ["followup_id", "label"]) or []
     label_of = {r["followup_id"]: r["label"] for r in followups}
     by_split, by_label = Counter(), Counter()
-    for k, folder in run.rounds:
-        rows = run.table(folder / "pairs" / "pairs", ["source", "split", "followup_id"])
+    for k in run.rounds:
+        rows = run.table(table_path(run.dir, "pairs", "pairs", k), ["source", "split", "followup_id"])
         for r in rows or []:
             by_split[(k, r["source"], r["split"])] += 1
             kind = f"rewrite: {label_of.get(r['followup_id']) or 'unknown'}" if r["source"] == "rewrite" else r["source"]
@@ -292,11 +288,11 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def train_section(run: Run) -> list[str]:
     lines, rows, curves, evals = ["## DPO training", ""], [], {}, {}
-    for k, folder in run.rounds:
-        summary = read_json(folder / "train" / "summary.json")
+    for k in run.rounds:
+        summary = read_json(stage_dir(run.dir, "train", k) / "summary.json")
         if summary is None:
             continue
-        history = read_metrics(folder / "train" / "metrics.jsonl")
+        history = read_metrics(stage_dir(run.dir, "train", k) / "metrics.jsonl")
         curves[k] = [r for r in history if "loss" in r and "step" in r]
         if curves[k] and summary.get("eval_reward_accuracy") is not None:
             evals[k] = (curves[k][-1]["step"], summary["eval_reward_accuracy"])
@@ -329,7 +325,7 @@ def train_section(run: Run) -> list[str]:
 
 def evaluation_section(run: Run) -> list[str]:
     lines = ["## Evaluation", ""]
-    summary = read_json(run.dir / "evaluate" / "summary.json")
+    summary = read_json(stage_dir(run.dir, "evaluate") / "summary.json")
     if summary is None:
         return lines + ["_not run: add `evaluate` to the config's stages, or run `rlhi eval`._", ""]
     arms = summary.get("arms") or {}

@@ -16,10 +16,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.stages.evaluate import reasoning
 from pipelines.config import BenchmarkConfig, RunConfig
-from pipelines.stages.personas import turn_times
-from pipelines.rounds import attach_personas, user_splits
+from pipelines.persona_join import attach_personas, turn_times, user_splits
+from pipelines.schema import table_path
+from pipelines.stages.evaluate import reasoning
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -46,7 +46,7 @@ def user_turns(config: RunConfig) -> dict[str, list[EvalItem]]:
     round-robin over users (seeded) so the bootstrap over users has as many users as it can."""
     run_dir = Path(config.run_dir)
     eval_users = {u for u, split in user_splits(run_dir).items() if split == "eval"}
-    conversations = pq.read_table(run_dir / "ingest" / "conversations",
+    conversations = pq.read_table(table_path(run_dir, "ingest", "conversations"),
                                   columns=["conversation_id", "user_id", "timestamp", "turns"]).to_pylist()
     found: dict[str, list[tuple[EvalItem, Any]]] = {"first": [], "followup": []}
     for conv in conversations:

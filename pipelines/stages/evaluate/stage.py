@@ -41,8 +41,9 @@ from pipelines.stages.evaluate import reasoning
 from pipelines.stages.evaluate import stats
 from pipelines.config import RunConfig
 from pipelines.stages.evaluate.items import EvalItem, benchmark_items, benchmark_path, known_pairs, user_turns
-from pipelines.rounds import policy_spec, round_dir
-from pipelines.contract import StageWriter, fingerprint, require_stage
+from pipelines.contract import StageWriter, fingerprint, read_manifest, require_stage
+from pipelines.rounds import policy_spec
+from pipelines.schema import stage_dir
 
 STAGE = "evaluate"
 # Each completes the judge prompt's "decide which of two candidate answers ...".
@@ -76,7 +77,7 @@ class Judgement:
 def last_train_round(config: RunConfig) -> int:
     """The last round whose train stage finished (online rounds first, then round 0)."""
     for k in range(config.online.rounds, -1, -1):
-        if (round_dir(config.run_dir, k) / "train" / "manifest.json").is_file():
+        if read_manifest(config.run_dir, "train", k) is not None:
             return k
     require_stage(config.run_dir, "train")   # raises: say what to run
     return 0
@@ -127,12 +128,12 @@ def make_arms(config: RunConfig, engines: dict[str, GenerationEngine] | None = N
         if role not in engines:
             key = spec.model_dump_json()
             engines[role] = loaded[key] = loaded.get(key) or make_engine(spec)
-    ev = config.evaluate
+    settings = config.evaluate
     return Arms(base=PolicySampler(specs["base"], engine=engines["base"]),
                 trained=PolicySampler(specs["trained"], engine=engines["trained"]),
                 judge_spec=specs["judge"], judge_engine=engines["judge"],
-                params=SamplingParams(max_new_tokens=ev.max_new_tokens, temperature=0.0, seed=config.seed),
-                batch_size=ev.batch_size, reason_tokens=ev.reason_tokens,
+                params=SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0, seed=config.seed),
+                batch_size=settings.batch_size, reason_tokens=settings.reason_tokens,
                 persona_in_prompt=not config.ablation.user_agnostic)
 
 
@@ -218,8 +219,8 @@ def reasoning_block(arms: Arms, kind: str, pairs: Sequence[tuple[EvalItem, Any]]
 
 def judge_quality(arms: Arms, config: RunConfig, judged: Sequence[Judgement]) -> tuple[dict[str, Any], list[Judgement]]:
     """Position consistency over every comparison of the stage, and known-pair accuracy."""
-    ev = config.evaluate
-    pairs = known_pairs(ev.gsm8k, ev.judge_checks, config.seed) if ev.judge_checks else []
+    settings = config.evaluate
+    pairs = known_pairs(settings.gsm8k, settings.judge_checks, config.seed) if settings.judge_checks else []
     checks = judge_pairs(arms, "judge_check", "overall", [p[0] for p in pairs],
                          [p[1] for p in pairs], [p[2] for p in pairs]) if pairs else []
     every = list(judged) + checks
@@ -231,12 +232,12 @@ def judge_quality(arms: Arms, config: RunConfig, judged: Sequence[Judgement]) ->
         if rows:
             block["known_pairs"][kind] = {
                 "accuracy": stats.summarize([stats.win_score(r.winner) for r in rows], [r.user_id for r in rows],
-                                            samples=ev.bootstrap_samples, seed=config.seed),
+                                            samples=settings.bootstrap_samples, seed=config.seed),
                 "strict_accuracy": sum(r.winner == "a" for r in rows) / len(rows)}
     if checks:
         block["known_pairs"]["all"] = stats.summarize([stats.win_score(r.winner) for r in checks],
                                                       [r.user_id for r in checks],
-                                                      samples=ev.bootstrap_samples, seed=config.seed)
+                                                      samples=settings.bootstrap_samples, seed=config.seed)
     return block, checks
 
 
@@ -267,34 +268,34 @@ def report_arms(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def run_evaluate(config: RunConfig, engines: dict[str, GenerationEngine] | None = None) -> dict[str, Any]:
     """Run the stage into `<run_dir>/evaluate/`; returns its summary. `engines` (optional,
     keys "base", "trained", "judge") replaces the engines built from the config."""
-    run_dir, ev, seed = Path(config.run_dir), config.evaluate, config.seed
+    run_dir, settings, seed = Path(config.run_dir), config.evaluate, config.seed
     train_round = last_train_round(config)
     upstream = {"ingest": require_stage(run_dir, "ingest"), "personas": require_stage(run_dir, "personas"),
-                "train": require_stage(round_dir(run_dir, train_round), "train")}
+                "train": require_stage(run_dir, "train", train_round)}
     arms = make_arms(config, engines)
-    samples = ev.bootstrap_samples
+    samples = settings.bootstrap_samples
     summary: dict[str, Any] = {
         "judge": {"id": arms.judge_id, "engine": arms.judge_spec.engine},
         "policies": {"base": arms.base.spec.id, "trained": arms.trained.spec.id, "train_round": train_round},
         "usereval": {}}
     judgements: list[Judgement] = []
-    if ev.max_turns:
+    if settings.max_turns:
         for kind, items in user_turns(config).items():
             if items:
-                summary["usereval"][kind], rows = user_eval(arms, items, ev.criteria, samples=samples, seed=seed)
+                summary["usereval"][kind], rows = user_eval(arms, items, settings.criteria, samples=samples, seed=seed)
                 judgements += rows
     reasoning_rows: list[dict[str, Any]] = []
     for kind in ("gsm8k", "math500"):
-        bench = getattr(ev, kind)
+        bench = getattr(settings, kind)
         if bench.n:
             summary[kind], rows = reasoning_block(arms, kind, benchmark_items(kind, bench, seed),
                                                   samples=samples, seed=seed, path=bench.path)
             reasoning_rows += rows
-    if ev.arena_hard.n:
-        items = [item for item, _ in benchmark_items("arena_hard", ev.arena_hard, seed)]
+    if settings.arena_hard.n:
+        items = [item for item, _ in benchmark_items("arena_hard", settings.arena_hard, seed)]
         rows = judge_pairs(arms, "arena_hard", "overall", items, arms.answer(arms.trained, items),
                            arms.answer(arms.base, items))
-        summary["arena_hard"] = {"questions": len(items), "path": ev.arena_hard.path,
+        summary["arena_hard"] = {"questions": len(items), "path": settings.arena_hard.path,
                                  **win_block(rows, samples=samples, seed=seed)}
         judgements += rows
     summary["judge_quality"], checks = judge_quality(arms, config, judgements)
@@ -305,15 +306,14 @@ def run_evaluate(config: RunConfig, engines: dict[str, GenerationEngine] | None 
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         _write_jsonl(stage.tmp / "judgements.jsonl", [asdict(j) for j in judgements])
         _write_jsonl(stage.tmp / "reasoning.jsonl", reasoning_rows)
-        benchmarks = [benchmark_path(getattr(ev, k).path) for k in ("gsm8k", "math500", "arena_hard")
-                      if getattr(ev, k).n or (k == "gsm8k" and ev.judge_checks)]
-        stage.commit(config_hash=config.section_hash("evaluate", "models", "ablation"),
-                     inputs=fingerprint(benchmarks), seed=seed, upstream=upstream,
+        benchmarks = [benchmark_path(getattr(settings, k).path) for k in ("gsm8k", "math500", "arena_hard")
+                      if getattr(settings, k).n or (k == "gsm8k" and settings.judge_checks)]
+        stage.commit(config=config, inputs=fingerprint(benchmarks), upstream=upstream,
                      models=[{"role": role, "id": spec.id, "engine": spec.engine} for role, spec in
                              (("base", arms.base.spec), ("trained", arms.trained.spec), ("judge", arms.judge_spec))],
                      counts={"judgements": len(judgements), "reasoning_answers": len(reasoning_rows),
                              "arms": len(summary["arms"])})
-    summary["output"] = str(run_dir / STAGE)
+    summary["output"] = str(stage_dir(run_dir, STAGE))
     return summary
 
 

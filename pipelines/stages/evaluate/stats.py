@@ -4,10 +4,8 @@ Win score of one comparison (trained vs base): 1 a win, 0.5 a tie, 0 a loss, so 
 that cannot tell the arms apart scores 0.5. The Judge asks both orders and calls a verdict
 that flips with the order a tie (actors/judge.py), so ties also absorb position bias.
 
-Intervals are percentile bootstraps over USERS, not turns: one user's turns share a persona,
-a topic and a writing style, so they are correlated, and resampling turns would give
-intervals that are too narrow. Each bootstrap draw resamples users with replacement and
-takes the mean over all turns of the drawn users (a cluster bootstrap), seeded.
+Intervals are percentile bootstraps over USERS, not turns (pipelines/bootstrap.py): one
+user's turns share a persona, a topic and a writing style, so they are correlated.
 
 Length control follows the idea of AlpacaEval's length-controlled win rate (Dubois et al.
 2024): fit a logistic regression of the win score on the answers' length difference and
@@ -19,9 +17,11 @@ A small ridge penalty keeps the fit finite when the wins are perfectly separated
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
+
+from pipelines.bootstrap import cluster_interval
 
 SCORES = {"a": 1.0, "tie": 0.5, "b": 0.0}   # the Judge's winner, with the trained arm as "a"
 RIDGE = 1e-3
@@ -32,32 +32,11 @@ def win_score(winner: str) -> float:
     return SCORES[winner]
 
 
-def bootstrap_users(values: Sequence[float], users: Sequence[str], *, samples: int = 1000,
-                    seed: int = 0, confidence: float = 0.95,
-                    statistic: Callable[[np.ndarray], float] | None = None) -> tuple[float, float]:
-    """Percentile interval of `statistic` (default: the mean of `values`) under resampling
-    of users with replacement. `statistic` receives the indices of the drawn turns."""
-    values = np.asarray(values, dtype=float)
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    statistic = statistic or (lambda idx: float(values[idx].mean()))
-    groups: dict[str, list[int]] = {}
-    for i, user in enumerate(users):
-        groups.setdefault(user, []).append(i)
-    members = [np.asarray(idx) for idx in groups.values()]
-    rng = np.random.default_rng(seed)
-    draws = np.empty(samples)
-    for s in range(samples):
-        chosen = rng.integers(0, len(members), size=len(members))
-        draws[s] = statistic(np.concatenate([members[c] for c in chosen]))
-    tail = (1 - confidence) / 2 * 100
-    return float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
-
-
 def summarize(values: Sequence[float], users: Sequence[str], *, samples: int,
               seed: int) -> dict[str, float]:
     """{mean, ci_low, ci_high, n, users}: a mean with its bootstrap interval over users."""
-    low, high = bootstrap_users(values, users, samples=samples, seed=seed)
+    values = np.asarray(values, dtype=float)
+    low, high = cluster_interval(lambda idx: float(values[idx].mean()), users, samples=samples, seed=seed)
     return {"mean": float(np.mean(values)) if len(values) else float("nan"),
             "ci_low": low, "ci_high": high, "n": len(values), "users": len(set(users))}
 
@@ -93,8 +72,7 @@ def length_controlled(scores: Sequence[float], words_a: Sequence[float], words_b
     """The length-controlled win rate of a over b with its bootstrap interval over users."""
     x = relative_length_difference(words_a, words_b)
     y = np.asarray(scores, dtype=float)
-    low, high = bootstrap_users(y, users, samples=samples, seed=seed,
-                                statistic=lambda idx: logistic_at_zero(x[idx], y[idx]))
+    low, high = cluster_interval(lambda idx: logistic_at_zero(x[idx], y[idx]), users, samples=samples, seed=seed)
     return {"mean": logistic_at_zero(x, y), "ci_low": low, "ci_high": high, "n": len(y),
             "users": len(set(users)), "method": "logistic regression of the win score on the "
             "relative word-count difference, read at zero difference"}

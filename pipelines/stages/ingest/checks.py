@@ -117,7 +117,7 @@ class CheckResult:
     redacted: Counter = field(default_factory=Counter)
 
 
-def check_records(records: Iterable[dict[str, Any]], cfg: IngestConfig, redactor) -> CheckResult:
+def check_records(records: Iterable[dict[str, Any]], settings: IngestConfig, redactor) -> CheckResult:
     """Structure, filters and redaction over records; every record is kept or rejected."""
     kept, rejects, redacted, rows_in = [], [], Counter(), 0
     for record in records:
@@ -126,11 +126,11 @@ def check_records(records: Iterable[dict[str, Any]], cfg: IngestConfig, redactor
         if problem:
             rejects.append(reject_row(record, "rejected", *problem))
             continue
-        uid = user_id(record, cfg.user_key)
+        uid = user_id(record, settings.user_key)
         first = record["turns"][0]
         first_key = str(first["turn_identifier"] or first["timestamp"] or record["timestamp"].isoformat())
         cid = conversation_id(uid, record["conversation_hash"] or "", first_key)
-        reason = filter_reason(record, cfg.filters)
+        reason = filter_reason(record, settings.filters)
         if reason:
             rejects.append(reject_row(record, "filtered", *reason, uid=uid, cid=cid))
             continue

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from pipelines.stages.ingest.checks import check_records, reject_row
 from pipelines.config import IngestConfig, RunConfig
-from pipelines.schema import REJECTS
+from pipelines.schema import REJECTS, stage_dir
 from pipelines.stages.ingest.sources import InputError, ReadTask, detect_format, plan_file, read_task_records, resolve_inputs
 from pipelines.contract import StageWriter, fingerprint
 
@@ -42,16 +42,16 @@ STAGE = "ingest"
 
 # --- 1. plan ------------------------------------------------------------------------------
 
-def plan(cfg: IngestConfig) -> tuple[list[ReadTask], list[Path], list[dict[str, str]]]:
+def plan(settings: IngestConfig) -> tuple[list[ReadTask], list[Path], list[dict[str, str]]]:
     """Read tasks in input order, the files they cover, and the bad files skipped."""
     tasks: list[ReadTask] = []
     files, bad_files = [], []
-    for path in resolve_inputs(cfg.inputs):
+    for path in resolve_inputs(settings.inputs):
         try:
-            tasks.extend(plan_file(path, detect_format(path, cfg.format), len(tasks), cfg.rows_per_task))
+            tasks.extend(plan_file(path, detect_format(path, settings.format), len(tasks), settings.rows_per_task))
             files.append(path)
         except InputError as exc:
-            if not cfg.skip_bad_files:
+            if not settings.skip_bad_files:
                 raise
             bad_files.append({"path": str(path), "error": str(exc)})
     return tasks, files, bad_files
@@ -59,10 +59,10 @@ def plan(cfg: IngestConfig) -> tuple[list[ReadTask], list[Path], list[dict[str, 
 
 # --- 2. check -----------------------------------------------------------------------------
 
-def check_task(task: ReadTask, cfg: IngestConfig, redactor, work: Path) -> dict[str, Any]:
+def check_task(task: ReadTask, settings: IngestConfig, redactor, work: Path) -> dict[str, Any]:
     """Read one task, check its rows, write its two parts; return its counts."""
     try:
-        result = check_records(read_task_records(task), cfg, redactor)
+        result = check_records(read_task_records(task), settings, redactor)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{task.path}: failed while reading from row {task.first_index}: {exc}") from exc
     name = f"part-{task.task_id:06d}.parquet"
@@ -74,42 +74,42 @@ def check_task(task: ReadTask, cfg: IngestConfig, redactor, work: Path) -> dict[
 class CheckWorker:
     """Ray Data callable class: builds the redactor once per actor, then checks tasks."""
 
-    def __init__(self, cfg_json: str, work: str) -> None:
+    def __init__(self, settings_json: str, work: str) -> None:
         from pipelines.redact import Redactor
 
-        self.cfg = IngestConfig.model_validate_json(cfg_json)
-        self.redactor = Redactor(self.cfg.redact)
+        self.settings = IngestConfig.model_validate_json(settings_json)
+        self.redactor = Redactor(self.settings.redact)
         self.work = Path(work)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        results = [check_task(ReadTask(**row), self.cfg, self.redactor, self.work) for row in batch.to_pylist()]
+        results = [check_task(ReadTask(**row), self.settings, self.redactor, self.work) for row in batch.to_pylist()]
         return pa.Table.from_pylist(results)
 
 
-def check_with_ray(tasks: list[ReadTask], cfg: IngestConfig, work: Path,
+def check_with_ray(tasks: list[ReadTask], settings: IngestConfig, work: Path,
                    progress_bars: bool = True) -> list[dict[str, Any]]:
     """Step 2 on Ray Data: one block per task, an actor pool as wide as the CPUs."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars
-    workers = cfg.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
     workers = min(workers, len(tasks))
     dataset = ray.data.from_items([t.to_row() for t in tasks], override_num_blocks=len(tasks))
     results = dataset.map_batches(
-        CheckWorker, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(), "work": str(work)},
+        CheckWorker, fn_constructor_kwargs={"settings_json": settings.model_dump_json(), "work": str(work)},
         batch_size=1, batch_format="pyarrow", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=workers))
     return [row for batch in results.iter_batches(batch_format="pyarrow", batch_size=None)
             for row in batch.to_pylist()]
 
 
-def check_in_process(tasks: list[ReadTask], cfg: IngestConfig, work: Path) -> list[dict[str, Any]]:
+def check_in_process(tasks: list[ReadTask], settings: IngestConfig, work: Path) -> list[dict[str, Any]]:
     """Step 2 in this process, one task after another (tests; the baseline of bench/ingest.py)."""
     from pipelines.redact import Redactor
 
-    redactor = Redactor(cfg.redact)
-    return [check_task(task, cfg, redactor, work) for task in tasks]
+    redactor = Redactor(settings.redact)
+    return [check_task(task, settings, redactor, work) for task in tasks]
 
 
 # --- 3. decide ----------------------------------------------------------------------------
@@ -198,8 +198,8 @@ def summarize(out: Path, per_user: Counter, rows_in: int, redacted: Counter,
 def run_ingest(config: RunConfig, *, use_ray: bool = True,
                on_plan: Callable[[list[ReadTask]], None] | None = None) -> dict[str, Any]:
     """Run the ingest stage into `<run_dir>/ingest/`; returns its summary."""
-    cfg = config.ingest
-    tasks, files, bad_files = plan(cfg)
+    settings = config.ingest
+    tasks, files, bad_files = plan(settings)
     if on_plan:
         on_plan(tasks)
     with StageWriter(Path(config.run_dir), STAGE) as stage:
@@ -209,18 +209,17 @@ def run_ingest(config: RunConfig, *, use_ray: bool = True,
         if not tasks:
             results = []
         elif use_ray:
-            results = check_with_ray(tasks, cfg, work, config.resources.progress_bars)
+            results = check_with_ray(tasks, settings, work, config.resources.progress_bars)
         else:
-            results = check_in_process(tasks, cfg, work)
+            results = check_in_process(tasks, settings, work)
         redacted: Counter = Counter()
         for result in results:
             redacted.update(json.loads(result["redacted"]))
-        per_user = finalize(work, stage.tmp, cfg.filters.max_conversations_per_user)
+        per_user = finalize(work, stage.tmp, settings.filters.max_conversations_per_user)
         shutil.rmtree(work)
         summary = summarize(stage.tmp, per_user, sum(r["rows_in"] for r in results), redacted, bad_files)
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        stage.commit(config_hash=config.section_hash("ingest"), inputs=fingerprint(files),
-                     counts={k: summary[k] for k in ("rows_in", "kept", "filtered", "rejected", "users")},
-                     seed=config.seed)
-    summary["output"] = str(Path(config.run_dir) / STAGE)
+        stage.commit(config=config, inputs=fingerprint(files),
+                     counts={k: summary[k] for k in ("rows_in", "kept", "filtered", "rejected", "users")})
+    summary["output"] = str(stage_dir(config.run_dir, STAGE))
     return summary

@@ -40,8 +40,9 @@ import pyarrow.parquet as pq
 
 from pipelines.stages.rewrites import quality
 from pipelines.config import RewritesConfig, RunConfig
-from pipelines.rounds import actor_gpus, attach_personas, policy_spec, round_dir
-from pipelines.schema import FOLLOWUPS, REWRITES, check_schema
+from pipelines.persona_join import attach_personas
+from pipelines.rounds import actor_gpus, policy_spec
+from pipelines.schema import FOLLOWUPS, REWRITES, check_schema, stage_dir, table_path
 from pipelines.contract import StageWriter, require_stage
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ def eligible_followups(config: RunConfig) -> pa.Table:
     """Follow-ups whose label is in rewrites.labels, by conversation and turn, with the
     persona each one sees (INPUT columns)."""
     run_dir = Path(config.run_dir)
-    followups = pq.read_table(run_dir / "followups" / "followups", schema=FOLLOWUPS)
+    followups = pq.read_table(table_path(run_dir, "followups", "followups"), schema=FOLLOWUPS)
     followups = followups.filter(pc.is_in(followups.column("label"), pa.array(config.rewrites.labels)))
     followups = followups.sort_by([("conversation_id", "ascending"), ("turn_index", "ascending")])
     frame = followups.select(["user_id", "timestamp"]).to_pandas().rename(columns={"timestamp": "time"})
@@ -254,9 +255,8 @@ def run_rewrites(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     done = rewrite_with_ray(todo, config, round_index, served) if todo.num_rows else REWRITES.empty_table()
     table = pa.concat_tables([done, skipped]).sort_by([("conversation_id", "ascending"), ("turn_index", "ascending")])
     check_schema(table, REWRITES, "rewrites")
-    with StageWriter(round_dir(run_dir, round_index), STAGE) as stage:
-        (stage.tmp / "rewrites").mkdir()
-        pq.write_table(table, stage.tmp / "rewrites" / "part-000000.parquet")
+    with StageWriter(run_dir, STAGE, round_index) as stage:
+        pq.write_table(table, stage.table_dir("rewrites") / "part-000000.parquet")
         summary = summarize(table, eligible.num_rows, time.time() - started, round_index, settings.rejected)
         summary["rewriter_via"] = settings.rewriter_via
         if served is not None:
@@ -264,8 +264,6 @@ def run_rewrites(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         models = [policy_spec(config, round_index), config.models.rewriter]
         models += [config.models.judge] if settings.filter.judge else []
-        sections = ("rewrites", "ablation", "models") + (("serve",) if served is not None else ())
-        stage.commit(config_hash=config.section_hash(*sections), inputs=[],
-                     upstream=upstream, models=[m.model_dump() for m in models], counts=summary, seed=config.seed)
-    summary["output"] = str(round_dir(run_dir, round_index) / STAGE)
+        stage.commit(config=config, upstream=upstream, models=[m.model_dump() for m in models], counts=summary)
+    summary["output"] = str(stage_dir(run_dir, STAGE, round_index))
     return summary

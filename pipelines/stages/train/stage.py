@@ -28,7 +28,8 @@ from actors.models import resolve_model
 from pipelines.config import RunConfig
 from pipelines.stages.train.dpo_worker import (EXPORT, RESULT, coverage, load_policy_tokenizer, prepare_pairs,
                                   read_ledger, train_loop_per_worker)
-from pipelines.rounds import POLICY_FOLDER, policy_spec, round_dir
+from pipelines.rounds import policy_spec
+from pipelines.schema import MODEL_FOLDER, round_dir, stage_dir, table_path
 from pipelines.contract import StageWriter, require_stage
 
 STAGE = "train"
@@ -77,8 +78,8 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
 
     settings = config.train
     out_dir = round_dir(config.run_dir, round_index).resolve()
-    upstream = {"pairs": require_stage(out_dir, "pairs")}
-    pairs_dir = out_dir / "pairs" / "pairs"
+    upstream = {"pairs": require_stage(config.run_dir, "pairs", round_index)}
+    pairs_dir = table_path(out_dir, "pairs", "pairs")
     global_batch = settings.per_device_batch_size * settings.workers
     policy = policy_spec(config, round_index)
     policy_path = resolve_model(policy.id)
@@ -110,7 +111,7 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
         run_config=RayRunConfig(name="ray", storage_path=str(storage),
                                 failure_config=FailureConfig(max_failures=settings.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    with StageWriter(out_dir, STAGE) as stage:
+    with StageWriter(config.run_dir, STAGE, round_index) as stage:
         started = time.time()
         try:
             result = trainer.fit()
@@ -124,7 +125,7 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
         steps_per_epoch = max(1, (len(train) // global_batch) // settings.gradient_accumulation_steps)
         seen = coverage(read_ledger(storage), len(train), steps_per_epoch)
         history = final.pop("log_history")
-        shutil.move(str(storage / EXPORT), stage.tmp / POLICY_FOLDER)
+        shutil.move(str(storage / EXPORT), stage.tmp / MODEL_FOLDER)
         with open(stage.tmp / "metrics.jsonl", "w") as handle:
             for row in history:
                 handle.write(json.dumps(row) + "\n")
@@ -147,8 +148,7 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
         }
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         shutil.move(str(storage), stage.tmp / "storage")
-        stage.commit(config_hash=config.section_hash("train", "models"), inputs=[], seed=config.seed,
-                     upstream=upstream, models=[policy.model_dump()], counts=summary)
+        stage.commit(config=config, upstream=upstream, models=[policy.model_dump()], counts=summary)
     shutil.rmtree(job["scratch"], ignore_errors=True)
-    summary["output"] = str(out_dir / STAGE)
+    summary["output"] = str(stage_dir(config.run_dir, STAGE, round_index))
     return summary
