@@ -15,13 +15,16 @@ lines:
 reattempt_feedback, correction or complaint), the strongest signal a log holds, so they come
 first (a persona cut to its budget loses its last lines). Each is one value of a dimension
 (length, format, tone, examples, how an answer ends, code language, answer language), read
-with its negation ("no examples") and resolved per user (`stated_preferences`).
+by the structure of the message (`actors.preference_reader`: negation, "too X",
+comparatives, who wanted what, counts) and resolved per user (`stated_preferences`).
 """
 from __future__ import annotations
 
 import re
 from collections import Counter
 from typing import Any, Sequence
+
+from actors.preference_reader import read_preferences
 
 # Recurring task kinds, by words a request uses (English and a few frequent WildChat
 # languages). A request may count for several kinds.
@@ -35,9 +38,8 @@ TASK_PATTERNS = {
     "explaining": r"^\s*(what|why|how|explain|describe)\b|什么|为什么|как|почему|что такое",
     "role-play": r"\b(role ?play|pretend|act as|you are now)\b",
 }
-# Preferences a feedback turn states. Each cue names one value of a dimension, and a user
-# holds one value per dimension: the value named most often, the latest on a tie (a user who
-# asked for bullets once and for "no lists" twice wants prose).
+# The persona line of each preference value a feedback turn can state: the five answer
+# properties `actors.preference_reader` reads, the code language, the answer language.
 DIMENSIONS: dict[str, dict[str, str]] = {
     "length": {"short": "prefers shorter answers", "medium": "prefers medium-length answers",
                "long": "wants longer, more detailed answers"},
@@ -48,50 +50,11 @@ DIMENSIONS: dict[str, dict[str, str]] = {
     "ending": {"question": "likes answers that end with a question",
                "statement": "does not want answers to end with a question"},
     "code": {"python": "asks for Python", "javascript": "asks for JavaScript/TypeScript"},
-    "correctness": {"yes": "points out errors; values correctness"},
 }
-# (pattern, dimension, value, fixed), tried in this order; text a cue matched is not matched
-# again. A fixed cue ("too long") says what the user wants whatever surrounds it; any other
-# cue is read with its polarity (`_negated`): negated, it counts for the dimension's other
-# value where there is exactly one, and for nothing where there are several.
-PREFERENCE_CUES = [
-    (r"\bnot too (long|short)\b", "length", "medium", True),
-    (r"\btoo (long|wordy|verbose)\b|слишком длинно", "length", "short", True),
-    (r"\btoo (short|brief)\b", "length", "long", True),
-    (r"\btoo (formal|stiff)\b", "register", "casual", True),
-    (r"\btoo (casual|informal|chatty)\b", "register", "formal", True),
-    (r"\b(python 3|python)\b", "code", "python", True),
-    (r"\b(javascript|typescript)\b", "code", "javascript", True),
-    (r"\b(wrong|incorrect|not what i asked|doesn'?t work|not working|mistake)\b|不对|错了|неправильно",
-     "correctness", "yes", True),
-    (r"\b(medium|moderate|a paragraph or two)\b", "length", "medium", False),
-    ((r"\b(shorter|more concise|concise|less words|fewer words|briefly|brief|short|few lines|gist|"
-      r"under \w+ words)\b|简短|短一点|короче"), "length", "short", False),
-    ((r"\b(longer|long|more detail|more detailed|in depth|depth|thorough|at least \w+ words|expand|"
-      r"elaborate|lots of detail|detailed|well over)\b|详细|подробнее"), "length", "long", False),
-    (r"\b(bullets?|bullet points?|lists?|tables?|step by step|numbered|points with dashes)\b|列表|表格",
-     "format", "structured", False),
-    (r"\b(paragraphs?|prose|flowing text|plain text)\b", "format", "prose", False),
-    (r"\b(formal|professional|academic|like a report)\b", "register", "formal", False),
-    ((r"\b(casual|informal|chatty|relaxed|slang|like a friend|simple words|simpler|easy to understand|"
-      r"like i'?m five)\b"), "register", "casual", False),
-    ((r"\b(end|ends|ending|finish|finishes|close|closes)\b[^.;:!?]*?\b(question|asking)|"
-      r"\bquestions? (at|in) the end\b|\bask(ing)? me\b"), "ending", "question", False),
-    (r"\b(plain statement|with a statement)\b", "ending", "statement", False),
-    (r"\bexamples?\b|例子|пример", "examples", "yes", False),
-]
+CODE_CUES = {"python": re.compile(r"\b(?:in |use |with )python\b|\bpython ?3\b", re.IGNORECASE),
+             "javascript": re.compile(r"\b(?:in |use |with )(?:javascript|typescript|js|ts)\b", re.IGNORECASE)}
 LANGUAGE_CUE = re.compile(r"\bin (english|chinese|russian|spanish|french|german|japanese|korean|"
                           r"portuguese|arabic)\b", re.IGNORECASE)
-# Words that turn the cue right after them around ("no examples", "without bullets") ...
-NEGATORS = r"no|not|without|don'?t|do not|doesn'?t|skip|avoid|stop|never|less|fewer|instead of|rather than"
-NEGATOR_REACH_WORDS = 3
-# ... phrases that say what the answer was, so what follows is what the user did not want ...
-DESCRIBERS = r"this is|this has|it is|it has|you went with|you used|you gave|you wrote|came out as"
-# ... and phrases that say what the user wants, which end a describer's reach.
-WANTERS = r"need|needs|want|wanted|asked for|ask for|was after|please|prefer|would like|i'?d like"
-_TRIGGER = re.compile(rf"\b(?:(?P<neg>{NEGATORS})|(?P<desc>{DESCRIBERS})|(?P<want>{WANTERS}))\b",
-                      re.IGNORECASE)
-_SENTENCE = re.compile(r"[^.;:!?\n]+")  # a sentence, or a clause ended by ":" or ";"
 STOPWORDS = frozenset("""a about above after again all also am an and any are as at be because been
 before being below between both but by can could did do does doing down during each few for from
 further had has have having he her here hers him his how i if in into is it its itself just me more
@@ -102,45 +65,21 @@ make tell use using need want like help know get one two new also could would sh
 hi hello ok okay yes sure let can't don't i'm it's""".split())
 _WORD = re.compile(r"[a-zA-Z][a-zA-Z+#\-]{2,}")
 _TASKS = {name: re.compile(p, re.IGNORECASE | re.MULTILINE) for name, p in TASK_PATTERNS.items()}
-_CUES = [(re.compile(p, re.IGNORECASE), dim, value, fixed) for p, dim, value, fixed in PREFERENCE_CUES]
 
 
 def _ranked(counter: Counter, limit: int) -> str:
     return ", ".join(f"{key} ({n})" for key, n in counter.most_common(limit))
 
 
-def _negated(before: str) -> bool:
-    """Whether a cue preceded by `before` (its sentence so far) counts against its value: the
-    negators within reach, and whether the nearest describer or wanter is a describer, each
-    turn it around once ("this has no examples" wants examples)."""
-    triggers = list(_TRIGGER.finditer(before))
-    flips = sum(1 for t in triggers
-                if t.group("neg") and len(before[t.end():].split()) <= NEGATOR_REACH_WORDS)
-    nearest = next((t for t in reversed(triggers) if not t.group("neg")), None)
-    flips += bool(nearest and nearest.group("desc"))
-    return flips % 2 == 1
-
-
-def message_preferences(message: str) -> list[tuple[str, str]]:
-    """(dimension, value) for every preference cue in one feedback message, in text order."""
-    found: list[tuple[int, str, str]] = []
-    for part in _SENTENCE.finditer(message):
-        sentence, offset = part.group(), part.start()
-        taken = [False] * len(sentence)
-        for pattern, dim, value, fixed in _CUES:
-            for match in pattern.finditer(sentence):
-                if any(taken[match.start():match.end()]):
-                    continue
-                taken[match.start():match.end()] = [True] * (match.end() - match.start())
-                wanted = value
-                if not fixed and _negated(sentence[:match.start()]):
-                    others = [v for v in DIMENSIONS[dim] if v != value]
-                    if len(others) != 1:
-                        continue
-                    wanted = others[0]
-                found.append((offset + match.start(), dim, wanted))
-    ordered = [(dim, value) for _, dim, value in sorted(found)]
-    return list(dict.fromkeys(ordered))  # a message votes once for each value it names
+def message_preferences(message: str, answer: str | None = None) -> list[tuple[str, str]]:
+    """(dimension, value) for every answer-style preference one feedback message states, in
+    text order, read by structure (`actors.preference_reader`): length short/medium/long,
+    format structured/prose, register formal/casual, examples yes/no, ending
+    question/statement; plus a code language it asks for. Nothing for a message that states
+    nothing. `answer`, the answer the message reacts to, reads a bare word count against it."""
+    found = read_preferences(message, answer)
+    found += [("code", language) for language, cue in CODE_CUES.items() if cue.search(message)]
+    return found
 
 
 def stated_preferences(feedback: Sequence[str]) -> list[str]:

@@ -1,49 +1,39 @@
 """The persona each turn sees, and each user's split: reading the personas stage's output.
 
-A turn is joined to the latest non-serving snapshot of its user made strictly before it
-(`join_personas`), so a persona never contains the turn it conditions or anything after.
-Used by every stage that conditions on personas (rewrites, rewards, evaluate) and by the
-simulation; a shared helper, not a stage.
+A turn sees the snapshot the personas stage assigned to its conversation
+(`conversation_personas`): built only from the user's conversations before it, so a persona
+never contains the turn it conditions, the rest of that conversation or anything later,
+whatever the clocks say. Used by every stage that conditions on personas (rewrites,
+rewards, evaluate) and by the simulation; a shared helper, not a stage.
 """
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.schema import table_path
 
 
-def join_personas(turns: pd.DataFrame, personas: pa.Table) -> pd.Series:
-    """For rows with `user_id` and `time`, the persona_id of the latest non-serving
-    snapshot of that user whose as_of is strictly earlier than `time`."""
-    snaps = personas.filter(pc.invert(personas.column("serving"))) \
-                    .select(["user_id", "as_of", "persona_id"]).to_pandas()
-    left = turns[["user_id", "time"]].reset_index().sort_values("time")
-    merged = pd.merge_asof(left, snaps.sort_values("as_of"), left_on="time", right_on="as_of",
-                           by="user_id", allow_exact_matches=False, direction="backward")
-    return merged.set_index("index")["persona_id"].reindex(turns.index)
-
-
-def turn_times(conversation_timestamp: datetime, turn: dict[str, Any]) -> datetime:
-    """When a turn happened: its own timestamp where the log has one, else its conversation's."""
-    return turn.get("timestamp") or conversation_timestamp
+def join_personas(rows: pd.DataFrame, links: pa.Table) -> pd.Series:
+    """For rows with `conversation_id`, the persona_id the personas stage assigned to that
+    conversation (`conversation_personas` rows); NaN where the conversation has none."""
+    by_conversation = dict(zip(links.column("conversation_id").to_pylist(), links.column("persona_id").to_pylist()))
+    return rows["conversation_id"].map(by_conversation)
 
 
 def attach_personas(frame: pd.DataFrame, run_dir: Path | str, *, user_agnostic: bool) -> pd.DataFrame:
-    """Add `persona_id` and `persona` to rows with `user_id` and `time`: the latest snapshot
-    built strictly before the turn. User-agnostic runs get none."""
+    """Add `persona_id` and `persona` to rows with `conversation_id`: the snapshot built from
+    the user's conversations before that one. User-agnostic runs get none."""
     frame = frame.copy()
     if user_agnostic or frame.empty:
         frame["persona_id"], frame["persona"] = None, ""
         return frame
     personas = pq.read_table(table_path(run_dir, "personas", "personas"))
-    frame["persona_id"] = join_personas(frame, personas)
+    links = pq.read_table(table_path(run_dir, "personas", "conversation_personas"))
+    frame["persona_id"] = join_personas(frame, links)
     text = dict(zip(personas.column("persona_id").to_pylist(), personas.column("persona").to_pylist()))
     frame["persona"] = [text.get(pid, "") if isinstance(pid, str) else "" for pid in frame["persona_id"]]
     frame["persona_id"] = [pid if isinstance(pid, str) else None for pid in frame["persona_id"]]

@@ -88,13 +88,23 @@ FOLLOWUPS = pa.schema([
 PERSONAS = pa.schema([
     ("persona_id", pa.string()),
     ("user_id", pa.string()),
-    ("as_of", TIMESTAMP),                 # built only from conversations strictly before
+    ("as_of", TIMESTAMP),                 # one tick after the last turn it was built from
+    ("conversations_before", pa.int32()), # built from the user's first this-many conversations
     ("persona", pa.string()),             # "" for a user with no earlier history
     ("history_conversations", pa.int32()),
     ("history_tokens", pa.int32()),
     ("redactions", pa.int32()),
     ("backend", pa.string()),
     ("serving", pa.bool_()),              # the per-user persona built from all history
+])
+
+# The persona every conversation's turns see: the latest snapshot built only from the user's
+# conversations before it (in the user's order), never from itself or later ones.
+CONVERSATION_PERSONAS = pa.schema([
+    ("conversation_id", pa.string()),
+    ("user_id", pa.string()),
+    ("persona_id", pa.string()),
+    ("conversation_index", pa.int32()),   # its place in the user's conversations, 0-based
 ])
 
 # The train/evaluation split is by user, so no user's turns are on both sides.
@@ -169,6 +179,7 @@ TABLES: dict[str, pa.Schema] = {
     "followups": FOLLOWUPS,
     "personas": PERSONAS,
     "users": USERS,
+    "conversation_personas": CONVERSATION_PERSONAS,
     "rewrites": REWRITES,
     "samples": SAMPLES,
     "pairs": PAIRS,
@@ -178,7 +189,8 @@ TABLES: dict[str, pa.Schema] = {
 MODEL_FOLDER = "model"
 # The stage that writes each table.
 TABLE_STAGE = {"conversations": "ingest", "rejects": "ingest", "followups": "followups",
-               "personas": "personas", "users": "personas", "rewrites": "rewrites",
+               "personas": "personas", "users": "personas", "conversation_personas": "personas",
+               "rewrites": "rewrites",
                "samples": "rewards", "pairs": "pairs"}
 
 

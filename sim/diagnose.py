@@ -1,11 +1,11 @@
 """Can the simulation's model do what the experiment needs of it? Three checks, each against
 its own baseline measured in the same run.
 
-    rlhi sim diagnose [--model DIR] [--n N] [--seed S] [--json]
+    rlhi sim diagnose [--model DIR] [--n N] [--seed S] [--family eval|dev] [--json]
 
 RLHI can only move a policy toward what users want if its roles can act on what users say.
 For every property value (`profiles.PROPERTIES`) the model is asked, `n` times in all:
-- **policy**: a request with one constraint phrase (`feedback.ASK`), in the policy prompt;
+- **policy**: a request with one constraint phrase (an `ask` clause), in the policy prompt;
 - **rewriter**: an answer missing one value and the user's feedback naming it, through
   `actors.rewriter.Rewriter` in the simulation's prompt layout (`warmstart.REWRITE_PROMPT`,
   `chat`; `--rewrite-prompt quoted` measures the other);
@@ -29,15 +29,18 @@ from actors.models import ModelSpec
 from actors.policy_sampler import PolicySampler
 from actors.rewriter import Rewriter
 from sim import answers, feedback, requests
+from sim.phrasings import load_bank
 from sim.profiles import PROPERTIES, TOPICS, measure
 from sim.warmstart import REWRITE_PROMPT, ensure_warmstart, synthetic_persona
 
 CHECKS = ("policy", "rewriter", "persona")
 
 
-def _items(n: int, seed: int) -> list[dict[str, Any]]:
-    """`n` (property, value, request, misses-it answer, feedback, persona) cases."""
+def _items(n: int, seed: int, family: str) -> list[dict[str, Any]]:
+    """`n` (property, value, request, misses-it answer, feedback, persona) cases, the user's
+    words from phrasing family `family`."""
     rng = random.Random(f"diagnose/{seed}")
+    bank = load_bank(family)
     combos = answers.all_value_combinations()
     items = []
     for i in range(n):
@@ -48,10 +51,10 @@ def _items(n: int, seed: int) -> list[dict[str, Any]]:
         missed = dict(rng.choice(combos)) | {prop: rng.choice([v for v in PROPERTIES[prop] if v != value])}
         kind = rng.choice(("reattempt", "correction"))
         items.append({"prop": prop, "value": value, "request": request,
-                      "ask": f"{request} {rng.choice(feedback.ASK[value])}.",
+                      "ask": f"{request} {rng.choice(bank.ask[value])}.",
                       "answer": answers.write_answer(topic, missed, rng),
-                      "feedback": feedback.feedback_message(kind, request, {prop: value}, missed, rng).text,
-                      "persona": synthetic_persona({prop: value}, rng)})
+                      "feedback": feedback.feedback_message(kind, request, {prop: value}, missed, rng, bank).text,
+                      "persona": synthetic_persona({prop: value}, rng, family)})
     return items
 
 
@@ -60,13 +63,13 @@ def _share(items: list[dict[str, Any]], texts: list[str]) -> float:
 
 
 def diagnose(engine: GenerationEngine, *, n: int = 110, seed: int = 0, max_new_tokens: int = 160,
-             temperature: float = 0.6, rewrite_prompt: str = REWRITE_PROMPT) -> dict[str, Any]:
+             temperature: float = 0.6, rewrite_prompt: str = REWRITE_PROMPT, family: str = "eval") -> dict[str, Any]:
     """The three checks on `engine`; returns {check: {followed, chance, followed_ratio}, n}."""
     spec = ModelSpec(id="diagnose", engine="transformers", max_new_tokens=max_new_tokens,
                      temperature=temperature, top_p=0.9, seed=seed, rewrite_prompt=rewrite_prompt)
     policy = PolicySampler(spec, 1, engine=engine)
     rewriter = Rewriter(spec, engine=engine)
-    items = _items(n, seed)
+    items = _items(n, seed, family)
 
     def answer(personas: list[str | None], texts: list[str]) -> list[str]:
         out = policy.sample_batch(personas, [[{"role": "user", "content": t}] for t in texts])
@@ -80,17 +83,17 @@ def diagnose(engine: GenerationEngine, *, n: int = 110, seed: int = 0, max_new_t
             [it["answer"] for it in items], [it["feedback"] for it in items])]),
         "persona": _share(items, answer([it["persona"] for it in items], [it["request"] for it in items])),
     }
-    return {"n": n, **{check: {"followed": round(followed[check], 3), "chance": round(chance, 3),
+    return {"n": n, "family": family, **{check: {"followed": round(followed[check], 3), "chance": round(chance, 3),
                                "followed_ratio": round(followed[check] / max(chance, 1e-9), 3)}
                        for check in CHECKS}}
 
 
-def diagnose_model(model: str, *, n: int = 110, seed: int = 0,
-                   rewrite_prompt: str = REWRITE_PROMPT) -> dict[str, Any]:
+def diagnose_model(model: str, *, n: int = 110, seed: int = 0, rewrite_prompt: str = REWRITE_PROMPT,
+                   family: str = "eval") -> dict[str, Any]:
     """`diagnose` on a model folder, loaded once for all three roles."""
     engine = make_engine(ModelSpec(id=model, engine="transformers", max_new_tokens=160, seed=seed,
                                    batch_size=64))
-    return diagnose(engine, n=n, seed=seed, rewrite_prompt=rewrite_prompt)
+    return diagnose(engine, n=n, seed=seed, rewrite_prompt=rewrite_prompt, family=family)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,10 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rewrite-prompt", choices=("quoted", "chat"), default=REWRITE_PROMPT,
                         help=f"the rewriter's prompt layout (default {REWRITE_PROMPT}, the simulation's)")
+    parser.add_argument("--family", choices=("eval", "dev"), default="eval",
+                        help="phrasing family of the requests' constraints and the feedback (default eval)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON last")
     args = parser.parse_args(argv)
     model = args.model or str(ensure_warmstart())
-    result = diagnose_model(model, n=args.n, seed=args.seed, rewrite_prompt=args.rewrite_prompt)
+    result = diagnose_model(model, n=args.n, seed=args.seed, rewrite_prompt=args.rewrite_prompt,
+                            family=args.family)
     for check in CHECKS:
         r = result[check]
         print(f"{check:9s} followed {r['followed']:.3f}  chance {r['chance']:.3f}  ratio {r['followed_ratio']:.2f}")

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from actors.engines import GenerationEngine, SamplingParams, make_engine
 from actors.models import ModelSpec
 from sim.feedback import FollowUp, feedback_message, thanks_message
+from sim.phrasings import Bank, load_bank
 from sim.profiles import Profile, check_answer, sample_profile
 from sim.requests import SAMPLE, make_request
 
@@ -75,7 +76,7 @@ class Conversation:
             self.labels.append({"conversation_hash": self.conversation_hash,
                                 "message_index": len(self.messages), "label": followup.label,
                                 "feedback": followup.kind in ("reattempt", "correction", "complaint"),
-                                "named": followup.named})
+                                "named": list(followup.named)})
         self.messages.append({"role": "user", "content": text})
 
 
@@ -91,8 +92,9 @@ def _draw_topic(profile: Profile, rng: random.Random) -> str:
     return rng.choices(topics, weights=[profile.topics[t] for t in topics])[0]
 
 
-def react(conv: Conversation, answer: str) -> None:
-    """The user reads `answer` and replies, moves on, or leaves (sets `conv.done`)."""
+def react(conv: Conversation, answer: str, bank: Bank) -> None:
+    """The user reads `answer` and replies in the words of `bank`, moves on, or leaves (sets
+    `conv.done`)."""
     rng, profile = conv.rng, conv.profile
     answers = sum(m["role"] == "assistant" for m in conv.messages)
     if answers >= MAX_ANSWERS:
@@ -105,13 +107,13 @@ def react(conv: Conversation, answer: str) -> None:
         if conv.feedback_given < MAX_FEEDBACK and rng.random() < profile.persistence:
             kinds = sorted(profile.feedback_kinds)
             kind = rng.choices(kinds, weights=[profile.feedback_kinds[k] for k in kinds])[0]
-            followup = feedback_message(kind, conv.request, check.violated, check.measured, rng)
+            followup = feedback_message(kind, conv.request, check.violated, check.measured, rng, bank)
             conv.feedback_given += 1
             conv.user_says(followup.text, followup)
             return
         conv.done = rng.random() < LEAVE_AFTER_DROP  # dropped without a word
     elif check is not None and rng.random() < profile.gratitude:
-        thanks = thanks_message(rng)
+        thanks = thanks_message(rng, bank)
         conv.user_says(thanks.text, thanks)
         conv.judge_next = False
         return
@@ -127,9 +129,10 @@ def _context(conv: Conversation) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in conv.messages[-CONTEXT_MESSAGES:]]
 
 
-def simulate(profiles: list[Profile], engine: GenerationEngine, params: SamplingParams,
+def simulate(profiles: list[Profile], engine: GenerationEngine, params: SamplingParams, bank: Bank,
              log: Callable[[str], None] = lambda s: None) -> list[Conversation]:
-    """Run every user's conversations to the end against `engine`; returns them."""
+    """Run every user's conversations to the end against `engine`, the users speaking in the
+    words of `bank`; returns them."""
     convs = []
     for p in profiles:
         for c in range(p.conversations):
@@ -150,7 +153,7 @@ def simulate(profiles: list[Profile], engine: GenerationEngine, params: Sampling
             # Blank answers would be rejected by ingest; say so rather than drop the turn.
             answer = out[0].text.strip() or "(no answer)"
             conv.messages.append({"role": "assistant", "content": answer})
-            react(conv, answer)
+            react(conv, answer, bank)
         live = [c for c in live if not c.done]
         log(f"round {round_}: {len(outputs)} answers in {time.perf_counter() - t0:.1f}s, "
             f"{len(live)} conversations still live")
@@ -208,9 +211,10 @@ def write_outputs(out: Path, convs: list[Conversation], profiles: list[Profile],
 
 def generate_logs(users: int, out: str | Path, *, seed: int = 0, model: str | None = None,
                   engine: GenerationEngine | None = None, max_new_tokens: int = 160,
-                  temperature: float = 1.0, batch_size: int = 64,
+                  temperature: float = 1.0, batch_size: int = 64, family: str = "eval",
                   log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict:
-    """Simulate `users` users against a policy and write their logs under `out`.
+    """Simulate `users` users against a policy and write their logs under `out`; the users
+    speak in the phrasing family `family` (sim/phrasings.py).
 
     The policy is `engine` if given, else `model` (a ModelSpec id: Hub id, folder or alias
     such as `smollm2-135m-instruct`), else the warm-start policy, built on first use.
@@ -229,10 +233,10 @@ def generate_logs(users: int, out: str | Path, *, seed: int = 0, model: str | No
     profiles = make_users(users, seed)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95,
                             seed=seed)
-    convs = simulate(profiles, engine, params, log)
+    convs = simulate(profiles, engine, params, load_bank(family), log)
     first_scores = [check_answer(c.profile.preferences, c.messages[1]["content"]).score for c in convs]
     summary = write_outputs(Path(out), convs, profiles, Path(model or "engine").name)
-    summary |= {"users": users, "seed": seed, "model": model,
+    summary |= {"users": users, "seed": seed, "model": model, "family": family,
                 "mean_first_answer_score": round(sum(first_scores) / len(first_scores), 4),
                 "seconds": round(time.perf_counter() - t0, 1), "output": str(Path(out).resolve())}
     return summary

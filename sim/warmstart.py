@@ -3,7 +3,10 @@ answers that cover every property value, in the prompts the pipeline uses it wit
 by `actors.prompts`: the policy prompt (base system prompt, persona block if any, request)
 and the Rewriter's chat layout (`REWRITE_PROMPT`).
 
-Policy chats: half of the requests carry one constraint phrase (`feedback.ASK`) and their
+All user words come from the `dev` phrasing family (sim/phrasings.py): the experiment's
+users speak the `eval` family, which the warm-start never sees.
+
+Policy chats: half of the requests carry one constraint phrase (an `ask` clause) and their
 answers obey it, so the policy learns some instruction following that feedback can exploit;
 the other answers get uniformly random property values, so its unconstrained answers vary
 along every property. A share of the chats carry a persona (built by the extractive backend
@@ -14,10 +17,11 @@ answer missing one value, the user's re-attempt or correction naming it, and the
 with that value fixed: what an instruct LLM does when a user replies. `rlhi sim diagnose`
 measures all three roles against chance.
 
-A plain torch loop (one file, top to bottom) rather than a trainer. Built once and cached
-under `<model cache>/sim-warmstart-<hash>`, where the hash covers the recipe (`RECIPE`, the
-functions below that make the data and the model, the modules they use, the prompt
-templates), so a changed recipe builds afresh.
+A plain torch loop (one file, top to bottom) rather than a trainer, deterministic (fixed
+threads, seeded data order, deterministic kernels). Built once and cached under
+`<model cache>/sim-warmstart-<hash>`, where the hash covers the recipe (`RECIPE`, the
+training code) and the training chats themselves, so an edit that leaves the data the same
+(a docstring, a refactor of the simulator) reuses the cached model.
 """
 from __future__ import annotations
 
@@ -26,13 +30,17 @@ import inspect
 import json
 import random
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 from actors import persona_extractive, prompts
 from actors.models import model_cache_dir
 from actors.rewriter import rewrite_messages
 from sim import answers, feedback, requests
+from sim.phrasings import load_bank
 from sim.profiles import PROPERTIES, TOPICS
+
+FAMILY = "dev"  # the phrasings the warm-start learns from; never the evaluation family
 
 # Every knob of the recipe, named once; part of the cache key. Following a constraint is
 # what takes training: at 480 steps the policy followed a request's phrase no more often
@@ -40,7 +48,7 @@ from sim.profiles import PROPERTIES, TOPICS
 RECIPE = {"examples": 4096, "constrained_share": 0.5, "persona_share": 0.5, "persona_follow": 0.6,
           "vocab_size": 1024, "hidden_size": 128, "layers": 2, "heads": 4, "head_dim": 32,
           "rewrite_share": 0.5, "correction_share": 0.65,
-          "steps": 3000, "batch_size": 16, "learning_rate": 6e-3, "max_tokens": 768, "seed": 0}
+          "steps": 3000, "batch_size": 16, "learning_rate": 6e-3, "max_tokens": 768, "seed": 0, "threads": 2}
 # The Rewriter layout the warm-start is trained on and the simulation's rewriter uses.
 REWRITE_PROMPT = "chat"
 CHAT_TEMPLATE = (
@@ -52,14 +60,22 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
+def training_chats() -> tuple[tuple[dict, ...], ...]:
+    """The SFT chats of the recipe (deterministic: seeded)."""
+    return _chats(json.dumps(RECIPE, sort_keys=True))
+
+
+@lru_cache(maxsize=2)
+def _chats(recipe: str) -> tuple[tuple[dict, ...], ...]:
+    settings = json.loads(recipe)
+    return tuple(tuple(chat) for chat in sft_examples(settings["examples"], random.Random(settings["seed"])))
+
+
 def recipe_hash() -> str:
-    """Hash of the recipe, of this module's functions that make the data and the model, and
-    of the modules they use (the cache key)."""
-    makers = (sft_examples, rewrite_example, synthetic_persona, policy_example, _tokenizer, _encode, build_warmstart)
-    blob = json.dumps([RECIPE, REWRITE_PROMPT], sort_keys=True) + "".join(
-        inspect.getsource(m) for m in (answers, feedback, requests, prompts, rewrite_messages, persona_extractive,
-                                       *makers))
-    blob += "".join(p.read_text() for p in sorted(Path(prompts.__file__).parent.glob("*.jinja")))
+    """The cache key: the recipe, the training code, the chat template and the training
+    chats (the data-making code enters only through the data it makes)."""
+    code = "".join(inspect.getsource(f) for f in (_tokenizer, _encode, build_warmstart))
+    blob = json.dumps([RECIPE, REWRITE_PROMPT, CHAT_TEMPLATE, code, training_chats()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -105,14 +121,14 @@ def rewrite_example(topic: str, request: str, values: dict[str, str], rng: rando
     prop = rng.choice(sorted(PROPERTIES))
     missed = values | {prop: rng.choice([v for v in PROPERTIES[prop] if v != values[prop]])}
     kind = "correction" if rng.random() < RECIPE["correction_share"] else "reattempt"
-    message = feedback.feedback_message(kind, request, {prop: values[prop]}, missed, rng).text
+    message = feedback.feedback_message(kind, request, {prop: values[prop]}, missed, rng, load_bank(FAMILY)).text
     role, turns, fields = rewrite_messages(REWRITE_PROMPT, None, [{"role": "user", "content": request}],
                                            answers.write_answer(topic, missed, rng), message)
     return [*prompts.render(role, None, turns, **fields),
             {"role": "assistant", "content": answers.write_answer(topic, values, rng)}]
 
 
-def synthetic_persona(wanted: dict[str, str], rng: random.Random) -> str:
+def synthetic_persona(wanted: dict[str, str], rng: random.Random, family: str = FAMILY) -> str:
     """A persona as the pipeline builds it (`persona_extractive.extractive_persona`) from a
     short synthetic history: one conversation per wanted value, whose feedback asks for it,
     and up to two without feedback."""
@@ -122,7 +138,7 @@ def synthetic_persona(wanted: dict[str, str], rng: random.Random) -> str:
         request = requests.make_request(topic, rng)
         missed = {prop: rng.choice([v for v in PROPERTIES[prop] if v != value])}
         message = feedback.feedback_message(rng.choice(("reattempt", "correction")), request, {prop: value},
-                                            missed, rng).text
+                                            missed, rng, load_bank(family)).text
         history.append({"turns": [{"role": "user", "content": request}, {"role": "assistant", "content": ""},
                                   {"role": "user", "content": message}],
                         "language": "English", "feedback": [message]})
@@ -146,7 +162,7 @@ def policy_example(topic: str, request: str, values: dict[str, str], rng: random
     if rng.random() < RECIPE["constrained_share"]:
         prop = rng.choice(sorted(PROPERTIES))
         values[prop] = rng.choice(PROPERTIES[prop])
-        request = f"{request} {rng.choice(feedback.ASK[values[prop]])}."
+        request = f"{request} {rng.choice(load_bank(FAMILY).ask[values[prop]])}."
     rendered = prompts.render("policy", persona, [{"role": "user", "content": request}])
     return [*rendered, {"role": "assistant", "content": answers.write_answer(topic, values, rng)}]
 
@@ -182,8 +198,10 @@ def build_warmstart(out: Path) -> Path:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    rng = random.Random(RECIPE["seed"])
-    chats = sft_examples(RECIPE["examples"], rng)
+    torch.set_num_threads(RECIPE["threads"])
+    torch.use_deterministic_algorithms(True)
+    rng = random.Random(RECIPE["seed"] + 1)  # the data order; the chats have their own stream
+    chats = [list(chat) for chat in training_chats()]
     tok = _tokenizer([m["content"] for c in chats for m in c]
                      + list(requests.wildchat_first_turns()))
     encoded = [_encode(tok, c) for c in chats]

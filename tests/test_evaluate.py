@@ -21,7 +21,7 @@ from pipelines.stages.evaluate.reasoning import extract_gsm8k, gsm8k_gold, match
 from pipelines.stages.evaluate.items import EvalItem, benchmark_items, benchmark_path
 from pipelines.stages.evaluate.stage import (Arms, judge_pairs,
                                 reasoning_block, run_evaluate, win_block)
-from pipelines.schema import CONVERSATIONS, PERSONAS, USERS
+from pipelines.schema import CONVERSATION_PERSONAS, CONVERSATIONS, PERSONAS, USERS
 from pipelines.contract import StageWriter
 
 CANDIDATE = re.compile(r'<candidate id="([AB])">\n(.*?)\n</candidate>', re.S)
@@ -158,7 +158,7 @@ def small_run(tmp_path, tiny_models):
     """A run dir with 3 eval users (two conversations each, with follow-up turns), one train
     user, their persona snapshots, and the tiny LM saved as the trained policy."""
     t0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
-    conversations, personas = [], []
+    conversations, personas, links = [], [], []
     for u, split in enumerate(["eval", "eval", "eval", "train"]):
         for c in range(2):
             when = t0 + timedelta(days=u * 10 + c)
@@ -169,10 +169,14 @@ def small_run(tmp_path, tiny_models):
             conversations.append({"conversation_id": f"c{u}{c}", "user_id": f"user{u}", "timestamp": when,
                                   "turns": [{**t, "timestamp": when} for t in turns]})
             personas.append({"persona_id": f"p{u}{c}", "user_id": f"user{u}", "as_of": when - timedelta(hours=1),
-                             "persona": "" if c == 0 else f"user{u} likes stories", "serving": False})
+                             "persona": "" if c == 0 else f"user{u} likes stories", "serving": False,
+                             "conversations_before": c})
+            links.append({"conversation_id": f"c{u}{c}", "user_id": f"user{u}", "persona_id": f"p{u}{c}",
+                          "conversation_index": c})
     users = [{"user_id": f"user{u}", "split": s} for u, s in enumerate(["eval", "eval", "eval", "train"])]
     for stage, tables in (("ingest", [("conversations", conversations, CONVERSATIONS)]),
-                          ("personas", [("personas", personas, PERSONAS), ("users", users, USERS)])):
+                          ("personas", [("personas", personas, PERSONAS), ("users", users, USERS),
+                                        ("conversation_personas", links, CONVERSATION_PERSONAS)])):
         with StageWriter(tmp_path, stage) as writer:
             for name, rows, schema in tables:
                 _write(writer.tmp, name, rows, schema)

@@ -5,11 +5,12 @@ from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 import pyarrow as pa
+import pytest
 
 from actors.persona_extractive import extractive_persona, stated_preferences
 from pipelines.persona_join import join_personas
-from pipelines.stages.personas import BEGINNING, split_users, user_snapshots
-from pipelines.schema import PERSONAS
+from pipelines.schema import CONVERSATION_PERSONAS
+from pipelines.stages.personas import BEGINNING, conversation_snapshots, split_users, user_snapshots
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
@@ -39,15 +40,16 @@ def test_every_user_gets_an_empty_first_snapshot_and_one_serving_persona():
     assert len(serving) == 1 and serving[0]["persona"] == "second | first"
 
 
-def test_a_snapshot_holds_only_conversations_strictly_before_its_as_of():
+def test_snapshot_k_holds_only_the_users_first_k_conversations_and_dates_after_them():
     convs = [conversation(i, f"request {i}") for i in range(4)]
     rows, _ = snapshots(convs)
     for row in rows:
         if row["serving"]:
             continue
-        included = [c for c in convs if f"request {c['conversation_id'][1:]}" in row["persona"]]
-        assert all(c["timestamp"] < row["as_of"] for c in included)
-        assert row["history_conversations"] == sum(1 for c in convs if c["timestamp"] < row["as_of"])
+        k = row["conversations_before"]
+        assert row["persona"] == " | ".join(f"request {i}" for i in reversed(range(k)))
+        assert row["history_conversations"] == k
+        assert k == 0 or row["as_of"] > convs[k - 1]["timestamp"]
 
 
 def test_cadence_sets_how_often_snapshots_are_taken():
@@ -65,16 +67,47 @@ def test_toxic_conversations_never_enter_a_persona():
     assert all("nasty" not in r["persona"] for r in rows)
 
 
-def test_the_join_picks_the_latest_snapshot_strictly_before_the_turn():
-    convs = [conversation(i, f"r{i}") for i in range(3)]
-    rows, _ = snapshots(convs)
-    personas = pa.Table.from_pylist(rows, schema=PERSONAS)
-    turns = pd.DataFrame({"user_id": ["u1"] * 3, "time": [c["timestamp"] for c in convs]})
-    joined = join_personas(turns, personas)
-    by_id = {r["persona_id"]: r for r in rows}
-    for time, pid in zip(turns["time"], joined):
-        assert by_id[pid]["as_of"] < time and not by_id[pid]["serving"]
-    assert [by_id[pid]["history_conversations"] for pid in joined] == [0, 1, 2]
+def timed_conversation(i: int, convention: str) -> dict:
+    """Conversation i: a request and feedback naming it, four turns a minute apart, starting
+    an hour after the previous; its timestamp is its first turn's ("first") or its last's."""
+    start = T0 + timedelta(hours=i)
+    texts = [f"request {i}", "answer", f"feedback {i}: too long", "answer again"]
+    turns = [{"role": r, "content": t, "timestamp": start + timedelta(minutes=m)}
+             for m, (r, t) in enumerate(zip(["user", "assistant"] * 2, texts))]
+    return {"conversation_id": f"c{i}", "user_id": "u1", "language": "English", "toxic": False, "turns": turns,
+            "timestamp": turns[0]["timestamp"] if convention == "first" else turns[-1]["timestamp"]}
+
+
+@pytest.mark.parametrize("convention", ["first", "last"])
+def test_a_conversations_turns_see_a_persona_of_earlier_conversations_only(convention):
+    """A follow-up's persona never states that follow-up (the leak that inflated the sim):
+    whether a conversation is stamped with its first or its last turn, conversation i sees
+    the snapshot of conversations 0..i-1 and nothing of its own."""
+    convs = [timed_conversation(i, convention) for i in range(3)]
+    feedback = {c["conversation_id"]: [c["turns"][2]["content"]] for c in convs}
+
+    def build(histories):
+        return [" | ".join(f for h in history for f in h["feedback"]) for history in histories]
+
+    rows = user_snapshots(convs, feedback, cadence=1, max_conversations=20, max_tokens=2000, backend="test",
+                          build=build, redact=lambda s: (s, {}))
+    links = conversation_snapshots(convs, rows, cadence=1)
+    persona = {r["persona_id"]: r for r in rows}
+    seen = {link["conversation_id"]: persona[link["persona_id"]] for link in links}
+    assert [seen[f"c{i}"]["persona"] for i in range(3)] == ["", "feedback 0: too long",
+                                                             "feedback 1: too long | feedback 0: too long"]
+    assert all(seen[f"c{i}"]["conversations_before"] == i and not seen[f"c{i}"]["serving"] for i in range(3))
+    assert [link["conversation_index"] for link in links] == [0, 1, 2]
+
+
+def test_the_join_gives_each_row_its_conversations_persona():
+    links = pa.Table.from_pylist([{"conversation_id": "c0", "user_id": "u1", "persona_id": "p-empty",
+                                   "conversation_index": 0},
+                                  {"conversation_id": "c1", "user_id": "u1", "persona_id": "p-one",
+                                   "conversation_index": 1}], schema=CONVERSATION_PERSONAS)
+    rows = pd.DataFrame({"conversation_id": ["c1", "c0", "c1", "unknown"]})
+    assert join_personas(rows, links).tolist()[:3] == ["p-one", "p-empty", "p-one"]
+    assert join_personas(rows, links).isna().tolist() == [False, False, False, True]
 
 
 def test_the_split_is_deterministic_and_guarantees_eval_users_with_history():

@@ -24,15 +24,17 @@ def test_every_followup_of_the_kept_conversations_is_labelled(pipeline_run):
     assert summaries["followups"]["labels"]["reattempt_feedback"] > 0
 
 
-def test_every_persona_use_is_strictly_earlier_than_its_turn(pipeline_run):
+def test_every_turn_sees_a_persona_built_only_from_earlier_conversations(pipeline_run):
     run_dir, _ = pipeline_run
-    _, followups, personas, _ = tables(run_dir)
-    turns = followups.select(["user_id", "timestamp"]).to_pandas().rename(columns={"timestamp": "time"})
-    joined = join_personas(turns, personas)
+    conversations, followups, personas, _ = tables(run_dir)
+    links = pq.read_table(run_dir / "personas" / "conversation_personas")
+    assert sorted(links.column("conversation_id").to_pylist()) == sorted(conversations.column("conversation_id").to_pylist())
+    snapshot = personas.to_pandas().set_index("persona_id")
+    for link in links.to_pylist():
+        assert not snapshot.loc[link["persona_id"], "serving"]
+        assert snapshot.loc[link["persona_id"], "conversations_before"] <= link["conversation_index"]
+    joined = join_personas(followups.select(["conversation_id"]).to_pandas(), links)
     assert joined.notna().all()
-    as_of = personas.to_pandas().set_index("persona_id")
-    for time, pid in zip(turns["time"], joined):
-        assert as_of.loc[pid, "as_of"] < time and not as_of.loc[pid, "serving"]
 
 
 def test_users_without_history_get_an_explicit_empty_persona(pipeline_run):

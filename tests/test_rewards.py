@@ -13,7 +13,7 @@ from pipelines.config import RewardsConfig, parse_config
 from pipelines.stages.rewards import (apply_threshold, margin_zscore, pooled_std, quantile_cutoff, reward_prompts,
                                run_rewards, sample_and_score, sample_id, select_pair)
 from pipelines.persona_join import attach_personas
-from pipelines.schema import CONVERSATIONS, FOLLOWUPS, PERSONAS, SAMPLES, check_schema
+from pipelines.schema import CONVERSATION_PERSONAS, CONVERSATIONS, FOLLOWUPS, PERSONAS, SAMPLES, check_schema
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
@@ -153,21 +153,25 @@ def test_the_context_starts_with_the_system_message_and_ends_with_the_user_turn(
     assert by_key[("c1", 2)]["time"] == T0 + timedelta(minutes=2)
 
 
-def test_a_turn_sees_only_the_persona_built_strictly_before_it(tmp_path):
+def test_a_turn_sees_the_persona_of_its_conversation_and_never_a_later_one(tmp_path):
     (tmp_path / "personas" / "personas").mkdir(parents=True)
-    snapshots = [("p0", T0 - timedelta(days=1), "early"), ("p1", T0 + timedelta(minutes=2), "at the turn"),
-                 ("p2", T0 + timedelta(minutes=3), "later")]
+    (tmp_path / "personas" / "conversation_personas").mkdir(parents=True)
+    snapshots = [("p0", 0, "from before c1"), ("p1", 1, "after c1 (its own feedback)"), ("p2", 2, "after c2")]
     pq.write_table(pa.Table.from_pylist(
-        [{"persona_id": pid, "user_id": "u1", "as_of": as_of, "persona": text, "serving": False}
-         for pid, as_of, text in snapshots], schema=PERSONAS), tmp_path / "personas" / "personas" / "part-0.parquet")
+        [{"persona_id": pid, "user_id": "u1", "as_of": T0, "conversations_before": k, "persona": text,
+          "serving": False} for pid, k, text in snapshots], schema=PERSONAS),
+        tmp_path / "personas" / "personas" / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(
+        [{"conversation_id": "c1", "user_id": "u1", "persona_id": "p0", "conversation_index": 0}],
+        schema=CONVERSATION_PERSONAS), tmp_path / "personas" / "conversation_personas" / "part-0.parquet")
     import pandas as pd
 
     frame = pd.DataFrame(prompts()[2])
     frame = frame[frame["user_id"] == "u1"]
     joined = attach_personas(frame, tmp_path, user_agnostic=False)
-    # turn 2 happens exactly at p1's as_of: strictly before means it still sees p0.
-    assert dict(zip(joined["turn_index"], joined["persona_id"])) == {0: "p0", 2: "p0", 4: "p2", 6: "p2"}
-    assert list(joined["persona"])[:2] == ["early", "early"]
+    # every turn of c1, however late, sees the snapshot from before c1, not c1's own
+    assert dict(zip(joined["turn_index"], joined["persona_id"])) == {0: "p0", 2: "p0", 4: "p0", 6: "p0"}
+    assert set(joined["persona"]) == {"from before c1"}
     agnostic = attach_personas(frame, tmp_path, user_agnostic=True)
     assert set(agnostic["persona"]) == {""} and agnostic["persona_id"].isna().all()
 

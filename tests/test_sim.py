@@ -12,8 +12,11 @@ import pytest
 
 from actors.engines import Completion
 from sim.answers import all_value_combinations, write_answer
-from sim.feedback import ASK, NAME, feedback_message
+from sim.feedback import feedback_message
 from sim.generate import generate_logs, make_users
+from sim.phrasings import load_bank
+
+DEV = load_bank("dev")  # unit tests use the development phrasings only, never the evaluation family
 from sim.profiles import PROPERTIES, check_answer, measure
 
 
@@ -34,7 +37,7 @@ class ScriptedEngine:
 @pytest.fixture(scope="module")
 def sim_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim")
-    summary = generate_logs(12, out, seed=3, engine=ScriptedEngine(3), log=lambda s: None)
+    summary = generate_logs(12, out, seed=3, engine=ScriptedEngine(3), family="dev", log=lambda s: None)
     return out, summary
 
 
@@ -67,16 +70,24 @@ def test_feedback_names_the_violated_preference(kind):
         rng = random.Random(seed)
         prop = rng.choice(sorted(PROPERTIES))
         want, got = PROPERTIES[prop][0], PROPERTIES[prop][1]
-        msg = feedback_message(kind, "How do I fry an egg?", {prop: want}, {prop: got}, rng)
-        assert msg.named == prop
-        wording = ASK[want] if kind == "reattempt" else [NAME[want]]
+        msg = feedback_message(kind, "How do I fry an egg?", {prop: want}, {prop: got}, rng, DEV)
+        assert msg.named == (prop,)
+        wording = DEV.ask[want] if kind == "reattempt" else DEV.name[want]
         assert any(w.lower() in msg.text.lower() for w in wording), msg.text
 
 
+@pytest.mark.parametrize("kind", ["reattempt", "correction"])
+def test_feedback_on_two_missed_preferences_sometimes_names_both(kind):
+    named = [feedback_message(kind, "How do I fry an egg?", {"length": "short", "format": "bullets"},
+                              {"length": "long", "format": "prose"}, random.Random(seed), DEV).named
+             for seed in range(200)]
+    assert set(named) == {("length",), ("format",), ("length", "format"), ("format", "length")}
+    assert 0.2 < sum(len(n) == 2 for n in named) / len(named) < 0.5  # about TWO_PREFERENCES
+
+
 def test_bare_complaint_names_nothing():
-    msg = feedback_message("complaint", "Hi", {"length": "short"}, {"length": "long"}, random.Random(0))
-    assert msg.named is None and msg.label == "complaint"
-    assert not any(w in msg.text.lower() for w in ASK["short"] + [NAME["short"]])
+    msg = feedback_message("complaint", "Hi", {"length": "short"}, {"length": "long"}, random.Random(0), DEV)
+    assert msg.named == () and msg.label == "complaint" and msg.text in DEV.complaint
 
 
 def test_same_seed_gives_same_hidden_profiles():
@@ -109,9 +120,10 @@ def test_every_followup_has_a_label_by_construction(sim_dir):
 
 
 # Regression value, not a goal: the rules backend's "carries feedback" figures on these 12
-# simulated users (seed 3). The rules are never tuned on the simulator's phrasings, so a
-# change here means the rules or the simulator changed; update it with the change that did.
-RULES_ON_SIMULATED = {"feedback_precision": 1.0, "feedback_recall": 0.303, "feedback_f1": 0.465}
+# simulated users (seed 3, development phrasings). The rules are never tuned on the
+# simulator's phrasings, so a change here means the rules or the simulator changed; update it
+# with the change that did.
+RULES_ON_SIMULATED = {"feedback_precision": 0.962, "feedback_recall": 0.714, "feedback_f1": 0.82}
 
 
 def test_rules_classifier_scores_on_simulated_followups_as_recorded(sim_dir):
@@ -150,7 +162,6 @@ def test_warmstart_data_covers_every_property_value():
 def test_warmstart_chats_are_the_policy_prompt_and_obey_the_constraint_phrase(monkeypatch):
     from actors.prompts import base_system_prompt
     from sim import warmstart
-    from sim.feedback import ASK
 
     monkeypatch.setitem(warmstart.RECIPE, "constrained_share", 1.0)
     rng = random.Random(3)
@@ -158,9 +169,9 @@ def test_warmstart_chats_are_the_policy_prompt_and_obey_the_constraint_phrase(mo
         values = {p: rng.choice(v) for p, v in PROPERTIES.items()}
         system, user, target = warmstart.policy_example("cooking", "How do I cook rice?", values, rng)
         assert system["role"] == "system" and system["content"].startswith(base_system_prompt())
-        asked = [(v, phrase) for v, phrases in ASK.items() for phrase in phrases
+        asked = [(v, phrase) for v, phrases in DEV.ask.items() for phrase in phrases
                  if user["content"].endswith(f" {phrase}.")]
-        assert len(asked) == 1, user["content"]
+        asked = [max(asked, key=lambda a: len(a[1]))]  # "end with a question" also ends "don't end with a question"
         assert asked[0][0] in measure(target["content"]).values()
 
 
@@ -241,9 +252,9 @@ class FollowingEngine:
 def test_diagnose_tells_a_role_that_follows_from_one_that_ignores():
     from sim.diagnose import CHECKS, diagnose
 
-    following = diagnose(FollowingEngine(), n=22)
+    following = diagnose(FollowingEngine(), n=22, family="dev")
     assert all(following[c]["followed"] == 1.0 for c in CHECKS), following
-    ignoring = diagnose(FollowingEngine(ignore=True), n=22)
+    ignoring = diagnose(FollowingEngine(ignore=True), n=22, family="dev")
     assert all(ignoring[c]["followed_ratio"] == 1.0 for c in CHECKS), ignoring
 
 

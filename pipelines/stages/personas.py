@@ -1,14 +1,17 @@
 """Stage `personas`: snapshots of each user's persona, built only from earlier history.
 
-For each user (Ray Data `groupby("user_id")`), conversations are ordered by time. A snapshot
-with `as_of = t + 1 µs` follows every `cadence`-th conversation (t its timestamp) and is built
-only from conversations with timestamps before `as_of`: the most recent first, within a
-history budget, toxic ones left out. Every user also gets an explicit empty snapshot at the
-start of time (counted) and one serving persona built from all history.
+For each user (Ray Data `groupby("user_id")`), conversations are put in order (by timestamp,
+then id). Snapshot k follows every `cadence`-th conversation and is built only from the
+user's first k conversations: the most recent first, within a history budget, toxic ones
+left out. Every user also gets an explicit empty snapshot (k = 0, counted) and one serving
+persona built from all history. `as_of` records one tick after the latest turn a snapshot
+read.
 
-Later stages join a turn to the latest non-serving snapshot whose `as_of` is strictly earlier
-than the turn (pipelines/persona_join.py), so a persona never contains its own turn or
-anything after.
+Which snapshot a turn sees is decided by conversation order, not by clocks (logs disagree on
+whether a conversation's timestamp is its first or its last turn): table
+`conversation_personas` gives every conversation the latest snapshot built only from
+conversations before it, so a persona never contains the turn it conditions, the rest of its
+conversation, or anything later (pipelines/persona_join.py).
 
 Users are split into train and evaluation users by a hash of their key, with a guaranteed
 minimum of evaluation users who have history (`split_users`).
@@ -26,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import PersonasConfig, RunConfig
-from pipelines.schema import FEEDBACK_LABELS, PERSONAS, USERS, check_schema, stage_dir, table_path
+from pipelines.schema import (CONVERSATION_PERSONAS, FEEDBACK_LABELS, PERSONAS, USERS, check_schema, stage_dir,
+                              table_path)
 from pipelines.contract import StageWriter, require_stage
 
 STAGE = "personas"
@@ -70,27 +74,50 @@ def user_snapshots(conversations: Sequence[dict[str, Any]], feedback: dict[str, 
                    redact: Callable[[str], tuple[str, dict[str, int]]]) -> list[dict[str, Any]]:
     """All persona rows of one user: the empty one, one per `cadence` conversations, the
     serving one. `conversations` are that user's rows of the `conversations` table."""
-    ordered = sorted(conversations, key=lambda c: (c["timestamp"], c["conversation_id"]))
+    ordered = conversation_order(conversations)
     user = ordered[0]["user_id"]
-    points: list[tuple[datetime, int, bool]] = [(BEGINNING, 0, False)]
-    points += [(c["timestamp"] + ONE_TICK, i + 1, False) for i, c in enumerate(ordered) if (i + 1) % cadence == 0]
-    points.append((ordered[-1]["timestamp"] + ONE_TICK, len(ordered), True))
+    counts = [0] + [i + 1 for i in range(len(ordered)) if (i + 1) % cadence == 0]
+    points: list[tuple[datetime, int, bool]] = [(_after(ordered[:k]), k, False) for k in counts]
+    points.append((_after(ordered), len(ordered), True))
     histories = []
-    for as_of, count, _ in points:
-        earlier = [c for c in ordered[:count] if c["timestamp"] < as_of]
-        chosen = select_history(earlier, max_conversations, max_tokens)
+    for _, count, _ in points:
+        chosen = select_history(ordered[:count], max_conversations, max_tokens)
         histories.append([history_item(c, feedback.get(c["conversation_id"], [])) for c in chosen])
     texts = build([h for h in histories if h])
     rows, built = [], iter(texts)
-    for (as_of, _, serving), history in zip(points, histories):
+    for (as_of, count, serving), history in zip(points, histories):
         text, found = redact(next(built)) if history else ("", {})
         rows.append({
             "persona_id": persona_id(user, as_of, text, serving), "user_id": user, "as_of": as_of,
+            "conversations_before": count,
             "persona": text, "history_conversations": len(history),
             "history_tokens": sum(approx_tokens(t["content"]) for h in history for t in h["turns"] if t["role"] == "user"),
             "redactions": sum(found.values()), "backend": backend, "serving": serving,
         })
     return rows
+
+
+def conversation_order(conversations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One user's conversations in the order snapshots follow them: by timestamp, then id."""
+    return sorted(conversations, key=lambda c: (c["timestamp"], c["conversation_id"]))
+
+
+def _after(conversations: Sequence[dict[str, Any]]) -> datetime:
+    """One tick after the latest turn (or conversation timestamp) of `conversations`."""
+    times = [t.get("timestamp") or c["timestamp"] for c in conversations for t in c["turns"]]
+    times += [c["timestamp"] for c in conversations]
+    return max(times) + ONE_TICK if times else BEGINNING
+
+
+def conversation_snapshots(conversations: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]],
+                           cadence: int) -> list[dict[str, Any]]:
+    """CONVERSATION_PERSONAS rows of one user: conversation i sees snapshot k, the largest
+    multiple of `cadence` <= i, built from conversations 0..k-1 (`rows` in the order
+    `user_snapshots` wrote them: k = 0, cadence, 2 cadence, ..., then the serving one)."""
+    ordered = conversation_order(conversations)
+    snapshots = [r for r in rows if not r["serving"]]
+    return [{"conversation_id": c["conversation_id"], "user_id": c["user_id"], "conversation_index": i,
+             "persona_id": snapshots[i // cadence]["persona_id"]} for i, c in enumerate(ordered)]
 
 
 def feedback_messages(followups: pa.Table) -> dict[str, list[str]]:
@@ -138,14 +165,29 @@ class PersonaWorker:
         self.redactor = Redactor()
 
     def __call__(self, group: pa.Table) -> pa.Table:
-        feedback = {row["conversation_id"]: row["feedback"] or [] for row in
-                    group.select(["conversation_id", "feedback"]).to_pylist()}
+        """One user's persona rows, each with the ids of the conversations that see it
+        (`seen_by`, a list column the stage splits into `conversation_personas`)."""
+        conversations = group.to_pylist()
+        feedback = {row["conversation_id"]: row["feedback"] or [] for row in conversations}
         rows = user_snapshots(
-            group.to_pylist(), feedback, cadence=self.settings.cadence,
+            conversations, feedback, cadence=self.settings.cadence,
             max_conversations=self.settings.history_max_conversations,
             max_tokens=self.settings.history_max_tokens, backend=self.settings.backend,
             build=self.builder.build_batch, redact=self.redactor.redact)
-        return pa.Table.from_pylist(rows, schema=PERSONAS)
+        seen: dict[str, list[tuple[str, int]]] = {}
+        for link in conversation_snapshots(conversations, rows, self.settings.cadence):
+            seen.setdefault(link["persona_id"], []).append((link["conversation_id"], link["conversation_index"]))
+        table = pa.Table.from_pylist(rows, schema=PERSONAS)
+        return table.append_column("seen_by", pa.array(
+            [[{"conversation_id": c, "conversation_index": i} for c, i in seen.get(r["persona_id"], [])] for r in rows],
+            pa.list_(pa.struct([("conversation_id", pa.string()), ("conversation_index", pa.int32())]))))
+
+
+def conversation_links(batch: pa.Table) -> pa.Table:
+    """CONVERSATION_PERSONAS rows from PersonaWorker output (its `seen_by` column)."""
+    rows = [{**seen, "user_id": r["user_id"], "persona_id": r["persona_id"]}
+            for r in batch.select(["persona_id", "user_id", "seen_by"]).to_pylist() for seen in r["seen_by"]]
+    return pa.Table.from_pylist(rows, schema=CONVERSATION_PERSONAS)
 
 
 def with_feedback(conversations: pa.Table, followups: pa.Table) -> pa.Table:
@@ -176,11 +218,15 @@ def run_personas(config: RunConfig) -> dict[str, Any]:
             fn_constructor_kwargs={"settings_json": settings.model_dump_json(),
                                    "model": config.models.persona.model_dump()},
             compute=ray.data.ActorPoolStrategy(size=min(workers, max(len(counts), 1))))
-        personas_dir = stage.table_dir("personas")
+        personas_dir, links_dir = stage.table_dir("personas"), stage.table_dir("conversation_personas")
         for index, batch in enumerate(dataset.iter_batches(batch_format="pyarrow", batch_size=None)):
-            pq.write_table(batch, personas_dir / f"part-{index:06d}.parquet")
+            pq.write_table(batch.select(PERSONAS.names), personas_dir / f"part-{index:06d}.parquet")
+            pq.write_table(conversation_links(batch), links_dir / f"part-{index:06d}.parquet")
         personas = pq.read_table(personas_dir, schema=PERSONAS)
         check_schema(personas, PERSONAS, "personas")
+        links = pq.read_table(links_dir, schema=CONVERSATION_PERSONAS)
+        if links.num_rows != table.num_rows:
+            raise RuntimeError(f"personas: {table.num_rows} conversations but {links.num_rows} have a persona")
         users = split_users(dict(counts), eval_fraction=settings.eval_fraction,
                             min_eval_with_history=settings.min_eval_users_with_history, seed=config.seed)
         pq.write_table(users, stage.table_dir("users") / "part-0.parquet")

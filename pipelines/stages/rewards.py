@@ -6,7 +6,8 @@ Top to bottom:
    feedback (FEEDBACK_LABELS) is the rewrites stage's, so it is skipped here, unless it is
    a first turn and `include_first_turns` is on. The context is the conversation up to and
    including that user turn, after the conversation's own system message when it has one.
-2. Personas: the latest snapshot built strictly before the turn (`attach_personas`); none
+2. Personas: the snapshot built from the user's conversations before the turn's own
+   (`attach_personas`); none
    under `ablation.user_agnostic`.
 3. Sampling and scoring in a Ray Data actor pool (`RewardWorker`): the PolicySampler draws
    `rewards.n` candidates, the RewardModel scores them with the persona. The per-batch

@@ -3,8 +3,8 @@
 UserEval turns come from the ingest stage's conversations of users in the `eval` split
 (personas stage): a first turn is a conversation's opening user message; a follow-up turn is
 a user turn right after an assistant answer, its context the conversation up to and
-including it. The persona is the user's latest snapshot built strictly before the turn
-(`attach_personas`), so it never contains the turn or anything after it.
+including it. The persona is the snapshot built from the user's conversations before the
+turn's own (`attach_personas`), so it never contains the turn or anything after it.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipelines.config import BenchmarkConfig, RunConfig
-from pipelines.persona_join import attach_personas, turn_times, user_splits
+from pipelines.persona_join import attach_personas, user_splits
 from pipelines.schema import table_path
 from pipelines.stages.evaluate import reasoning
 
@@ -32,7 +32,7 @@ class EvalItem:
     user_id: str           # the bootstrap's cluster: the user, or the item itself
     kind: str              # "first", "followup", "gsm8k", "math500", "arena_hard"
     context: list[dict[str, str]]
-    persona: str = ""      # the snapshot strictly before the turn ("" if none)
+    persona: str = ""      # the snapshot built before the turn's conversation ("" if none)
 
 
 def benchmark_path(path: str) -> Path:
@@ -59,7 +59,7 @@ def user_turns(config: RunConfig) -> dict[str, list[EvalItem]]:
                 continue
             context = [{"role": t["role"], "content": t["content"] or ""} for t in turns[:i + 1]]
             item = EvalItem(f"{conv['conversation_id']}:{i}", conv["user_id"], kind, context)
-            found[kind].append((item, turn_times(conv["timestamp"], turn)))
+            found[kind].append((item, conv["conversation_id"]))
     return {kind: _with_personas(_round_robin(rows, config.evaluate.max_turns, config.seed), run_dir)
             for kind, rows in found.items()}
 
@@ -84,7 +84,7 @@ def _with_personas(rows: list[tuple[EvalItem, Any]], run_dir: Path) -> list[Eval
 
     if not rows:
         return []
-    frame = pd.DataFrame({"user_id": [r[0].user_id for r in rows], "time": [r[1] for r in rows]})
+    frame = pd.DataFrame({"user_id": [r[0].user_id for r in rows], "conversation_id": [r[1] for r in rows]})
     personas = attach_personas(frame, run_dir, user_agnostic=False)["persona"]
     return [EvalItem(**{**asdict(item), "persona": persona}) for (item, _), persona in zip(rows, personas)]
 

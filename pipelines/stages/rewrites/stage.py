@@ -8,13 +8,9 @@ rejected. `rewrites.rejected: original` takes the logged answer as rejected inst
 
 The row's `prompt` is the policy's own prompt (base system prompt + persona block + the
 context up to the user turn the answer responds to): the DPO prompt. The follow-up never
-enters it (`check_prompt`, per row). The persona is the latest snapshot strictly before the
-follow-up's timestamp (`attach_personas`). The followups table carries the follow-up turn's
-time, not the answered turn's; snapshots follow whole conversations (as_of = a
-conversation's timestamp + 1 µs) and this conversation's own snapshot is never strictly
-before its turns, so the two times pick different snapshots only if another conversation of
-the same user ended between the answered turn and the follow-up. Neither contains the
-follow-up or anything after it.
+enters it (`check_prompt`, per row), and neither does it enter the persona: the persona is
+the snapshot built from the user's conversations before this one (`attach_personas`), so
+the DPO prompt never states the feedback the pair was built from.
 
 Top to bottom: read the eligible follow-ups and their personas, mark those over the cap,
 run `rewrite_rows` batch by batch in a Ray Data actor pool (sampler, rewriter and judge
@@ -174,7 +170,7 @@ def eligible_followups(config: RunConfig) -> pa.Table:
     followups = pq.read_table(table_path(run_dir, "followups", "followups"), schema=FOLLOWUPS)
     followups = followups.filter(pc.is_in(followups.column("label"), pa.array(config.rewrites.labels)))
     followups = followups.sort_by([("conversation_id", "ascending"), ("turn_index", "ascending")])
-    frame = followups.select(["user_id", "timestamp"]).to_pandas().rename(columns={"timestamp": "time"})
+    frame = followups.select(["user_id", "conversation_id"]).to_pandas()
     frame = attach_personas(frame, run_dir, user_agnostic=config.ablation.user_agnostic)
     table = followups.append_column("persona_id", pa.array(list(frame["persona_id"]), pa.string())) \
                      .append_column("persona", pa.array(list(frame["persona"]), pa.string()))
