@@ -1,10 +1,11 @@
 """The arms of the simulated-user experiment and how each is evaluated.
 
-An arm is a policy folder and whether it answers with the user's persona. Evaluation asks
-held-out users new requests, lets the arm answer through the same PolicySampler the
-pipeline samples with (base system prompt + persona block + request), and scores every
-answer with the checker against the user's hidden profile. Only this scoring reads the
-profile: the arms see the persona text the pipeline built from the user's logged history.
+An arm is a policy folder and the persona it answers with (none, the pipeline's, the
+oracle's). Evaluation asks held-out users new requests, lets the arm answer through the
+same PolicySampler the pipeline samples with (base system prompt + persona block +
+request), and scores every answer with the checker against the user's hidden profile. Only
+this scoring (and the oracle arm's persona) reads the profile: the other arms see the
+persona text the pipeline built from the user's logged history.
 
 Intervals (pipelines/bootstrap.py) are over held-out users, the unit that varies;
 differences between arms are paired, resampling the same users for both arms.
@@ -27,8 +28,8 @@ class Arm:
 
     name: str
     model: str               # a model folder
-    with_persona: bool
-    run_dir: str | None = None
+    persona: str             # what it answers with: "none", "pipeline" (the user's serving
+    run_dir: str | None = None  # persona, built from logs) or "oracle" (the hidden profile)
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,13 @@ def evaluate_arm(arm: Arm, users: Sequence[EvalUser], *, requests_per_user: int,
                      seed=seed, batch_size=64)
     sampler = PolicySampler(spec, samples)
     personas, contexts, owners = [], [], []
+    from sim.decompose import oracle_persona
+
+    persona_of = {"none": lambda u: None, "pipeline": lambda u: u.persona or None,
+                  "oracle": lambda u: oracle_persona(u.profile) or None}[arm.persona]
     for user in users:
         for request in heldout_requests(user, requests_per_user, seed):
-            personas.append(user.persona if arm.with_persona else None)
+            personas.append(persona_of(user))
             contexts.append([{"role": "user", "content": request}])
             owners.append(user)
     out = sampler.sample_batch(personas, contexts)

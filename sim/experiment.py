@@ -1,22 +1,25 @@
 """The simulated-user experiment: does RLHI make a policy satisfy users it has only read about?
 
-    python -m sim.experiment --quick [--users N] [--seed S] [--out DIR] [--json]
+    rlhi sim run [--quick] [--users N] [--seed S] [--family eval|dev] [--decompose] [--out DIR] [--json]
 
 Top to bottom (Jin et al. 2025, sec. 4 in miniature, with a checkable ground truth):
-1. Simulated users with hidden profiles talk to the warm-start policy (`generate_logs`).
+1. Simulated users with hidden profiles talk to the warm-start policy (`generate_logs`), in
+   the words of a phrasing family (default `eval`, which nothing was tuned on).
 2. The RLHI pipeline reads only those logs: ingest, follow-ups, personas, rewrites from
-   feedback, user-based rewards, pairs, persona-DPO. Two ablations rerun the stages they
-   change on a copy of the run (the driver skips the unchanged ones): `user_agnostic` and
-   `rewrites_from_scratch`.
-3. An SFT arm fine-tunes the warm-start policy on the same kept rewrites (the paper's
-   "RL beats SFT" comparison), with TRL's SFTTrainer.
+   feedback, a persona-conditioned reward model trained on training users' rewrites, user-
+   based rewards scored by it, pairs from both sources, persona-DPO. Variants rerun the steps
+   they change on a copy of the run (the driver skips the rest): `user_agnostic`,
+   `rewrites_from_scratch` (`from_scratch`) and `rewards_only` (DPO on reward pairs only).
+3. An SFT arm fine-tunes the warm-start on the same kept rewrites (the paper's "RL beats SFT").
 4. Held-out users (the pipeline's eval split: no pair of theirs is trained on) ask new
    requests; every arm answers, the checker scores each answer against the hidden profile.
-5. A table with bootstrap intervals over users, a PNG plot and `results.json` in `--out`,
-   with `rlhi sim diagnose`'s figures for the warm-start (does each role act on what it is
-   told, against chance): where the rewriter's ratio is near 1, the rewrites carry no signal.
+5. `--decompose` adds the oracle arms (`oracle_persona`: the base policy given the hidden
+   profile as its persona; `oracle_pairs`: DPO on checker-ranked pairs of the policy's own
+   samples) and scores each link against the profiles (sim/decompose.py).
+6. A table with bootstrap intervals over users, a PNG plot and `results.json` in `--out`.
 
-Only step 4's checker reads `profiles.jsonl`; every arm sees what the pipeline built from logs.
+Only the checker and sim/decompose.py read `profiles.jsonl`; every pipeline arm sees what
+the pipeline built from logs.
 """
 from __future__ import annotations
 
@@ -32,56 +35,64 @@ import pyarrow.parquet as pq
 
 from pipelines.persona_join import user_splits
 from pipelines.schema import model_path, table_path
-from pipelines.bootstrap import mean_interval, paired_difference
+from sim import decompose
 from sim.arms import Arm, EvalUser, evaluate_arm, sft_rows, train_sft
 from sim.diagnose import CHECKS, diagnose_model
-from sim.profiles import Profile, check_answer
+from sim.profiles import Profile
+from sim.results import (decomposition_table, extractor_line, markdown_table, pairs_line, plot, roles_line,
+                         summarize)
 from sim.warmstart import REWRITE_PROMPT
 
-ARMS = ("base", "base_persona", "sft", "rlhi", "user_agnostic", "from_scratch")
-ABLATIONS = {"rlhi": {}, "user_agnostic": {"user_agnostic": True},
-             "from_scratch": {"rewrites_from_scratch": True}}
-# Result key -> the arm RLHI is compared with, paired over held-out users.
-DIFFERENCES = {"rlhi_minus_base": "base", "persona_minus_agnostic": "user_agnostic",
-               "rlhi_minus_base_persona": "base_persona"}
+ARMS = ("base", "base_persona", "sft", "rlhi", "user_agnostic", "from_scratch", "rewards_only")
+ORACLE_ARMS = ("oracle_persona", "oracle_pairs")
+# Pipeline variant -> (ablation switches, the train sources it trains on, None: the size's).
+VARIANTS = {"rlhi": ({}, None), "user_agnostic": ({"user_agnostic": True}, None),
+            "from_scratch": ({"rewrites_from_scratch": True}, None), "rewards_only": ({}, ("reward",))}
+KEYS = ("arms", "rlhi_minus_base", "persona_minus_agnostic", "rlhi_minus_base_persona", "rlhi_minus_sft",
+        "rewards_only_minus_base_persona")
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """Every size knob of one experiment, named once. The defaults are the full run (about
-    130 held-out users); `QUICK` is the CI-sized one."""
+    """Every size knob of one experiment, named once. The defaults are the full run; `QUICK`
+    is the CI-sized one (README, "The simulated-user experiment", says why each is what it is)."""
 
     users: int = 400
     eval_fraction: float = 0.35       # share of users held out (their pairs are never trained on)
     max_new_tokens: int = 160         # long answers need ~130 words; the warm-start stops itself
     max_followups: int = 400          # feedback follow-ups rewritten
-    reward_prompts: int = 64          # prompts sampled and scored for user-based rewards
+    reward_prompts: int = 320         # prompts sampled and scored for user-based rewards
     reward_n: int = 4
-    dpo_steps: int = 150              # ~2.5 epochs, as the quick run's 60 steps over ~90 pairs
+    reward_backend: str = "trained"   # the persona-conditioned reward model the run trains
+    reward_model_epochs: float = 4.0
+    dpo_steps: int = 150
     dpo_batch: int = 4
     dpo_learning_rate: float = 1e-4
     dpo_beta: float = 0.1
     sft_learning_rate: float = 5e-4
     requests_per_user: int = 24       # held-out requests per held-out user
     samples_per_request: int = 1
-    train_sources: tuple[str, ...] = ("rewrite",)
+    train_sources: tuple[str, ...] = ("rewrite", "reward")
 
 
-# The CI-sized run; README ("The simulated-user experiment") says why each size is what it is.
-QUICK = replace(Sizes(), users=200, max_followups=120, reward_prompts=32, dpo_steps=60)
+QUICK = replace(Sizes(), users=200, max_followups=160, reward_prompts=160, dpo_steps=80)
 
 
 def pipeline_config(run_dir: Path, logs: Path, model: str, sizes: Sizes, seed: int,
-                    ablation: dict[str, bool]) -> dict[str, Any]:
+                    ablation: dict[str, bool], sources: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The RunConfig (as a dict) of one pipeline variant: it reads `logs` and nothing else."""
     spec = {"id": model, "engine": "transformers", "max_new_tokens": sizes.max_new_tokens,
             "batch_size": 32, "seed": seed}
+    sources = tuple(sources or sizes.train_sources)
+    rewards = "reward" in sources or "reward" in sizes.train_sources
+    trained = rewards and sizes.reward_backend == "trained"
+    stages = ["ingest", "followups", "personas", "rewrites"] + (["reward_model"] if trained else []) \
+        + (["rewards"] if rewards else []) + ["pairs", "train"]
     return {
         "run_dir": str(run_dir), "seed": seed, "ingest": {"inputs": [str(logs)]},
         "resources": {"progress_bars": False},
         # The rewriter samples (T=0.7): greedy, a tiny model rewrites one request alike
         # whatever the feedback said; in the chat layout the warm-start is trained on.
-        # `rlhi sim diagnose` measures whether it acts on the feedback.
         "models": {"policy": spec, "judge": spec, "reward": spec, "persona": spec,
                    "rewriter": spec | {"temperature": 0.7, "rewrite_prompt": REWRITE_PROMPT}},
         "personas": {"eval_fraction": sizes.eval_fraction, "min_eval_users_with_history": 4},
@@ -89,48 +100,37 @@ def pipeline_config(run_dir: Path, logs: Path, model: str, sizes: Sizes, seed: i
         "rewrites": {"rejected": "original", "max_followups": sizes.max_followups, "batch_size": 16,
                      # A fix from "short" (<= 40 words) to "long" (> 100) is a real rewrite here.
                      "filter": {"judge": False, "margin": 0.0, "max_length_ratio": 8.0}},
+        "reward_model": {"epochs": sizes.reward_model_epochs, "learning_rate": 5e-5},
         "rewards": {"n": sizes.reward_n, "max_prompts": sizes.reward_prompts, "batch_size": 16,
-                    "min_z": 0.5},
-        "train": {"sources": list(sizes.train_sources), "workers": 1,
+                    "min_z": 0.5, "backend": sizes.reward_backend},
+        "train": {"sources": list(sources), "workers": 1,
                   "per_device_batch_size": sizes.dpo_batch, "max_steps": sizes.dpo_steps,
                   "save_steps": sizes.dpo_steps, "learning_rate": sizes.dpo_learning_rate,
                   "beta": sizes.dpo_beta, "max_length": 1024, "resources_timeout_s": 120},
-        "ablation": ablation,
-        "stages": [s for s in ("ingest", "followups", "personas", "rewrites", "rewards", "pairs", "train")
-                   if s != "rewards" or "reward" in sizes.train_sources],
+        "ablation": ablation, "stages": stages,
     }
 
 
 def run_variants(out: Path, logs: Path, model: str, sizes: Sizes, seed: int,
                  log: Callable[[str], None]) -> dict[str, Path]:
-    """The RLHI run and its two ablations; each ablation starts from a copy of the RLHI run,
-    so ingest, follow-ups and personas run once."""
-    from pipelines.driver import run_stages
+    """The RLHI run and its variants; each variant starts from a copy of the RLHI run, so the
+    steps it does not change (ingest, follow-ups, personas, ...) are skipped."""
     from pipelines.config import parse_config
+    from pipelines.driver import run_stages
     from pipelines.runtime import start_ray
 
     runs = {}
-    for name, ablation in ABLATIONS.items():
+    for name, (ablation, sources) in VARIANTS.items():
         run_dir = out / "runs" / name
         if name != "rlhi" and not run_dir.exists():
             shutil.copytree(runs["rlhi"], run_dir)
-        config = parse_config(pipeline_config(run_dir, logs, model, sizes, seed, ablation))
+        config = parse_config(pipeline_config(run_dir, logs, model, sizes, seed, ablation, sources))
         start_ray(config.resources)
         t0 = time.perf_counter()
         run_stages(config)
         log(f"pipeline {name}: {time.perf_counter() - t0:.0f}s")
         runs[name] = run_dir
     return runs
-
-
-def eval_users(run_dir: Path, profiles_file: Path) -> list[EvalUser]:
-    """The pipeline's held-out users with their serving persona (built from their logs);
-    their hidden profile is joined only here, for the checker."""
-    held_out = {user for user, split in user_splits(run_dir).items() if split == "eval"}
-    personas = pq.read_table(table_path(run_dir, "personas", "personas")).to_pylist()
-    serving = {p["user_id"]: p["persona"] for p in personas if p["serving"]}
-    profiles = read_profiles(profiles_file)
-    return [EvalUser(u, serving.get(u, ""), profiles[u]) for u in sorted(held_out)]
 
 
 def read_profiles(profiles_file: Path) -> dict[str, Profile]:
@@ -142,92 +142,55 @@ def read_profiles(profiles_file: Path) -> dict[str, Profile]:
     return profiles
 
 
-def pair_quality(run_dir: Path, profiles_file: Path) -> dict[str, dict[str, float]]:
-    """Per pair source, over the run's train pairs: how much better the chosen answer is than
-    the rejected one by the checker (chosen - rejected, and how often it is better or worse).
-    What DPO can learn from the pairs at most; near 0, no training can show an effect."""
-    profiles = read_profiles(profiles_file)
-    diffs: dict[str, list[float]] = {}
-    for row in pq.read_table(table_path(run_dir, "pairs", "pairs")).to_pylist():
-        if row["split"] == "train":
-            prefs = profiles[row["user_id"]].preferences
-            diffs.setdefault(row["source"], []).append(
-                check_answer(prefs, row["chosen"][-1]["content"]).score
-                - check_answer(prefs, row["rejected"][-1]["content"]).score)
-    return {source: {"pairs": len(d), "chosen_minus_rejected": round(sum(d) / len(d), 4),
-                     "better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
-            for source, d in sorted(diffs.items())}
+def eval_users(run_dir: Path, profiles: dict[str, Profile]) -> list[EvalUser]:
+    """The pipeline's held-out users with their serving persona (built from their logs);
+    their hidden profile is joined only here, for the checker."""
+    held_out = {user for user, split in user_splits(run_dir).items() if split == "eval"}
+    personas = pq.read_table(table_path(run_dir, "personas", "personas")).to_pylist()
+    serving = {p["user_id"]: p["persona"] for p in personas if p["serving"]}
+    return [EvalUser(u, serving.get(u, ""), profiles[u]) for u in sorted(held_out)]
 
 
-def train_users(run_dir: Path) -> set[str]:
-    return {user for user, split in user_splits(run_dir).items() if split == "train"}
+def train_oracle_pairs(out: Path, runs: dict[str, Path], logs: Path, model: str, sizes: Sizes, seed: int,
+                       profiles: dict[str, Profile]) -> tuple[Path, int]:
+    """DPO (the run's settings) on checker-ranked pairs of the rlhi run's own samples."""
+    from pipelines.config import parse_config
+    from pipelines.contract import StageWriter
+    from pipelines.runtime import start_ray
+    from pipelines.schema import PAIRS
+    from pipelines.stages.train.stage import run_train
+
+    import pyarrow as pa
+
+    run_dir = out / "runs" / "oracle_pairs"
+    if not run_dir.exists():
+        shutil.copytree(runs["rlhi"], run_dir)
+    config = parse_config(pipeline_config(run_dir, logs, model, sizes, seed, {}, ("reward",)))
+    rows = decompose.oracle_pairs(run_dir, profiles)
+    with StageWriter(run_dir, "pairs") as stage:
+        pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), stage.table_dir("pairs") / "part-0.parquet")
+        stage.commit(config=config, counts={"pairs": len(rows), "source": "oracle (checker-ranked samples)"})
+    start_ray(config.resources)
+    run_train(config)
+    return model_path(run_dir, "train"), len(rows)
 
 
 def build_arms(out: Path, runs: dict[str, Path], base_model: str, sizes: Sizes, seed: int) -> list[Arm]:
-    """The six arms; the SFT arm is trained here on the RLHI run's kept rewrites of train users."""
+    """The pipeline's arms; the SFT arm is trained here on the RLHI run's kept rewrites of train users."""
     rewrites = pq.read_table(table_path(runs["rlhi"], "rewrites", "rewrites"))
-    sft = train_sft(base_model, sft_rows(rewrites, train_users(runs["rlhi"])), out / "sft",
-                    max_steps=sizes.dpo_steps, learning_rate=sizes.sft_learning_rate,
-                    batch_size=sizes.dpo_batch, seed=seed)
+    train_users = {u for u, split in user_splits(runs["rlhi"]).items() if split == "train"}
+    sft = train_sft(base_model, sft_rows(rewrites, train_users), out / "sft", max_steps=sizes.dpo_steps,
+                    learning_rate=sizes.sft_learning_rate, batch_size=sizes.dpo_batch, seed=seed)
     trained = {name: str(model_path(run, "train")) for name, run in runs.items()}
-    return [Arm("base", base_model, False), Arm("base_persona", base_model, True),
-            Arm("sft", str(sft), True),
-            Arm("rlhi", trained["rlhi"], True, str(runs["rlhi"])),
-            Arm("user_agnostic", trained["user_agnostic"], False, str(runs["user_agnostic"])),
-            Arm("from_scratch", trained["from_scratch"], True, str(runs["from_scratch"]))]
-
-
-def summarize(scores: dict[str, dict[str, float]], seed: int) -> dict[str, Any]:
-    """Per-arm intervals and the paired differences the experiment is about: RLHI against the
-    base policy, against the user-agnostic ablation, and against the base policy answering
-    with the same personas (what training adds to persona-guided inference alone)."""
-    arms = {name: mean_interval([s[u] for u in sorted(s)], seed=seed).to_json() for name, s in scores.items()}
-    return {"arms": arms} | {key: paired_difference(scores["rlhi"], scores[other], seed=seed).to_json()
-                             for key, other in DIFFERENCES.items()}
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| arm | mean satisfaction | 95% CI |", "|---|---|---|"]
-    rows = list(result["arms"].items()) + [(f"rlhi − {other} (paired)", result[key])
-                                           for key, other in DIFFERENCES.items()]
-    for name, iv in rows:
-        lines.append(f"| {name} | {iv['mean']:.3f} | [{iv['ci_low']:.3f}, {iv['ci_high']:.3f}] |")
-    return "\n".join(lines)
-
-
-def roles_line(roles: dict[str, Any]) -> str:
-    return "Roles of the warm-start, followed / chance (`rlhi sim diagnose`): " + ", ".join(
-        f"{c} {roles[c]['followed']:.2f} / {roles[c]['chance']:.2f}" for c in CHECKS)
-
-
-def pairs_line(pairs: dict[str, dict[str, float]]) -> str:
-    return "Train pairs of the rlhi run, checker chosen - rejected: " + ", ".join(
-        f"{source} {q['chosen_minus_rejected']:+.3f} ({q['better']} better, {q['worse']} worse of {q['pairs']})"
-        for source, q in pairs.items())
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result["arms"])
-    means = [result["arms"][n]["mean"] for n in names]
-    errors = [[m - result["arms"][n]["ci_low"] for n, m in zip(names, means)],
-              [result["arms"][n]["ci_high"] - m for n, m in zip(names, means)]]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(names, means, yerr=errors, capsize=4, color=["#999"] * 2 + ["#6a9"] + ["#c53"] + ["#79c"] * 2)
-    ax.set_ylabel("preference satisfaction (checker)")
-    ax.set_ylim(0, 1)
-    ax.set_title("Held-out simulated users, 95% bootstrap CI over users")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return [Arm("base", base_model, "none"), Arm("base_persona", base_model, "pipeline"),
+            Arm("sft", str(sft), "pipeline"), Arm("rlhi", trained["rlhi"], "pipeline", str(runs["rlhi"])),
+            Arm("user_agnostic", trained["user_agnostic"], "none", str(runs["user_agnostic"])),
+            Arm("from_scratch", trained["from_scratch"], "pipeline", str(runs["from_scratch"])),
+            Arm("rewards_only", trained["rewards_only"], "pipeline", str(runs["rewards_only"]))]
 
 
 def run_experiment(*, users: int | None = None, seed: int = 0, out: str | Path = "runs/sim-experiment",
-                   quick: bool = False, sizes: Sizes | None = None,
+                   quick: bool = False, family: str = "eval", decomposed: bool = False, sizes: Sizes | None = None,
                    log: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, Any]:
     """Run the whole experiment into `out`; returns the result (arms, paired differences,
     seconds, sizes) also written to `out/results.json`, `out/results.md`, `out/results.png`."""
@@ -236,35 +199,49 @@ def run_experiment(*, users: int | None = None, seed: int = 0, out: str | Path =
 
     t0 = time.perf_counter()
     sizes = sizes or (QUICK if quick else Sizes())
-    if users is not None:
-        sizes = replace(sizes, users=users)
+    sizes = replace(sizes, users=users) if users is not None else sizes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base_model = str(ensure_warmstart(log))
     sim = out / "sim"
-    made = {"users": sizes.users, "seed": seed, "model": base_model, "max_new_tokens": sizes.max_new_tokens}
+    made = {"users": sizes.users, "seed": seed, "model": base_model, "max_new_tokens": sizes.max_new_tokens,
+            "family": family}
     if not (sim / "made.json").exists() or json.loads((sim / "made.json").read_text()) != made:
         t1 = time.perf_counter()
         generate_logs(sizes.users, sim, seed=seed, model=base_model, max_new_tokens=sizes.max_new_tokens,
-                      log=lambda s: None)
+                      family=family, log=lambda s: None)
         (sim / "made.json").write_text(json.dumps(made))  # a rerun into `out` reuses the logs
-        log(f"simulated {sizes.users} users: {time.perf_counter() - t1:.0f}s")
-    roles = diagnose_model(base_model, n=110, seed=seed)
-    log(roles_line(roles))
+        log(f"simulated {sizes.users} users ({family} phrasings): {time.perf_counter() - t1:.0f}s")
+    roles = diagnose_model(base_model, n=110, seed=seed, family=family)
+    log(roles_line(roles, CHECKS))
+    extractor = decompose.extractor_accuracy(seed=seed)
+    log(extractor_line(extractor))
     runs = run_variants(out, sim / "logs", base_model, sizes, seed, log)
-    pairs = pair_quality(runs["rlhi"], sim / "profiles.jsonl")
+    profiles = read_profiles(sim / "profiles.jsonl")
+    pairs = decompose.pair_quality(runs["rlhi"], profiles)
     log(pairs_line(pairs))
     arms = build_arms(out, runs, base_model, sizes, seed)
-    held_out = eval_users(runs["rlhi"], sim / "profiles.jsonl")
+    held_out = eval_users(runs["rlhi"], profiles)
+    decomposition = None
+    if decomposed:
+        oracle_model, n_oracle = train_oracle_pairs(out, runs, sim / "logs", base_model, sizes, seed, profiles)
+        arms += [Arm("oracle_persona", base_model, "oracle"), Arm("oracle_pairs", str(oracle_model), "pipeline")]
+        decomposition = {"personas": decompose.persona_accuracy(runs["rlhi"], profiles),
+                         "rewriter": decompose.rewriter_rates(runs["rlhi"], profiles, sim / "followup_labels.jsonl"),
+                         "pairs": pairs, "reward_model": decompose.reward_model_agreement(runs["rlhi"], profiles),
+                         "oracle_pairs": n_oracle, "rlhi_train_pairs": sum(q["pairs"] for q in pairs.values())}
+        log(decomposition_table(decomposition))
     scores = {arm.name: evaluate_arm(arm, held_out, requests_per_user=sizes.requests_per_user,
                                      samples=sizes.samples_per_request, seed=seed,
                                      max_new_tokens=sizes.max_new_tokens, log=log) for arm in arms}
     result = summarize(scores, seed) | {
-        "users": {"total": sizes.users, "held_out": len(held_out)}, "seed": seed,
+        "users": {"total": sizes.users, "held_out": len(held_out)}, "seed": seed, "family": family,
         "seconds": round(time.perf_counter() - t0, 1), "sizes": asdict(sizes), "roles": roles,
-        "pairs": pairs, "per_user": scores}
+        "extractor": extractor, "pairs": pairs, "decomposition": decomposition, "per_user": scores}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "results.md").write_text("\n\n".join([markdown_table(result), roles_line(roles), pairs_line(pairs)]) + "\n")
+    parts = [markdown_table(result), roles_line(roles, CHECKS), extractor_line(extractor), pairs_line(pairs)]
+    parts += [decomposition_table(decomposition)] if decomposition else []
+    (out / "results.md").write_text("\n\n".join(parts) + "\n")
     plot(result, out / "results.png")
     return result
 
@@ -274,15 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI-sized run with fixed seeds (minutes on 2 CPUs)")
     parser.add_argument("--users", type=int, default=None, help="simulated users (default: the size's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", choices=("eval", "dev"), default="eval",
+                        help="phrasing family the users speak (default eval, which nothing was tuned on)")
+    parser.add_argument("--decompose", action="store_true",
+                        help="add the oracle arms and score each link of the pipeline against the profiles")
     parser.add_argument("--out", default="runs/sim-experiment")
     parser.add_argument("--json", action="store_true", help="print the result as JSON last")
     args = parser.parse_args(argv)
-    result = run_experiment(users=args.users, seed=args.seed, out=args.out, quick=args.quick)
+    result = run_experiment(users=args.users, seed=args.seed, out=args.out, quick=args.quick,
+                            family=args.family, decomposed=args.decompose)
     print(markdown_table(result))
     print(f"{result['seconds']:.0f}s; table, plot and results.json in {args.out}")
     if args.json:
-        keys = ("arms", *DIFFERENCES)
-        print(json.dumps({k: result[k] for k in keys}))
+        print(json.dumps({k: result[k] for k in KEYS if k in result}))
     return 0
 
 
