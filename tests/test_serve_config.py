@@ -51,3 +51,13 @@ def test_the_serve_config_yaml_points_at_a_builder_that_builds_the_app(monkeypat
     gateway = builder(app["args"])._bound_deployment  # deployments bound, nothing started
     bound = [getattr(getattr(arg, "_bound_deployment", None), "name", None) for arg in gateway.init_args]
     assert gateway.name == "gateway" and bound[:3] == ["reward", "rewrite", "chat"]
+
+
+def test_the_chat_log_is_off_by_default_and_its_keys_are_checked():
+    log = load_config(REPO / "configs" / "default.yaml").serve.chat.log
+    assert (log.enabled, log.folder, log.max_batch_conversations, log.max_batch_seconds) == (
+        False, "logs/chat", 256, 60.0)
+    with pytest.raises(ConfigError, match=r"serve.chat.log.max_batch_seconds = 0: Input should be greater"):
+        parse_config({"serve": {"chat": {"log": {"max_batch_seconds": 0}}}})
+    with pytest.raises(ConfigError, match=r'serve.chat.log.redact = \["names"\]: Value error, unknown redaction'):
+        parse_config({"serve": {"chat": {"log": {"redact": ["names"]}}}})

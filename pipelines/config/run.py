@@ -73,10 +73,15 @@ class IngestConfig(_Section):
     @field_validator("redact")
     @classmethod
     def _known_kinds(cls, value: list[str]) -> list[str]:
-        unknown = sorted(set(value) - set(REDACTION_KINDS))
-        if unknown:
-            raise ValueError(f"unknown redaction kind(s) {unknown}; allowed: {', '.join(REDACTION_KINDS)}")
-        return sorted(set(value), key=REDACTION_KINDS.index)
+        return known_redaction_kinds(value)
+
+
+def known_redaction_kinds(value: list[str]) -> list[str]:
+    """The kinds in pipeline order, or an error naming the unknown ones."""
+    unknown = sorted(set(value) - set(REDACTION_KINDS))
+    if unknown:
+        raise ValueError(f"unknown redaction kind(s) {unknown}; allowed: {', '.join(REDACTION_KINDS)}")
+    return sorted(set(value), key=REDACTION_KINDS.index)
 
 
 class ModelsConfig(_Section):
@@ -178,6 +183,41 @@ class RewardAppConfig(ServeAppConfig):
     """RewardModel backend run on `models.reward` (actors/reward_model.py)."""
 
 
+class ChatLogConfig(_Section):
+    """Conversation capture of the chat app (serve/chat_log.py): every finished turn of
+    `/v1/chat/completions`, redacted, appended to Parquet parts in WildChat's Hub schema, so
+    `ingest.inputs: [<folder>]` reads the served conversations back into a run."""
+
+    enabled: bool = False
+    """Off unless set: nothing a user says is stored by default."""
+    folder: str = "logs/chat"
+    """Where the `part-<n>.parquet` files go (created if missing); relative paths are read
+    from the directory `rlhi serve` starts in. `rlhi forget --chat-log <folder>` removes a
+    user from it."""
+    max_batch_conversations: PositiveInt = 256
+    """A part is written once the open batch holds this many conversations..."""
+    max_batch_seconds: float = Field(60.0, gt=0)
+    """...or once its oldest turn has waited this long. A crash loses at most the open batch."""
+    redact: list[str] = list(REDACTION_KINDS)
+    """Kinds of identifiers and secrets replaced in every logged turn (as `ingest.redact`)."""
+    language: str = Field("English", min_length=1)
+    """WildChat's `language` recorded for every logged conversation: the server does not
+    detect languages, so this is the language the deployment serves (ingest's
+    `filters.languages` reads it)."""
+
+    @field_validator("redact")
+    @classmethod
+    def _known_kinds(cls, value: list[str]) -> list[str]:
+        return known_redaction_kinds(value)
+
+
+class ChatAppConfig(ServeAppConfig):
+    """The chat app (`POST /v1/chat/completions`, `GET /v1/models`)."""
+
+    log: ChatLogConfig = ChatLogConfig()
+    """Conversation capture; off by default."""
+
+
 class ServeConfig(_Section):
     """The HTTP endpoints (`rlhi serve`): reward scoring, rewriting, persona-guided chat."""
 
@@ -209,7 +249,7 @@ class ServeConfig(_Section):
     """Replicas of the HTTP gateway (auth, validation, routing; no model)."""
     reward: RewardAppConfig = RewardAppConfig(max_batch_size=32, max_ongoing_requests=128)
     rewrite: ServeAppConfig = ServeAppConfig(max_batch_size=4)
-    chat: ServeAppConfig = ServeAppConfig(max_batch_size=1)
+    chat: ChatAppConfig = ChatAppConfig(max_batch_size=1)
 
 
 class RunConfig(_Section):
