@@ -4,7 +4,7 @@
     rlhi run --config FILE [--out RUN_DIR] [--from STEP | --only STEP] [--dry-run] [--json]
     rlhi eval --config FILE [--run-dir RUN_DIR] [--json]
     rlhi report --run-dir RUN_DIR [--json]
-    rlhi forget --run-dir RUN_DIR --user ID [--json]
+    rlhi forget --run-dir RUN_DIR --user ID [--chat-log DIR] [--json]
     rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--json]
     rlhi serve --config FILE [--port N]
     rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--json]
@@ -84,10 +84,12 @@ def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: no such run directory")
-    summary = forget_user(run_dir, args.user)
+    summary = forget_user(run_dir, args.user, Path(args.chat_log) if args.chat_log else None)
     print(f"forget {args.user}: {summary['total_rows_removed']} rows removed")
     for table, count in summary["rows_removed"].items():
         print(f"  {table}: {count}")
+    if args.chat_log:
+        print(f"  chat log {args.chat_log}: {summary['chat_log_rows_removed']} conversations")
     for entry in summary["checkpoints_trained_on_user"] + summary.get("derived_checkpoints", []):
         for path in entry["paths"]:
             print(f"  trained on this user's data: {path}")
@@ -164,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     forget = commands.add_parser("forget", help="remove a user from every table of a run; list checkpoints trained on them")
     forget.add_argument("--run-dir", required=True, metavar="RUN_DIR")
     forget.add_argument("--user", required=True, metavar="ID", help="the user_id as in the run's tables")
+    forget.add_argument("--chat-log", metavar="DIR",
+                        help="also remove the user from this chat log folder (serve.chat.log.folder)")
     forget.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     forget.set_defaults(handler=cmd_forget)
 

@@ -15,6 +15,12 @@ rounds' train stages that started from such a policy, and the `reward_model` sta
 the user had kept train-split rewrites in round 0 (its training pairs). Those must be
 retrained or deleted by the operator; this module deletes no weights.
 
+With `chat_log` (`rlhi forget --chat-log DIR`, the folder of `serve.chat.log`), the user's
+conversations are also removed from the chat app's log parts (`remove_from_chat_log`), under
+the folder's lock so a running server's writer never interleaves; a server that is still up
+may hold the user's newest turns in its open batch and write them later, so forget from its
+log again after it stopped (or after `max_batch_seconds`).
+
 What it records:
 - each touched stage's `manifest.json` gains `"forgotten_users": n` (incremented per
   forgotten user), so resume logic can tell that the stage's `counts` and summary describe
@@ -32,14 +38,16 @@ import uuid
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.config import UserKey
 from pipelines.contract import MANIFEST
 from pipelines.schema import MODEL_FOLDER, run_rounds, stage_dir, table_path
+from pipelines.stages.ingest.checks import user_id as ingest_user_id
 
 LOG = "forget.jsonl"
 # Folders under a stage that hold no user tables: Ray Train's storage and exported models.
@@ -50,16 +58,20 @@ NOTE = ("Rows were removed from the run's tables, but weights cannot be untraine
         "from before the removal.")
 
 
-def forget_user(run_dir: Path, user_id: str) -> dict[str, Any]:
-    """Remove every row of `user_id` from the run's tables; return what was done.
+def forget_user(run_dir: Path, user_id: str, chat_log: Path | None = None) -> dict[str, Any]:
+    """Remove every row of `user_id` from the run's tables (and from the chat log folder
+    `chat_log`, when given); return what was done.
 
     Returns {"user_id", "rows_removed": {table path: n}, "total_rows_removed",
-    "checkpoints_trained_on_user": [...], "derived_checkpoints": [...], "note"}; each
-    checkpoint entry is {"stage": folder, "paths": [...]}.
+    "checkpoints_trained_on_user": [...], "derived_checkpoints": [...], "note"}, plus
+    "chat_log_rows_removed" with `chat_log`; each checkpoint entry is
+    {"stage": folder, "paths": [...]}.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist: pass the run_dir of a run")
+    if chat_log is not None and not Path(chat_log).is_dir():
+        raise FileNotFoundError(f"chat log folder {chat_log} does not exist: pass serve.chat.log.folder")
     files = user_tables(run_dir)
     trained, derived = trained_on_user(run_dir, user_id)  # read before the rows are gone
 
@@ -82,6 +94,9 @@ def forget_user(run_dir: Path, user_id: str) -> dict[str, Any]:
         "derived_checkpoints": derived,
         "note": NOTE if total else f"user {user_id!r} has no rows in {run_dir}: nothing was removed.",
     }
+    if chat_log is not None:
+        n = summary["chat_log_rows_removed"] = remove_from_chat_log(Path(chat_log), user_id)
+        summary["note"] += f" {n} conversations were removed from the chat log {chat_log}."
     record = {"time": datetime.now(timezone.utc).isoformat(), **summary}
     with open(run_dir / LOG, "a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -115,6 +130,35 @@ def remove_rows(path: Path, user_id: str) -> int:
         pq.write_table(table.filter(pc.invert(mask)), tmp)
         os.replace(tmp, path)
     return n
+
+
+def chat_log_user_ids(hashed_ip: str | None) -> set[str]:
+    """The user ids ingest may give a chat log row, one per `ingest.user_key` (the log
+    records no headers, so the combined keys hash the `user` with empty ones)."""
+    if not hashed_ip:
+        return set()
+    record = {"source_format": "wildchat", "user_parts": (hashed_ip, None, None)}
+    return {ingest_user_id(record, key) for key in get_args(UserKey)}
+
+
+def remove_from_chat_log(folder: Path, user_id: str) -> int:
+    """Remove the conversations of `user_id` (as the request's `user`, or as the id ingest
+    makes of it) from every part of a chat log folder (serve/chat_log.py), each part
+    rewritten atomically; the number of conversations removed."""
+    from serve.chat_log import SCHEMA, folder_lock, part_paths, write_table
+
+    removed = 0
+    with folder_lock(folder):
+        for path in part_paths(folder):
+            table = pq.read_table(path, schema=SCHEMA)
+            rows = table.select(["hashed_ip", "conversation"]).to_pylist()
+            drop = [any(user_id in chat_log_user_ids(ip)
+                        for ip in (row["hashed_ip"], *(t["hashed_ip"] for t in row["conversation"])))
+                    for row in rows]
+            if any(drop):
+                removed += sum(drop)
+                write_table(path, table.filter(pa.array([not d for d in drop])))
+    return removed
 
 
 def mark_manifest(folder: Path) -> None:
