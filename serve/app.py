@@ -2,9 +2,14 @@
 
     POST /v1/score             reward app: one score per candidate (batched, serve.batch)
     POST /v1/rewrite           rewriter app: revise an answer with the user's feedback
-    POST /v1/chat/completions  chat app: OpenAI-compatible, `user` picks the serving persona
+    POST /v1/chat/completions  chat app: OpenAI-compatible (streamed with `stream: true`),
+                               `user` picks the serving persona, `conversation_id` groups turns
+    GET  /v1/models            the served policy and its version, in OpenAI's list format
     GET  /healthz              no token; 200 once every enabled app is running, else 503
     GET  /docs, /openapi.json  OpenAPI (token required like everything but /healthz)
+
+With `serve.chat.log.enabled` every finished chat turn also goes to the `chat_log`
+deployment (serve/chat_log.py), which writes the conversations as WildChat Parquet parts.
 
 `build_app(config, token_digest)` turns the run config's `serve` and `models` sections into
 a Serve application; `app_builder(args)` is the same for a Serve config YAML
@@ -14,22 +19,27 @@ a Serve application; `app_builder(args)` is the same for a Serve config YAML
 # request models are closure variables of make_gateway that string annotations cannot reach.
 import asyncio
 import logging
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import RunConfig, ServeAppConfig, load_config
+from serve.chat_rows import ChatTurn
 from serve.guard import Guard, read_token, request_id_of, token_digest
-from serve.replicas import ChatReplica, RewardReplica, RewriteReplica
-from serve.schemas import (ChatChoice, ChatMessageOut, ChatResponse, ChatUsage, Limits,
-                           RewriteResponse, ScoreResponse, build_schemas)
+from serve.replicas import ChatLogReplica, ChatReplica, RewardReplica, RewriteReplica
+from serve.schemas import (ChatChoice, ChatChunk, ChatMessageOut, ChatResponse, ChatUsage, Limits,
+                           ModelCard, ModelList, RewriteResponse, ScoreResponse, build_schemas)
+from serve.streaming import chunk_events
 
 APP_NAME = "rlhi"
+LOG_TIMEOUT_S = 10.0
 logger = logging.getLogger("rlhi.serve")
 
 
@@ -101,9 +111,13 @@ def make_gateway(limits: Limits, digest: str, max_body_bytes: int, timeout_s: fl
         """Auth, validation and routing; holds no model."""
 
         def __init__(self, reward: DeploymentHandle | None, rewrite: DeploymentHandle | None,
-                     chat: DeploymentHandle | None, reward_backend: str) -> None:
+                     chat: DeploymentHandle | None, chat_log: DeploymentHandle | None,
+                     reward_backend: str) -> None:
             self.apps = {"reward": reward, "rewrite": rewrite, "chat": chat}
+            self.chat_log = chat_log
             self.reward_backend = reward_backend
+            self.unrecorded = 0
+            """Turns the chat log did not take (its replica down or too slow)."""
 
         def _app(self, name: str) -> DeploymentHandle:
             handle = self.apps[name]
@@ -115,7 +129,7 @@ def make_gateway(limits: Limits, digest: str, max_body_bytes: int, timeout_s: fl
 
         @app.get("/healthz", include_in_schema=False)
         async def healthz(self) -> JSONResponse:
-            calls = [h.ready.remote() for h in self.apps.values() if h is not None]
+            calls = [h.ready.remote() for h in (*self.apps.values(), self.chat_log) if h is not None]
             try:
                 await asyncio.wait_for(asyncio.gather(*calls), timeout=2.0)
             except Exception:  # starting, restarting or failed: not ready, say no more
@@ -139,21 +153,67 @@ def make_gateway(limits: Limits, digest: str, max_body_bytes: int, timeout_s: fl
                 (body.persona, messages, body.answer, body.feedback)), timeout_s)
             return RewriteResponse(**out)
 
-        @app.post("/v1/chat/completions", response_model=ChatResponse)
-        async def chat(self, body: ChatRequest, request: Request) -> ChatResponse:  # type: ignore[valid-type]
-            """OpenAI-compatible chat completion conditioned on the user's serving persona."""
+        @app.post("/v1/chat/completions", response_model=ChatResponse,
+                  responses={200: {"content": {"text/event-stream": {}},
+                                   "description": "chat.completion, or with `stream: true` "
+                                                  "chat.completion.chunk events"}})
+        async def chat(self, body: ChatRequest, request: Request):  # type: ignore[valid-type]
+            """OpenAI-compatible chat completion conditioned on the user's serving persona;
+            `stream: true` answers with server-sent events (serve/streaming.py)."""
+            requested_at = datetime.now(timezone.utc)
             messages = [m.model_dump() for m in body.messages]
+            max_tokens = body.max_completion_tokens or body.max_tokens
             out = await call_replica(self._app("chat").complete.remote(
-                body.user, messages, body.max_tokens, body.temperature, body.top_p, body.seed),
+                body.user, messages, max_tokens, body.temperature, body.top_p, body.seed),
                 timeout_s)
+            conversation_id = body.conversation_id or f"conv-{uuid.uuid4().hex}"
+            turn = ChatTurn(conversation_id, body.user, messages, out["text"], out["model"],
+                            out["policy_version"], requested_at, datetime.now(timezone.utc))
             usage = ChatUsage(prompt_tokens=out["prompt_tokens"],
                               completion_tokens=out["completion_tokens"],
                               total_tokens=out["prompt_tokens"] + out["completion_tokens"])
-            return ChatResponse(
-                id=f"chatcmpl-{request_id_of(request.scope)}", created=out["created"],
-                model=body.model or out["model"], usage=usage, persona_id=out["persona_id"],
-                choices=[ChatChoice(index=0, message=ChatMessageOut(content=out["text"]),
-                                    finish_reason=out["finish_reason"])])
+            shared = {"id": f"chatcmpl-{request_id_of(request.scope)}", "created": out["created"],
+                      "model": body.model or out["model"], "persona_id": out["persona_id"],
+                      "conversation_id": conversation_id, "policy_version": out["policy_version"]}
+            if not body.stream:
+                await self._record(turn)
+                return ChatResponse(**shared, usage=usage, choices=[ChatChoice(
+                    index=0, message=ChatMessageOut(content=out["text"]),
+                    finish_reason=out["finish_reason"])])
+
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            events = chunk_events(ChatChunk(**shared, choices=[]), out["text"],
+                                  out["finish_reason"], usage if include_usage else None)
+
+            async def stream():
+                for event in events:
+                    yield event
+                # Logged once the client has the whole answer; a client that hangs up
+                # mid-stream cancels this generator, and the turn is not logged.
+                await self._record(turn)
+
+            return StreamingResponse(stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+
+        @app.get("/v1/models", response_model=ModelList)
+        async def models(self) -> ModelList:
+            """The served policy with its `policy_version` (none when chat is off)."""
+            if self.apps["chat"] is None:
+                return ModelList(data=[])
+            info = await call_replica(self.apps["chat"].info.remote(), timeout_s)
+            return ModelList(data=[ModelCard(id=info["id"], created=info["created"],
+                                             policy_version=info["policy_version"])])
+
+        async def _record(self, turn: ChatTurn) -> None:
+            """Hand a finished turn to the chat log; a failure is counted, never answered."""
+            if self.chat_log is None:
+                return
+            try:
+                await asyncio.wait_for(self.chat_log.record.remote(turn), LOG_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - the user has their answer either way
+                self.unrecorded += 1
+                logger.error("chat log did not take a turn (%s); %d turns not recorded by "
+                             "this gateway", type(exc).__name__, self.unrecorded)
 
     return Gateway
 
@@ -184,15 +244,21 @@ def build_app(config: RunConfig, digest: str):
         rewrite = RewriteReplica.options(**_scaling(settings.rewrite)).bind(
             models.rewriter.model_dump(), settings.max_tokens, settings.rewrite.max_batch_size,
             settings.rewrite.batch_wait_timeout_s)
+    chat_log = None
     if settings.chat.enabled:
         run_dir = settings.run_dir or config.run_dir
         chat = ChatReplica.options(**_scaling(settings.chat)).bind(
             models.policy.model_dump(), settings.max_tokens, str(Path(run_dir).resolve()))
+        log = settings.chat.log
+        if log.enabled:
+            # The folder is resolved here, where `rlhi serve` starts, not in a Ray worker.
+            chat_log = ChatLogReplica.options(ray_actor_options={"num_cpus": 0}).bind(
+                log.model_copy(update={"folder": str(Path(log.folder).resolve())}).model_dump())
     gateway = make_gateway(limits, digest, settings.max_body_bytes, settings.request_timeout_s)
     # The gateway only routes: no CPU reserved, and enough slots for every client at once.
     return gateway.options(num_replicas=settings.ingress_replicas, max_ongoing_requests=1024,
                            ray_actor_options={"num_cpus": 0}).bind(
-        reward, rewrite, chat, settings.reward.backend)
+        reward, rewrite, chat, chat_log, settings.reward.backend)
 
 
 def app_builder(args: dict[str, Any]):

@@ -69,7 +69,8 @@ class RLHIClient:
         return self.post("/v1/rewrite", body)
 
     def chat(self, messages: Sequence[dict], user: str | None = None, **params: Any) -> dict[str, Any]:
-        """An OpenAI chat.completion; `params`: max_tokens, temperature, top_p, seed."""
+        """An OpenAI chat.completion; `params`: max_tokens, temperature, top_p, seed,
+        conversation_id (the completion carries it, or a new one on a first turn)."""
         return self.post("/v1/chat/completions", {"messages": list(messages), "user": user,
                                                   **params})
 

@@ -95,7 +95,7 @@ class Guard:
             await send_json(send, 413, {"error": f"request body over {self.max_body_bytes} "
                                                  "bytes (serve.max_body_bytes)"}, rid)
             return
-        await self.app(scope, _replay(body), _with_request_id(send, rid))
+        await self.app(scope, _replay(body, receive), _with_request_id(send, rid))
 
     def _auth_refusal(self, header: str | None) -> tuple[int, str] | None:
         if not header or not header.lower().startswith("bearer "):
@@ -132,13 +132,15 @@ def _route(scope: Scope) -> str:
     return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
-def _replay(body: bytes) -> Receive:
+def _replay(body: bytes, upstream: Receive) -> Receive:
+    """The body already read, then the real channel: a streamed response listens on it for
+    the client going away, so it must not hear a disconnect that did not happen."""
     sent = False
 
     async def receive() -> dict[str, Any]:
         nonlocal sent
         if sent:
-            return {"type": "http.disconnect"}
+            return await upstream()
         sent = True
         return {"type": "http.request", "body": body, "more_body": False}
 

@@ -7,6 +7,8 @@ replica's event loop keeps collecting the next batch while the current one compu
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,10 @@ from typing import Any
 from ray import serve
 
 from actors.engines import SamplingParams
-from actors.models import ModelSpec
+from actors.models import ModelSpec, resolve_model
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+logger = logging.getLogger("rlhi.serve")
 
 
 @serve.deployment(name="reward")
@@ -87,6 +92,26 @@ def load_serving_personas(run_dir: str | Path | None) -> dict[str, tuple[str, st
     return {row["user_id"]: (row["persona_id"], row["persona"]) for row in table.to_pylist()}
 
 
+def policy_version(spec: ModelSpec) -> tuple[str, int]:
+    """(version, created) of a policy: the first 12 hex digits of the SHA-256 of its weight
+    files (names and bytes, sorted; a retrained folder gets a new version), and the newest
+    weight file's modification time. A model without local weights (a Hub id, an `openai`
+    engine) is versioned by its id and revision, created now."""
+    folder = Path(resolve_model(spec.id)) if spec.engine != "openai" else None
+    files = sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()) \
+        if folder is not None and folder.is_dir() else []
+    digest = hashlib.sha256()
+    if not files:
+        digest.update(f"{spec.id}@{spec.revision or ''}".encode())
+        return digest.hexdigest()[:12], int(time.time())
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()[:12], int(max(p.stat().st_mtime for p in files))
+
+
 @serve.deployment(name="chat")
 class ChatReplica:
     """Persona-guided inference: the policy answers with the user's serving persona."""
@@ -97,6 +122,7 @@ class ChatReplica:
 
         spec = ModelSpec.model_validate(model)
         self.model_id = spec.id
+        self.policy_version, self.created = policy_version(spec)
         self.sampler = PolicySampler(spec.model_copy(update={"max_new_tokens": max_tokens}),
                                      n=1)
         self.personas = load_serving_personas(run_dir)
@@ -106,6 +132,11 @@ class ChatReplica:
 
     async def ready(self) -> bool:
         return True
+
+    async def info(self) -> dict[str, Any]:
+        """The served policy: its id, version and when its weights were made."""
+        return {"id": self.model_id, "policy_version": self.policy_version,
+                "created": self.created}
 
     async def complete(self, user: str | None, messages: list[dict], max_tokens: int | None,
                        temperature: float | None, top_p: float | None,
@@ -127,4 +158,63 @@ class ChatReplica:
         completion_tokens = completion.num_tokens
         return {"text": completion.text, "finish_reason": completion.finish_reason,
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "persona_id": persona_id, "model": self.model_id, "created": int(time.time())}
+                "persona_id": persona_id, "model": self.model_id, "created": int(time.time()),
+                "policy_version": self.policy_version}
+
+
+@serve.deployment(name="chat_log", num_replicas=1)
+class ChatLogReplica:
+    """Conversation capture (serve/chat_log.py): one replica owns the log folder, so parts
+    are numbered and rows superseded by a single writer whatever the gateway's replicas."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        from pipelines.config import ChatLogConfig
+        from pipelines.redact import Redactor
+        from serve.chat_log import ChatLogWriter
+
+        config = ChatLogConfig.model_validate(settings)
+        self.writer = ChatLogWriter(config.folder, Redactor(config.redact),
+                                    max_batch_conversations=config.max_batch_conversations,
+                                    max_batch_seconds=config.max_batch_seconds,
+                                    language=config.language)
+        # Checks often enough that a batch is written close to max_batch_seconds.
+        self.period_s = min(1.0, config.max_batch_seconds / 4)
+        self.ticker: asyncio.Task | None = None
+        self.wake: asyncio.Event | None = None
+
+    async def ready(self) -> bool:
+        return True
+
+    async def record(self, turn: Any) -> None:
+        """Take one finished turn (serve.chat_log.ChatTurn). Returns at once: a due batch
+        is written by the flusher task, off the request's path."""
+        if self.ticker is None:  # started here, on the replica's event loop
+            self.wake = asyncio.Event()
+            self.ticker = asyncio.get_running_loop().create_task(self._flusher())
+        if self.writer.add(turn):
+            self.wake.set()
+
+    async def _flusher(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.period_s)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            if self.writer.due():
+                await asyncio.to_thread(self.writer.flush)
+
+    async def close(self) -> dict[str, int]:
+        """Write the open batch and stop; {"written", "lost"} conversations (also logged)."""
+        counts = await asyncio.to_thread(self.writer.close)
+        logger.info("chat log %s: %d conversations written, %d lost", self.writer.folder,
+                    counts["written"], counts["lost"])
+        return counts
+
+    def __del__(self) -> None:
+        # Serve calls this on a graceful shutdown (serve.shutdown(), SIGTERM to `rlhi serve`).
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            counts = writer.close()
+            logger.info("chat log %s: %d conversations written, %d lost", writer.folder,
+                        counts["written"], counts["lost"])

@@ -1,7 +1,8 @@
 """`rlhi serve`: run the application in the foreground until SIGINT or SIGTERM.
 
 Refuses to start without a token, starts (or joins) Ray, binds Serve's HTTP proxy to the
-configured host and port, waits for /healthz, prints the URLs, and on a signal shuts down
+configured host and port, waits for /healthz, prints the URLs, and on a signal writes the
+chat log's open batch (printing how many conversations it wrote and lost), shuts down
 Serve and, if it started Ray itself, that Ray too.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pipelines.config import RunConfig
 from serve.guard import read_token, token_digest
 
 ENDPOINTS = ("POST /v1/score", "POST /v1/rewrite", "POST /v1/chat/completions",
-             "GET /healthz", "GET /docs")
+             "GET /v1/models", "GET /healthz", "GET /docs")
 
 
 def serve_forever(config: RunConfig, port: int | None = None,
@@ -46,8 +47,12 @@ def serve_forever(config: RunConfig, port: int | None = None,
             method, path = endpoint.split()
             print(f"  {method:5} {base}{path}", flush=True)
         print("  (Authorization: Bearer $RLHI_API_TOKEN; Ctrl-C to stop)", flush=True)
+        if settings.chat.enabled and settings.chat.log.enabled:
+            print(f"  chat log: {settings.chat.log.folder}", flush=True)
         stop.wait()
         print("rlhi serve: shutting down", flush=True)
+        if settings.chat.enabled and settings.chat.log.enabled:
+            close_chat_log()
     finally:
         serve.shutdown()
         if started_ray:
@@ -56,3 +61,21 @@ def serve_forever(config: RunConfig, port: int | None = None,
             signal.signal(sig, handler)
     return {"url": base, "apps": [n for n in ("reward", "rewrite", "chat")
                                   if getattr(settings, n).enabled]}
+
+
+def close_chat_log() -> None:
+    """Write the chat log's open batch now and say what it wrote and lost. (Serve's own
+    shutdown would also flush it, but only into the replica's log.)"""
+    from ray import serve
+
+    from serve.app import APP_NAME
+
+    try:
+        counts = serve.get_deployment_handle("chat_log", APP_NAME).close.remote().result(
+            timeout_s=120)
+    except Exception as exc:  # noqa: BLE001 - shutting down regardless
+        print(f"rlhi serve: the chat log did not confirm its last write ({type(exc).__name__}); "
+              "its replica log says what it wrote", flush=True)
+        return
+    print(f"rlhi serve: chat log: {counts['written']} conversations written, "
+          f"{counts['lost']} lost", flush=True)

@@ -62,7 +62,8 @@ class ChatUsage(BaseModel):
 
 class ChatResponse(BaseModel):
     """OpenAI `chat.completion`, plus `persona_id`: which serving persona conditioned the
-    answer (None: the user is unknown). The persona text itself is never returned."""
+    answer (None: the user is unknown; the persona text itself is never returned),
+    `conversation_id` (the request's, or a new one) and the `policy_version` that answered."""
 
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -71,6 +72,52 @@ class ChatResponse(BaseModel):
     choices: list[ChatChoice]
     usage: ChatUsage
     persona_id: str | None
+    conversation_id: str
+    policy_version: str
+
+
+class ChatDelta(BaseModel):
+    """What a chunk adds; unset fields are left out, so the last delta is `{}` as OpenAI's."""
+
+    role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
+    content: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+
+
+class ChatChunk(BaseModel):
+    """OpenAI `chat.completion.chunk` (one server-sent event of a streamed completion), with
+    the same extra fields as `ChatResponse` on every chunk."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: ChatUsage | None = None
+    """Only on the last chunk, and only with `stream_options.include_usage`."""
+    persona_id: str | None
+    conversation_id: str
+    policy_version: str
+
+
+class ModelCard(BaseModel):
+    """One served model in OpenAI's `model` object, plus the version of its weights."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "rlhi"
+    policy_version: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 @dataclass(frozen=True)
@@ -81,6 +128,16 @@ class Schemas:
     ScoreRequest: type[BaseModel]
     RewriteRequest: type[BaseModel]
     ChatRequest: type[BaseModel]
+
+
+CONVERSATION_ID = r"^[A-Za-z0-9._:-]{1,128}$"
+"""A conversation id: 1 to 128 letters, digits and `. _ : -` (it names rows and is logged)."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+    """A last chunk, with no choices, carries the token counts."""
 
 
 def _ends_with_user_turn(messages: list) -> list:
@@ -120,20 +177,29 @@ def build_schemas(limits: Limits) -> Schemas:
         answer: NonEmptyText
         feedback: NonEmptyText = Field(description="The user's follow-up message.")
 
-    class ChatRequest(BaseModel):
-        """OpenAI chat completion request; `user` selects that user's serving persona."""
+    MaxTokens = Annotated[int, Field(ge=1, le=limits.max_tokens)] | None
 
-        # OpenAI clients send fields this server ignores (e.g. `stream: false`), so extra
-        # keys are allowed here, unlike the project's own endpoints.
+    class ChatRequest(BaseModel):
+        """OpenAI chat completion request; `user` selects that user's serving persona and
+        `conversation_id` (openai client: `extra_body`) groups turns into one conversation."""
+
+        # OpenAI clients send fields this server ignores (e.g. `frequency_penalty`), so
+        # extra keys are allowed here, unlike the project's own endpoints.
         model_config = ConfigDict(extra="ignore")
         model: str | None = None
         messages: UserTurnLast
         user: Annotated[str, Field(max_length=256)] | None = None
-        max_tokens: Annotated[int, Field(ge=1, le=limits.max_tokens)] | None = None
+        max_tokens: MaxTokens = None
+        max_completion_tokens: MaxTokens = Field(None, description="Newer name of max_tokens; "
+                                                 "wins when both are given.")
         temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
         top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
         seed: int | None = None
         n: Literal[1] = 1
-        stream: Literal[False] = False
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        conversation_id: Annotated[str, Field(pattern=CONVERSATION_ID)] | None = Field(
+            None, description="Continue this conversation; omitted on a first turn, the "
+                              "answer carries a new one to send with the next turn.")
 
     return Schemas(Message, ScoreRequest, RewriteRequest, ChatRequest)
