@@ -36,7 +36,7 @@ from serve.guard import Guard, read_token, request_id_of, token_digest
 from serve.replicas import ChatLogReplica, ChatReplica, RewardReplica, RewriteReplica
 from serve.schemas import (ChatChoice, ChatChunk, ChatMessageOut, ChatResponse, ChatUsage, Limits,
                            ModelCard, ModelList, RewriteResponse, ScoreResponse, build_schemas)
-from serve.streaming import chunk_events
+from serve.streaming import DONE, chunk_events
 
 APP_NAME = "rlhi"
 LOG_TIMEOUT_S = 10.0
@@ -187,10 +187,12 @@ def make_gateway(limits: Limits, digest: str, max_body_bytes: int, timeout_s: fl
 
             async def stream():
                 for event in events:
+                    if event == DONE:
+                        # The client has the whole answer: logged now, before the end
+                        # marker, after which clients hang up (and this generator would be
+                        # cancelled). A client that hangs up earlier leaves the turn unlogged.
+                        await self._record(turn)
                     yield event
-                # Logged once the client has the whole answer; a client that hangs up
-                # mid-stream cancels this generator, and the turn is not logged.
-                await self._record(turn)
 
             return StreamingResponse(stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})

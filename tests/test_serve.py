@@ -349,14 +349,19 @@ def test_a_stream_keeps_the_body_limit_and_the_token_bound(server):
 # ---------------------------------------------------------------- the chat log
 
 def _logged(folder, conversation_id, turns, timeout_s=30.0):
-    """The log's rows of one conversation once it has `turns` user turns."""
+    """(the log's tables, the rows of one conversation) once its one row has `turns` user
+    turns. The writer may be superseding an older row meanwhile: a part can vanish between
+    the glob and the read, or two rows of the conversation can be seen for a moment."""
     from serve.chat_log import part_paths
 
     deadline = time.monotonic() + timeout_s
     while True:
-        tables = [pq.read_table(p) for p in part_paths(folder)]
+        try:
+            tables = [pq.read_table(p) for p in part_paths(folder)]
+        except FileNotFoundError:
+            continue
         rows = [r for t in tables for r in t.to_pylist() if r["conversation_hash"] == conversation_id]
-        if (rows and rows[-1]["turn"] == turns) or time.monotonic() > deadline:
+        if [r["turn"] for r in rows] == [turns] or time.monotonic() > deadline:
             return tables, rows
         time.sleep(0.1)
 
