@@ -32,30 +32,39 @@ class Interval:
         return {"mean": round(self.mean, 4), "ci_low": round(self.ci_low, 4), "ci_high": round(self.ci_high, 4)}
 
 
-def cluster_interval(statistic: Callable[[np.ndarray], float], clusters: Sequence[Hashable], *,
-                     samples: int = SAMPLES, seed: int = 0,
-                     confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Percentile interval of `statistic(row_indices)` when whole clusters are resampled.
+def cluster_intervals(statistic: Callable[[np.ndarray], Sequence[float]], clusters: Sequence[Hashable], *,
+                      samples: int = SAMPLES, seed: int = 0,
+                      confidence: float = CONFIDENCE) -> list[tuple[float, float]]:
+    """Percentile intervals of each number `statistic(row_indices)` returns, when whole
+    clusters are resampled (one pass of draws for all of them).
 
     `clusters[i]` is row i's cluster (a user id, a conversation id). `statistic` receives
-    the indices of the rows of the drawn clusters (with repeats) and returns a number."""
+    the indices of the rows of the drawn clusters (with repeats)."""
     if len(clusters) == 0:
-        return float("nan"), float("nan")
+        return [(float("nan"), float("nan"))] * len(statistic(np.arange(0)))
     groups: dict[Hashable, list[int]] = {}
     for row, cluster in enumerate(clusters):
         groups.setdefault(cluster, []).append(row)
     members = [np.asarray(rows) for rows in groups.values()]
     if len(members) == 1:  # one cluster: every draw is the same sample
-        value = float(statistic(members[0]))
-        return value, value
+        return [(float(v), float(v)) for v in statistic(members[0])]
 
-    def over_clusters(drawn: np.ndarray) -> float:
-        return float(statistic(np.concatenate([members[c] for c in drawn])))
+    def over_clusters(drawn: np.ndarray) -> np.ndarray:
+        return np.asarray(statistic(np.concatenate([members[c] for c in drawn])), dtype=float)
 
     result = stats.bootstrap((np.arange(len(members)),), over_clusters, vectorized=False, paired=False,
                              n_resamples=samples, confidence_level=confidence, method="percentile",
                              random_state=np.random.default_rng(seed))
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    lows, highs = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
+    return [(float(lo), float(hi)) for lo, hi in zip(lows, highs)]
+
+
+def cluster_interval(statistic: Callable[[np.ndarray], float], clusters: Sequence[Hashable], *,
+                     samples: int = SAMPLES, seed: int = 0,
+                     confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile interval of one number `statistic(row_indices)` over resampled clusters."""
+    return cluster_intervals(lambda idx: [statistic(idx)], clusters, samples=samples, seed=seed,
+                             confidence=confidence)[0]
 
 
 def mean_interval(values: Sequence[float], clusters: Sequence[Hashable] | None = None, *,
@@ -78,3 +87,9 @@ def paired_difference(a: Mapping[str, float], b: Mapping[str, float], *, samples
     if not users:
         raise ValueError("paired_difference: the two arms share no users")
     return mean_interval([a[u] - b[u] for u in users], samples=samples, seed=seed, confidence=confidence)
+
+
+def format_interval(result: dict, key: str) -> str:
+    """`result[key]` with its interval `result[key + "_ci"]`: "0.612 [0.464, 0.767]"."""
+    low, high = result[f"{key}_ci"]
+    return f"{result[key]:.3f} [{low:.3f}, {high:.3f}]"

@@ -5,8 +5,10 @@ Every gold label is matched to a user turn of the input by (`conversation_hash`,
 `turns`. No ingest filter applies: every labelled turn is scored. The headline is the
 binary "carries feedback" decision (reattempt_feedback, correction or complaint), since
 that decides which turns feed rewrites; per-label scores and macro-F1 show the rest.
-Intervals are percentile bootstraps over follow-ups with a fixed seed, so a rerun gives
-the same numbers.
+Intervals are percentile bootstraps over conversations (pipelines/bootstrap.py): the
+follow-ups of one conversation share a user, a task and an assistant, so resampling them
+one by one would give intervals that are too narrow. Seeded, so a rerun gives the same
+numbers. Precision, recall, F1 and the confusion matrix are scikit-learn's.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from typing import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
+from pipelines.bootstrap import cluster_intervals, format_interval
 from pipelines.schema import FEEDBACK_LABELS, FOLLOWUP_LABELS
 
 UNCLASSIFIED = "unclassified"
@@ -59,11 +63,13 @@ def followup_examples(conversations: pa.Table) -> list[dict]:
     return examples
 
 
-def load_gold_labels(path: str | Path) -> dict[tuple[str, int], str]:
+def load_gold_labels(path: str | Path, split: str | None = None) -> dict[tuple[str, int], str]:
     """Read gold labels (JSONL) into {(conversation_hash, message_index): label}.
 
-    Keys `conversation_hash`, `message_index`, `label` are required; `feedback` and
-    `rationale` are optional. A bad line is an error naming the file, line and field.
+    Keys `conversation_hash`, `message_index`, `label` are required; `feedback`,
+    `rationale` and `split` are optional. With `split`, only the labels of that split are
+    read (a file without `split` fields is then an error). A bad line is an error naming the
+    file, line and field.
     """
     labels: dict[tuple[str, int], str] = {}
     with open(path, encoding="utf-8") as f:
@@ -90,6 +96,10 @@ def load_gold_labels(path: str | Path) -> dict[tuple[str, int], str]:
             if label not in FOLLOWUP_LABELS:
                 raise ValueError(f"{where}: field 'label' has unknown label {label!r}; "
                                  f"allowed: {', '.join(FOLLOWUP_LABELS)}")
+            if split is not None and "split" not in row:
+                raise ValueError(f"{where}: no field 'split', but --split {split} was asked for")
+            if split is not None and row["split"] != split:
+                continue
             if (conv_hash, index) in labels:
                 raise ValueError(f"{where}: duplicate label for conversation_hash="
                                  f"{conv_hash!r} message_index={index}")
@@ -97,37 +107,47 @@ def load_gold_labels(path: str | Path) -> dict[tuple[str, int], str]:
     return labels
 
 
-def _prf(tp, fp, fn):
-    """Precision, recall, F1 (arrays or scalars); 0 where undefined."""
-    tp, fp, fn = (np.asarray(x, dtype=float) for x in (tp, fp, fn))
+NONE = "(none)"  # an unclassified follow-up: no label, no feedback
+
+
+def _feedback(labels: np.ndarray) -> np.ndarray:
+    return np.isin(labels, sorted(FEEDBACK_LABELS))
+
+
+HEADLINE = ("feedback_precision", "feedback_recall", "feedback_f1", "macro_f1")
+
+
+def _headline(gold: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """"Carries feedback" precision, recall and F1, and macro-F1 over the labels present in
+    gold or predictions (scikit-learn's definitions and averaging)."""
+    p, r, f, _ = precision_recall_fscore_support(_feedback(gold), _feedback(predicted), average="binary",
+                                                 zero_division=0)
+    present = sorted(set(gold) | set(predicted) - {NONE})
+    macro = f1_score(gold, predicted, labels=present, average="macro", zero_division=0)
+    return {"feedback_precision": float(p), "feedback_recall": float(r), "feedback_f1": float(f),
+            "macro_f1": float(macro)}
+
+
+def _headline_from_counts(matrix: np.ndarray) -> list[float]:
+    """The same four numbers from a confusion matrix (labels then NONE, as `score` builds it):
+    the bootstrap's fast path, checked against `_headline` on the full sample."""
+    feedback = np.array([lab in FEEDBACK_LABELS for lab in FOLLOWUP_LABELS] + [False])
+    tp = matrix[np.ix_(feedback, feedback)].sum()
+    fp, fn = matrix[np.ix_(~feedback, feedback)].sum(), matrix[np.ix_(feedback, ~feedback)].sum()
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    diag, column, row = np.diag(matrix), matrix.sum(0), matrix.sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
-        r = np.where(tp + fn > 0, tp / (tp + fn), 0.0)
-        f = np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
-    return p, r, f
-
-
-def _metrics(g: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
-    """Headline metrics from label codes: g gold, p predicted (len(FOLLOWUP_LABELS) for
-    unclassified); in 2-D arrays, each row is one bootstrap resample."""
-    is_fb = np.array([lab in FEEDBACK_LABELS for lab in FOLLOWUP_LABELS] + [False])
-    gf, pf = is_fb[g], is_fb[p]
-    prec, rec, f1 = _prf((gf & pf).sum(-1), (~gf & pf).sum(-1), (gf & ~pf).sum(-1))
-    f1s, present = [], []
-    for k in range(len(FOLLOWUP_LABELS)):
-        gk, pk = g == k, p == k
-        f1s.append(_prf((gk & pk).sum(-1), (~gk & pk).sum(-1), (gk & ~pk).sum(-1))[2])
-        present.append((gk | pk).any(-1))
-    # Macro over the labels present in gold or predictions, as scikit-learn averages.
-    f1s, present = np.array(f1s), np.array(present)
-    macro = (f1s * present).sum(0) / np.maximum(present.sum(0), 1)
-    return {"feedback_precision": prec, "feedback_recall": rec, "feedback_f1": f1,
-            "macro_f1": macro}
+        f1s = np.where(column + row > 0, 2 * diag / (column + row), 0.0)[:-1]
+    shown = (row[:-1] > 0) | (column[:-1] > 0)  # the labels present in gold or predictions
+    return [p, r, f, float(f1s[shown].mean()) if shown.any() else 0.0]
 
 
 def score(gold: Sequence[str], predicted: Sequence[str | None], seed: int = 0,
-          n_boot: int = 1000) -> dict:
-    """Score predictions against gold labels, with 95% bootstrap intervals.
+          n_boot: int = 1000, clusters: Sequence[str] | None = None) -> dict:
+    """Score predictions against gold labels, with 95% bootstrap intervals over `clusters`
+    (the follow-ups' conversations; default: each follow-up its own).
 
     A None prediction (unclassified) counts as "no feedback" and as no label, and is
     counted in `unclassified`.
@@ -136,38 +156,37 @@ def score(gold: Sequence[str], predicted: Sequence[str | None], seed: int = 0,
         raise ValueError(f"{len(gold)} gold labels but {len(predicted)} predictions")
     if not gold:
         raise ValueError("nothing to score: no gold labels")
-    code = {lab: k for k, lab in enumerate(FOLLOWUP_LABELS)}
     for name, labels in (("gold", gold), ("predicted", predicted)):
-        bad = sorted({str(lab) for lab in labels if lab not in code and
+        bad = sorted({str(lab) for lab in labels if lab not in FOLLOWUP_LABELS and
                       not (name == "predicted" and lab is None)})
         if bad:
             raise ValueError(f"unknown {name} label(s) {bad}; allowed: "
                              f"{', '.join(FOLLOWUP_LABELS)}")
-    none = len(FOLLOWUP_LABELS)
-    g = np.array([code[lab] for lab in gold])
-    p = np.array([none if lab is None else code[lab] for lab in predicted])
-    result: dict = {"n": len(g), "unclassified": int((p == none).sum()),
-                    "accuracy": float((g == p).mean())}
-    point = _metrics(g, p)
-    result.update({k: float(v) for k, v in point.items()})
-    rng, boot = np.random.default_rng(seed), {k: [] for k in point}
-    step = max(1, 2_000_000 // len(g))  # resamples per block, to bound memory
-    for start in range(0, n_boot, step):
-        idx = rng.integers(0, len(g), size=(min(step, n_boot - start), len(g)))
-        for key, values in _metrics(g[idx], p[idx]).items():
-            boot[key].append(values)
-    for key, values in boot.items():
-        lo, hi = np.percentile(np.concatenate(values), [2.5, 97.5])
-        result[f"{key}_ci"] = [float(lo), float(hi)]
-    result["per_label"] = {}
-    for k, lab in enumerate(FOLLOWUP_LABELS):
-        prec, rec, f1 = _prf(((g == k) & (p == k)).sum(), ((g != k) & (p == k)).sum(),
-                             ((g == k) & (p != k)).sum())
-        result["per_label"][lab] = {"precision": float(prec), "recall": float(rec),
-                                    "f1": float(f1), "support": int((g == k).sum())}
-    columns = [*FOLLOWUP_LABELS, UNCLASSIFIED]
-    result["confusion"] = {gl: {columns[c]: int(((g == r) & (p == c)).sum())
-                                for c in range(len(columns))}
+    g = np.array(list(gold), dtype=object)
+    p = np.array([NONE if lab is None else lab for lab in predicted], dtype=object)
+    clusters = list(range(len(g))) if clusters is None else list(clusters)
+    result: dict = {"n": len(g), "unclassified": int((p == NONE).sum()), "accuracy": float((g == p).mean()),
+                    "conversations": len(set(clusters))}
+    result.update(_headline(g, p))
+    columns = [*FOLLOWUP_LABELS, NONE]
+    code = {lab: k for k, lab in enumerate(columns)}
+    gi, pi = np.array([code[x] for x in g]), np.array([code[x] for x in p])
+
+    def counts(idx: np.ndarray) -> list[float]:
+        matrix = np.zeros((len(columns), len(columns)), dtype=np.int64)
+        np.add.at(matrix, (gi[idx], pi[idx]), 1)
+        return _headline_from_counts(matrix)
+
+    if not np.allclose(counts(np.arange(len(g))), [result[k] for k in HEADLINE]):
+        raise RuntimeError("the bootstrap's counts disagree with scikit-learn's scores: this is a bug")
+    for key, (low, high) in zip(HEADLINE, cluster_intervals(counts, clusters, samples=n_boot, seed=seed)):
+        result[f"{key}_ci"] = [low, high]
+    precision, recall, f1, support = precision_recall_fscore_support(g, p, labels=list(FOLLOWUP_LABELS),
+                                                                     zero_division=0)
+    result["per_label"] = {lab: {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                                 "support": int(support[k])} for k, lab in enumerate(FOLLOWUP_LABELS)}
+    matrix = confusion_matrix(g, p, labels=columns)
+    result["confusion"] = {gl: {(UNCLASSIFIED if c == NONE else c): int(matrix[r][j]) for j, c in enumerate(columns)}
                            for r, gl in enumerate(FOLLOWUP_LABELS)}
     return result
 
@@ -187,13 +206,14 @@ def read_conversations(path: str | Path) -> pa.Table:
 
 def evaluate_backend(conversations_path: str | Path, labels_path: str | Path,
                      classify_batch: ClassifyBatch, seed: int = 0,
-                     n_boot: int = 1000) -> dict:
-    """Classify every gold-labelled follow-up of the input with `classify_batch` and score.
+                     n_boot: int = 1000, split: str | None = None) -> dict:
+    """Classify every gold-labelled follow-up of the input with `classify_batch` and score,
+    with intervals over conversations. `split`: only the labels of that split.
 
     `classify_batch` takes [(previous_user, answer, message)] and returns
     [(label or None, confidence)]. A gold label without a matching follow-up is an error.
     """
-    gold = load_gold_labels(labels_path)
+    gold = load_gold_labels(labels_path, split)
     examples: dict[tuple[str, int], dict] = {}
     hashes = set()
     for ex in followup_examples(read_conversations(conversations_path)):
@@ -214,22 +234,22 @@ def evaluate_backend(conversations_path: str | Path, labels_path: str | Path,
     if len(predictions) != len(items):
         raise ValueError(f"backend returned {len(predictions)} results for "
                          f"{len(items)} follow-ups")
-    result = score(list(gold.values()), [label for label, _ in predictions], seed, n_boot)
+    result = score(list(gold.values()), [label for label, _ in predictions], seed, n_boot,
+                   clusters=[conv_hash for conv_hash, _ in gold])
     result["followups_in_input"] = len(examples)
+    result["split"] = split
     return result
 
 
 def format_report(result: dict) -> str:
     """The score table as plain text, for the terminal."""
-    def ci(key: str) -> str:
-        lo, hi = result[f"{key}_ci"]
-        return f"{result[key]:.3f} [{lo:.3f}, {hi:.3f}]"
-
-    lines = [f"follow-ups scored: {result['n']} (unclassified: {result['unclassified']})",
-             f"carries feedback  precision {ci('feedback_precision')}",
-             f"                  recall    {ci('feedback_recall')}",
-             f"                  F1        {ci('feedback_f1')}",
-             f"macro-F1          {ci('macro_f1')}   accuracy {result['accuracy']:.3f}",
+    lines = [f"follow-ups scored: {result['n']} in {result['conversations']} conversations"
+             f"{' (split ' + result['split'] + ')' if result.get('split') else ''} "
+             f"(unclassified: {result['unclassified']}); intervals over conversations",
+             f"carries feedback  precision {format_interval(result, 'feedback_precision')}",
+             f"                  recall    {format_interval(result, 'feedback_recall')}",
+             f"                  F1        {format_interval(result, 'feedback_f1')}",
+             f"macro-F1          {format_interval(result, 'macro_f1')}   accuracy {result['accuracy']:.3f}",
              "", f"{'label':<20}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
     for label, m in result["per_label"].items():
         lines.append(f"{label:<20}{m['precision']:>10.3f}{m['recall']:>10.3f}"
