@@ -21,6 +21,10 @@ from functools import lru_cache
 
 from actors.cue_matcher import ASCII_WORDS, CJK, Cues, cue_keys
 
+# The names `explain_followup` gives the rule that decided (the learned backend's features).
+RULE_NAMES = ("empty", "thanks", "error-pasted", "negation", "fix", "broken", "error-reported", "repeat",
+              "repeat-narrowed", "repeat-with-constraint", "repeat-after-refusal", "wrong-language",
+              "translation", "revision", "question-about-answer", "you-did", "pushback-after-refusal", "default")
 SHORT = 300        # a follow-up this long (characters) can be a bare revision request
 HEAD = 160         # longer ones must lead with their feedback
 CUT = 800          # error scans read this much of a message
@@ -60,14 +64,15 @@ NEGATION = _start(
     r"不对|不是|错了|不正确|不行|違う|아니")
 # A fix stated outright: correction.
 FIX = Cues(
-    r"i (?:said|meant|asked for|asked you|told you|wanted|was asking|specified)|(?:it|that|this|"
+    r"i (?:said|meant|mean|asked for|asked you|told you|wanted|was asking|specified)|what i (?:mean|meant)|"
+    r"(?:it|that|this|"
     r"there|answer) should (?:be|have)|should be \S+ not|you (?:misunderstood|misread|got (?:it|"
     r"that|this) wrong|mixed up|confused|made a (?:mistake|typo|error)|forgot|missed|left out|"
     r"skipped|ignored)|(?:is|are|was|were|it'?s|they'?re) (?:a |an |the )?\w+(?: \w+)?,? "
     r"not(?! to\b)|instead of|by mistake|(?:is|are|was|were|it'?s|has been) already|already "
     r"(?:out|released|exists?|happened|done|included)|"
-    r"я (?:сказал|просил|имел в виду)|ты (?:ошибся|забыл|перепутал)|dije|quise decir|te pedí|"
-    r"j'ai dit|je voulais|ich sagte|ich meinte|eu disse|eu quis dizer",
+    r"я (?:сказал|просил|имел в виду|имею в виду)|ты (?:ошибся|забыл|перепутал)|dije|quise decir|quiero decir|"
+    r"te pedí|j'ai dit|je voulais|je veux dire|ich sagte|ich meinte|ich meine|eu disse|eu quis dizer|ik bedoel",
     r"我说的是|我要的是|我的意思是|应该是|你搞错|你忘了|漏了")
 # The user telling the assistant what it did, or that it is wrong (when not asking).
 YOU_DID = Cues(
@@ -76,7 +81,7 @@ YOU_DID = Cues(
     r"code|list|output|example)s? (?:is|are|was|were|does|did|has|have)|wrong|mistake|"
     r"incorrect|inaccurate|неверно|неправильн\w*|ошиб\w*|ты (?:дал|написал|сделал|использовал)|"
     r"incorrecto|te equivocaste|faux|tu t'es trompé|falsch|du hast|errado|incompleto",
-    r"你(?:给|写|用|说)的|错")
+    r"你(?:给|写|用|说)的|错|不对")
 # The answer failed, is doubted or disliked, with no fix given: complaint.
 BROKEN = Cues(
     r"(?:doesn'?t|does not|didn'?t|did not|isn'?t|is not|won'?t|not|still not|still doesn'?t|"
@@ -88,7 +93,12 @@ BROKEN = Cues(
     r"got|getting|gives?|throws?|shows?) (?:an? )?(?:error|exception|problem|issue|result|"
     r"answer)|incomplete|unfinished|cut off|you stopped|where(?:'s| is) the rest|are you sure|"
     r"double.?check|check again|really\?|still (?:wrong|the same|too|getting|get|has|have|"
-    r"shows?|not)|too (?:long|short|formal|informal|simple|complex|complicated|generic|vague|"
+    r"shows?|not|missing|empty|nothing|broken|failing|crashing|happening)|nothing (?:happens|happened|changed|"
+    r"changes|shows|appears|works|is (?:shown|displayed|happening))|no (?:change|difference|effect)|"
+    r"(?:doesn'?t|does not|didn'?t|did not) (?:change|do anything|fix|solve|seems? to work)|same (?:result|output|problem|"
+    r"issue|thing|error)|still (?:doesn'?t|does not|isn'?t|is not|can'?t|cannot|won'?t|looks?|seems?)|"
+    r"(?:you|u) (?:rly |really )?sure|same (?:result|output|problem|"
+    r"issue|thing|error)|too (?:long|short|formal|informal|simple|complex|complicated|generic|vague|"
     r"much|many|few|little|repetitive|wordy|robotic|boring)|not (?:enough|good|helpful|"
     r"correct|right|true|accurate)|"
     r"не работает|ошибк\w*|выда[её]т|не запускается|не помогло|ты уверен|"
@@ -100,12 +110,19 @@ ERROR = Cues(r"error|exception|bug|crash(?:es|ed)?|fail(?:s|ed|ing)?|broken|warn
              r"disappear(?:s|ed)?|ошибк\w*|erreur|fehler", r"报错|出错|错误|エラー")
 TRACEBACK_HINTS = ("error", "exception", "traceback", "fault", "undefined", "not defined",
                    "no attribute", "unexpected", "not found", "no module", "not recognized",
-                   "uncaught", "cannot find")
+                   "uncaught", "cannot find", "cannot be applied", "cannot resolve", "incompatible types",
+                   "is not a function", "cannot read propert", "cannot convert", "exit code", "unmet",
+                   "event not found", "permission denied", "no such file", "cannot write", "could not",
+                   "failed to")
 TRACEBACK = re.compile(  # text pasted from a compiler, interpreter or console
     r"traceback \(most recent call last\)|^\s*file \"[^\"]+\", line \d+|"
     r"\b\w*(?:error|exception)\b\s*:|\berror\s*(?:c|cs|ts|lnk)?\d{3,5}\b|uncaught|"
     r"segmentation fault|undefined reference|cannot find symbol|is not defined|"
-    r"has no attribute|unexpected token|command not found|no module named|not recognized as",
+    r"has no attribute|unexpected token|command not found|no module named|not recognized as|"
+    r"cannot be applied to|cannot resolve (?:symbol|method)|incompatible types|cannot convert|"
+    r"is not a function|cannot read propert(?:y|ies)|exit(?:ed)? (?:with )?code [1-9]|unmet dependencies|"
+    r"event not found|permission denied|no such file or directory|cannot write|could not (?:find|load|open|"
+    r"resolve|connect)|failed to (?:build|load|compile|connect|open|install|start)",
     re.MULTILINE)
 CODE = re.compile(r"^\s*(?:def |class |import |from \S+ import|#include|public |function |"
                   r"const |let |var |select |pip |npm |sudo |<\w+)|[;{}]\s*$",
@@ -119,10 +136,25 @@ REFUSAL = Cues(r"(?:i'?m|i am) (?:not able|unable) to|i (?:cannot|can'?t|won'?t)
                r"não posso", r"我(?:不能|无法)")
 REFUSAL_HINTS = ("able", "not", "n't", "won", "against", "не мог", "no puedo", "ne peux",
                  "kann nicht", "não posso", "我")
+# An answer that declines for want of input ("please provide the text") invites the
+# material, not a push back: the reply is a new request.
+ASKS_FOR_INPUT = re.compile(
+    r"\b(?:provide|share|specify|clarify|give me|send)\b|more (?:context|information|details)|"
+    r"proporcion|especifi|fournir|précis|предостав|уточни|提供|具体")
 # A revision aimed at the answer just given.
 REVISE = Cues(
     r"make (?:it|this|that|them|these|those|the \w+|your \w+|each \w+) (?:more|less|a bit|"
-    r"a little|much|even|way|so|sound|look|\w+er)|shorter|longer|simpler|briefer|funnier|"
+    r"a little|little|much|even|way|so|very|really|sound|look|\w+er|short|long|simple|clear|concise|"
+    r"detailed|formal|casual|professional|funny|catchy|neat|readable|human|natural|better)|"
+    r"(?:add|include|insert|put|remove|delete|drop|change|replace|rewrite|modify|edit|update|specify|"
+    r"adjust|mention) [^.?!\n]{0,80}?\b(?:to|in|into|from|of|on) (?:the |this |that |your )?(?:above|"
+    r"previous|last|same|answer|response|code|text|list|agreement|contract|essay|story|email|letter|"
+    r"script|table|plan|article|post|poem|song|function|program|paragraph|section|document|report)|"
+    r"in (?:the|your) (?:above|previous|last) \w+|(?:rewrite|rewriter|revise|redo|rephrase|reword|rework) "
+    r"(?:but|with|about|bout|in|as|so|to|for|using|without|and|like)|make (?:it|this|that|them) [^.?!\n]{1,40}$|"
+    r"(?:the )?same (?:as above|as before|thing|but|with|"
+    r"again)|same as (?:above|before)|start over|from scratch|once more|"
+    r"shorter|longer|simpler|briefer|funnier|"
     r"catchier|clearer|more (?:concise|detail(?:ed|s)?|formal|informal|professional|casual|"
     r"specific|examples?|words|creative|funny|simple|natural|human|engaging|persuasive|"
     r"academic|polite|friendly|emotional|descriptive|variety|options|ideas|catchy)|(?:give|"
@@ -142,12 +174,12 @@ REVISE = Cues(
     r"characters|points|items)|"
     r"короче|покороче|подробнее|длиннее|переделай|перепиши|измени|исправь|еще раз|ещё раз|"
     r"другой вариант|добавь|убери|замени|сократи|"
-    r"más (?:corto|largo|detallado|formal)|otra vez|de nuevo|reescribe|cámbialo|agrega|añade|"
+    r"más (?:corto|largo|detallado|formal)|resum\w* más|hazlo|otra vez|de nuevo|reescribe|cámbialo|agrega|añade|"
     r"quita|plus (?:court|long|détaillé)|encore|réécris|refais|reformule|ajoute|enlève|kürzer|"
     r"länger|ausführlicher|nochmal|noch einmal|schreib(?:e)? (?:es|das) um|füge|entferne|ändere|"
     r"mais (?:curto|longo|detalhado)|novamente|reescreva|adicione|remova|mude",
     r"短一点|短一些|简短|简洁|长一点|长一些|更长|更短|更详细|详细一点|具体一点|再来|重新|重写|再写|换一个|换个|"
-    r"改成|改为|改一下|修改|加上|添加|增加|删除|去掉|不要|至少|字数|もっと")
+    r"改成|改为|改一下|修改|加上|添加|增加|删除|去掉|不要|至少|字数|换成|改写|缩短|扩写|精简|简化|もっと")
 # Asking for another language: a revision only if the answer came in another language than
 # the request; otherwise a translation, which is a new task.
 LANGUAGE = Cues(
@@ -195,7 +227,7 @@ CONSTRAINT_CHARS = frozenset("字页更详细短长再只不没多少")
 
 
 @lru_cache(maxsize=256)  # a conversation's message is its next follow-up's request
-def _tokens(text: str) -> frozenset[str]:
+def content_tokens(text: str) -> frozenset[str]:
     """Content words (3+ characters) plus character bigrams of CJK runs."""
     text = text[:OVERLAP_CUT].lower()
     if text.isascii():  # the common case, three times faster than the regex
@@ -211,7 +243,7 @@ def _tokens(text: str) -> frozenset[str]:
 
 
 @lru_cache(maxsize=16)
-def _has_code(answer: str) -> bool:
+def has_code(answer: str) -> bool:
     """Whether the answer holds code or shell commands."""
     return "```" in answer or bool(CODE.search(answer[:CUT]))
 
@@ -225,11 +257,17 @@ def _latin(text: str) -> bool:
 
 def _about_answer(message: str, answer: str) -> bool:
     """Whether a message is built mostly from the answer's own words."""
-    m = _tokens(message)
-    return len(m) >= 2 and len(m & _tokens(answer[:CUT])) >= 0.5 * len(m)
+    m = content_tokens(message)
+    return len(m) >= 2 and len(m & content_tokens(answer[:CUT])) >= 0.5 * len(m)
 
 
-def _refused(answer: str) -> bool:
+def _asks_language(request: str) -> bool:
+    """Whether a request names the language it wants its answer in."""
+    head = request[:HEAD].lower()
+    return bool(LANGUAGE.search(head, cue_keys(head)))
+
+
+def refused(answer: str) -> bool:
     """Whether the answer opens by declining."""
     opening = answer[:300].lower()
     return bool(REFUSAL_START.match(opening) or (any(h in opening for h in REFUSAL_HINTS)
@@ -241,7 +279,7 @@ def _reask(previous_user: str | None, message: str, answer: str) -> tuple[str, f
     that constrain it, or partly after a refusal."""
     if not previous_user:
         return None
-    p, m = _tokens(previous_user), _tokens(message)
+    p, m = content_tokens(previous_user), content_tokens(message)
     if len(p) < 2 or not m:
         return None
     kept, added, dropped = len(p & m) / len(p), m - p, p - m
@@ -252,10 +290,10 @@ def _reask(previous_user: str | None, message: str, answer: str) -> tuple[str, f
         return "reattempt_feedback", 0.7, "repeat"
     if kept >= 0.5 and not swapped and len(p) >= 15 and len(p & m) >= 0.85 * len(m):
         return "reattempt_feedback", 0.65, "repeat-narrowed"
-    if kept >= 0.6 and (added & CONSTRAINT_WORDS or any(t.isdigit() for t in added)
+    if kept >= 0.6 and (added & CONSTRAINT_WORDS or any(t.isdigit() for t in added) and not swapped
                         or not CONSTRAINT_CHARS.isdisjoint("".join(added))):
         return "reattempt_feedback", 0.75, "repeat-with-constraint"
-    if kept >= 0.3 and len(p) >= 3 and _refused(answer):
+    if kept >= 0.3 and len(p) >= 3 and refused(answer):
         return "reattempt_feedback", 0.65, "repeat-after-refusal"
     return None
 
@@ -279,7 +317,7 @@ def explain_followup(previous_user: str | None, answer: str,
     keys = cue_keys(head)
     asks = bool(QUESTION.search(head))
 
-    if any(h in text for h in TRACEBACK_HINTS) and TRACEBACK.search(text) and _has_code(answer):
+    if any(h in text for h in TRACEBACK_HINTS) and TRACEBACK.search(text) and has_code(answer):
         return "complaint", 0.85, "error-pasted"
     negation = NEGATION.match(head)
     if negation:
@@ -290,9 +328,9 @@ def explain_followup(previous_user: str | None, answer: str,
     if FIX.search(head, keys) and "not what i" not in head:
         return "correction", 0.7, "fix"
     if BROKEN.search(head, keys) and (REFERS.search(head, keys) or len(text) <= 60 and not asks
-                                      or _has_code(answer)):
+                                      or has_code(answer)):
         return "complaint", 0.7, "broken"
-    if short and ERROR.search(head, keys) and _has_code(answer):
+    if short and ERROR.search(head, keys) and has_code(answer):
         return "complaint", 0.65, "error-reported"
     revise = REVISE.search(head, keys)
     statement = not asks and not REQUEST.match(head)
@@ -303,7 +341,9 @@ def explain_followup(previous_user: str | None, answer: str,
     if reask:
         return reask
     if short and LANGUAGE.search(head, keys):
-        if previous_user and _latin(previous_user) != _latin(answer):
+        # The answer came in another script than the request, and the request had not
+        # asked for a language itself: the user is pointing out the wrong language.
+        if previous_user and _latin(previous_user) != _latin(answer) and not _asks_language(previous_user):
             return "reattempt_feedback", 0.7, "wrong-language"
         return "new_request", 0.6, "translation"
     # "Rewrite this: <pasted text>" is a new task: a revision brings no new material, or
@@ -315,7 +355,7 @@ def explain_followup(previous_user: str | None, answer: str,
         return "clarification", 0.6, "question-about-answer"
     if len(text) <= 150 and statement and YOU_DID.search(head, keys):
         return "correction", 0.55, "you-did"
-    if short and statement and _refused(answer):
+    if short and statement and refused(answer) and not ASKS_FOR_INPUT.search(answer[:300].lower()):
         return "correction", 0.5, "pushback-after-refusal"
     return "new_request", 0.8 if len(text) > 40 else 0.6, "default"
 
