@@ -10,9 +10,12 @@ Backends:
   the model's reply to `actors/prompts/followup.jinja`, normalised over the labels. The
   label is the most likely one and the confidence its probability. A prompt that cannot be
   built is recorded as unclassified with the reason, never guessed.
+- `learned` (actors/followup_learned.py): a logistic regression over sentence embeddings
+  and the rules' reading, trained on the development labels.
 - `cascade`: `rules` as a recall-oriented prefilter; follow-ups it labels anything but a
-  confident `new_request` go to `llm`, the rest keep the rules' label. At WildChat scale
-  most follow-ups are new requests, so the model sees a small share of them.
+  confident `new_request` go to `cascade_model` (`llm` or `learned`), the rest keep the
+  rules' label. At WildChat scale most follow-ups are new requests, so the model sees a
+  small share of them.
 
 Ray Data columns: `context`, `answer`, `message` in; `label`, `confidence`, `backend`,
 `unclassified_reason` out. Serve: `classify()` / `classify_batch()`.
@@ -31,7 +34,7 @@ from actors.followup_rules import RulesClassifier
 from actors.models import SMOLLM2, ModelSpec, as_spec
 from actors.prompts import fit_to_budget, render
 
-Backend = Literal["rules", "llm", "cascade"]
+Backend = Literal["rules", "llm", "learned", "cascade"]
 # A rules `new_request` at or above this confidence skips the model in `cascade`; the
 # rules give 0.8 to long messages with no feedback cue at all, 0.6 to short ambiguous ones.
 CASCADE_SKIP_CONFIDENCE = 0.8
@@ -62,15 +65,22 @@ class FollowupClassifier:
     OUTPUTS = ("label", "confidence", "backend", "unclassified_reason")
 
     def __init__(self, backend: Backend = "llm", model: ModelSpec | dict | str = SMOLLM2, *,
-                 engine: GenerationEngine | None = None,
-                 labels: Sequence[str] = FOLLOWUP_LABELS) -> None:
-        if backend not in ("rules", "llm", "cascade"):
-            raise ValueError(f"unknown follow-up backend {backend!r}; expected rules, llm "
+                 engine: GenerationEngine | None = None, labels: Sequence[str] = FOLLOWUP_LABELS,
+                 cascade_model: Literal["llm", "learned"] = "llm", learned_model: str | None = None) -> None:
+        if backend not in ("rules", "llm", "learned", "cascade"):
+            raise ValueError(f"unknown follow-up backend {backend!r}; expected rules, llm, learned "
                              "or cascade")
         self.backend = backend
         self.labels = tuple(labels)
         self.rules = RulesClassifier()
+        self.model_kind = "learned" if backend == "learned" or backend == "cascade" and cascade_model == "learned" \
+            else "llm"
         if backend == "rules":
+            return
+        if self.model_kind == "learned":
+            from actors.followup_learned import ARTIFACT, LearnedFollowupModel
+
+            self.learned = LearnedFollowupModel(learned_model or ARTIFACT)
             return
         system = render("followup", None, [], answer="", message="")[0]["content"]
         undescribed = [lab for lab in self.labels if f"- {lab}:" not in system]
@@ -96,8 +106,8 @@ class FollowupClassifier:
     def classify_batch(self, contexts: Sequence[Sequence[Any]], answers: Sequence[str],
                        messages: Sequence[str]) -> list[FollowupLabel]:
         """Label many follow-ups (one scoring call for the model's share)."""
-        if self.backend == "llm":
-            return self._llm_batch(contexts, answers, messages)
+        if self.backend in ("llm", "learned"):
+            return self._model_batch(contexts, answers, messages)
         items = [(previous_user(c), a, m) for c, a, m in zip(contexts, answers, messages, strict=True)]
         results = [FollowupLabel(label, confidence, "rules") for label, confidence in self.rules.classify(items)]
         if self.backend == "rules":
@@ -105,11 +115,18 @@ class FollowupClassifier:
         ask = [i for i, r in enumerate(results)
                if r.label != "new_request" or r.confidence < CASCADE_SKIP_CONFIDENCE]
         if ask:
-            asked = self._llm_batch([contexts[i] for i in ask], [answers[i] for i in ask],
-                                    [messages[i] for i in ask])
+            asked = self._model_batch([contexts[i] for i in ask], [answers[i] for i in ask],
+                                      [messages[i] for i in ask])
             for i, result in zip(ask, asked):
                 results[i] = result
         return [FollowupLabel(r.label, r.confidence, "cascade", r.unclassified_reason) for r in results]
+
+    def _model_batch(self, contexts: Sequence[Sequence[Any]], answers: Sequence[str],
+                     messages: Sequence[str]) -> list[FollowupLabel]:
+        if self.model_kind == "learned":
+            items = [(previous_user(c), a, m) for c, a, m in zip(contexts, answers, messages, strict=True)]
+            return [FollowupLabel(label, confidence, "learned") for label, confidence in self.learned.classify(items)]
+        return self._llm_batch(contexts, answers, messages)
 
     def _llm_batch(self, contexts: Sequence[Sequence[Any]], answers: Sequence[str],
                    messages: Sequence[str]) -> list[FollowupLabel]:

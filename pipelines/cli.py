@@ -5,9 +5,11 @@
     rlhi eval --config FILE [--run-dir RUN_DIR] [--json]
     rlhi report --run-dir RUN_DIR [--json]
     rlhi forget --run-dir RUN_DIR --user ID [--chat-log DIR] [--json]
-    rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--json]
+    rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--split NAME] [--json]
+    rlhi eval-preferences --input CONVERSATIONS --labels FILE [--split NAME] [--json]
+    rlhi train-followups [--out DIR] [--json]
     rlhi serve --config FILE [--port N]
-    rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--json]
+    rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--family eval|dev] [--json]
     rlhi sim run [--quick] [--users N] [--seed S] [--out DIR] [--json]
     rlhi sim diagnose [--model DIR] [--n N] [--seed S] [--json]
 
@@ -57,7 +59,9 @@ def followup_classify_batch(backend: str, config: RunConfig):
         return RulesClassifier().classify
     from actors.followup_classifier import FollowupClassifier
 
-    classifier = FollowupClassifier(backend=backend, model=config.models.classifier)
+    classifier = FollowupClassifier(backend=backend, model=config.models.classifier,
+                                    cascade_model=config.followups.cascade_model,
+                                    learned_model=config.followups.learned_model)
 
     def classify(items: list[tuple]) -> list[tuple]:
         contexts = [[{"role": "user", "content": prev}] if prev else [] for prev, _, _ in items]
@@ -115,10 +119,30 @@ def cmd_eval_followups(args: argparse.Namespace) -> dict[str, Any]:
 
     config = load_config(args.config) if args.config else RunConfig()
     result = evaluate_backend(args.input, args.labels, followup_classify_batch(args.backend, config),
-                              seed=config.seed)
+                              seed=config.seed, split=args.split)
     result["backend"] = args.backend
     print(format_report(result))
     return result
+
+
+def cmd_eval_preferences(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.tools.preference_eval import evaluate_extractor, format_report
+
+    result = evaluate_extractor(args.input, args.labels, split=args.split)
+    print(format_report(result))
+    return result
+
+
+def cmd_train_followups(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.tools.train_followups import ARTIFACT, train
+
+    meta = train(Path(args.out) if args.out else ARTIFACT)
+    print(f"train-followups: {meta['training_examples']} development follow-ups, C {meta['C']}, "
+          f"feedback threshold {meta['feedback_threshold']}\n"
+          f"  cross-validated feedback F1 {meta['cross_validated_feedback_f1']:.3f} "
+          f"(rules on the same follow-ups {meta['rules_feedback_f1_same_examples']:.3f})\n"
+          f"  wrote {meta['output']}")
+    return meta
 
 
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,13 +154,24 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_sim_generate(args: argparse.Namespace) -> dict[str, Any]:
     from sim.generate import generate_logs
 
-    summary = generate_logs(args.users, args.out, seed=args.seed, model=args.model)
+    summary = generate_logs(args.users, args.out, seed=args.seed, model=args.model, family=args.family)
     print(f"sim generate: {summary['users']} users, {summary['conversations']} conversations, "
           f"{summary['messages']} messages in {summary['seconds']}s\n"
           f"  follow-ups: " + ", ".join(f"{n} {k}" for k, n in summary["followups"].items()) +
           f"\n  mean first-answer score: {summary['mean_first_answer_score']}\n"
           f"  output: {summary['output']}")
     return summary
+
+
+def add_labelled_input(parser: argparse.ArgumentParser, labels_help: str) -> None:
+    """--input, --labels, --split and --json: the options of the commands that score
+    against gold labels."""
+    parser.add_argument("--input", required=True, metavar="CONVERSATIONS",
+                        help="WildChat Parquet, or a run's ingest/conversations folder")
+    parser.add_argument("--labels", required=True, metavar="FILE", help=labels_help)
+    parser.add_argument("--split", metavar="NAME",
+                        help="score only the labels whose `split` field is NAME (e.g. dev or test)")
+    parser.add_argument("--json", action="store_true", help="print the scores as JSON on the last line")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,14 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_eval)
 
     evalf = commands.add_parser("eval-followups", help="score a follow-up classifier backend against gold labels")
-    evalf.add_argument("--input", required=True, metavar="CONVERSATIONS",
-                       help="WildChat Parquet, or a run's ingest/conversations folder")
-    evalf.add_argument("--labels", required=True, metavar="FILE",
-                       help="gold labels JSONL: conversation_hash, message_index, label")
-    evalf.add_argument("--backend", required=True, choices=["rules", "llm", "cascade"])
+    add_labelled_input(evalf, "gold labels JSONL: conversation_hash, message_index, label")
+    evalf.add_argument("--backend", required=True, choices=["rules", "llm", "learned", "cascade"])
     evalf.add_argument("--config", metavar="FILE", help="take models.classifier and the seed from this configuration")
-    evalf.add_argument("--json", action="store_true", help="print the scores as JSON on the last line")
     evalf.set_defaults(handler=cmd_eval_followups)
+
+    evalp = commands.add_parser("eval-preferences",
+                                help="score the persona extractor on gold stated preferences of feedback messages")
+    add_labelled_input(evalp, "follow-up labels JSONL whose feedback rows carry `preferences`")
+    evalp.set_defaults(handler=cmd_eval_preferences)
+
+    trainf = commands.add_parser("train-followups",
+                                 help="train the `learned` follow-up backend on the development labels only")
+    trainf.add_argument("--out", metavar="DIR", help="artifact folder (default data/models/followup-learned)")
+    trainf.add_argument("--json", action="store_true", help="print the artifact's metadata as JSON on the last line")
+    trainf.set_defaults(handler=cmd_train_followups)
 
     serve = commands.add_parser("serve", help="serve the reward, rewrite and chat endpoints until Ctrl-C or SIGTERM")
     serve.add_argument("--config", required=True, metavar="FILE", help="run configuration YAML (its serve and models sections)")
@@ -202,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     simgen.add_argument("--seed", type=int, default=0, help="same seed, same users and reactions (default 0)")
     simgen.add_argument("--model", metavar="ID",
                         help="policy: Hub id, folder or smollm2-135m-instruct (default: the warm-start policy)")
+    simgen.add_argument("--family", choices=["eval", "dev"], default="eval",
+                        help="phrasing family the users speak in (data/sim/PHRASINGS.md; default eval)")
     simgen.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     simgen.set_defaults(handler=cmd_sim_generate)
     sim_commands.add_parser(   # dispatched in main() to sim/experiment.py

@@ -11,7 +11,7 @@ from pipelines.tools.followup_eval import evaluate_backend
 from tests.conftest import FOLLOWUP_LABELS, WILDCHAT_SAMPLE
 
 
-@pytest.mark.parametrize("command", ["ingest", "run", "eval-followups"])
+@pytest.mark.parametrize("command", ["ingest", "run", "eval-followups", "eval-preferences", "train-followups"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

@@ -48,3 +48,23 @@ def test_followup_ids_are_stable_and_unique():
     b = extract_followups(conversations(["q1", "a1", "q2", "a2", "q3"]))
     assert a.column("followup_id").equals(b.column("followup_id"))
     assert len(set(a.column("followup_id").to_pylist())) == a.num_rows
+
+
+def test_the_stage_labels_with_the_learned_backend_and_names_its_artifact_in_the_manifest():
+    import json
+
+    from actors.followup_classifier import FollowupClassifier
+    from actors.followup_learned import ARTIFACT
+    from pipelines.config import parse_config
+    from pipelines.stages.followups import classifier_models, label
+
+    table = label(FollowupClassifier("learned"),
+                  conversations(["Write a poem about cats", "Cats are soft.", "Make it shorter.", "Short: cats.",
+                                 "thanks, that's perfect!"]), batch_size=8)
+    assert table.column("label").to_pylist() == ["reattempt_feedback", "positive"]
+    assert set(table.column("backend").to_pylist()) == {"learned"}
+    meta = json.loads((ARTIFACT / "meta.json").read_text())
+    config = parse_config({"followups": {"backend": "cascade", "cascade_model": "learned"}})
+    assert classifier_models(config) == [{"id": str(ARTIFACT), "kind": "learned-followups",
+                                          "training_data_sha256": meta["training_data_sha256"]}]
+    assert classifier_models(parse_config({"followups": {"backend": "rules"}})) == []

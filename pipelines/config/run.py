@@ -107,9 +107,16 @@ class ModelsConfig(_Section):
 class FollowupsConfig(_Section):
     """Classifying each user follow-up (actors/followup_classifier.py)."""
 
-    backend: Literal["rules", "llm", "cascade"] = "rules"
+    backend: Literal["rules", "llm", "learned", "cascade"] = "rules"
     """`rules`: no model, for scale; `llm`: label likelihood under models.classifier;
-    `cascade`: rules tuned for recall as a prefilter, then `llm` on what passes."""
+    `learned`: the logistic regression over sentence embeddings trained on the development
+    labels (`learned_model`); `cascade`: rules as a prefilter, then `cascade_model` on what
+    they do not call a confident new request."""
+    cascade_model: Literal["llm", "learned"] = "llm"
+    """The model the `cascade` backend asks about what the rules flag."""
+    learned_model: str | None = None
+    """Folder of the `learned` backend's artifact (`rlhi train-followups --out` writes one);
+    default: the bundled `data/models/followup-learned/`, trained on the development labels."""
     batch_size: PositiveInt = 64
     """Follow-ups per classifier call."""
     workers: PositiveInt | None = None

@@ -68,10 +68,12 @@ class LabelWorker:
     task competes with the pool for CPUs, and no row data passes through the driver), and
     returns only counts."""
 
-    def __init__(self, backend: str, model: dict[str, Any], batch_size: int, out: str) -> None:
+    def __init__(self, backend: str, model: dict[str, Any], batch_size: int, out: str,
+                 cascade_model: str = "llm", learned_model: str | None = None) -> None:
         from actors.followup_classifier import FollowupClassifier
 
-        self.classifier = FollowupClassifier(backend=backend, model=model)
+        self.classifier = FollowupClassifier(backend=backend, model=model, cascade_model=cascade_model,
+                                             learned_model=learned_model)
         self.batch_size = batch_size
         self.out = Path(out)
 
@@ -94,7 +96,9 @@ def label_with_ray(parts: list[Path], config: RunConfig, out: Path) -> tuple[int
     workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
     results = ray.data.from_items([{"path": str(p)} for p in parts], override_num_blocks=len(parts)).map_batches(
         LabelWorker, fn_constructor_kwargs={"backend": settings.backend, "batch_size": settings.batch_size,
-                                            "model": config.models.classifier.model_dump(), "out": str(out)},
+                                            "model": config.models.classifier.model_dump(), "out": str(out),
+                                            "cascade_model": settings.cascade_model,
+                                            "learned_model": settings.learned_model},
         batch_size=1, batch_format="pyarrow", num_cpus=1,
         compute=ray.data.ActorPoolStrategy(size=min(workers, len(parts))))
     rows, labels = 0, Counter()
@@ -103,6 +107,22 @@ def label_with_ray(parts: list[Path], config: RunConfig, out: Path) -> tuple[int
             rows += result["rows"]
             labels.update({None if k == "null" else k: v for k, v in json.loads(result["labels"]).items()})
     return rows, labels
+
+
+def classifier_models(config: RunConfig) -> list[dict[str, Any]]:
+    """The models the configured backend runs, for the manifest: the LLM classifier, or the
+    learned artifact with the hash of its training data."""
+    settings = config.followups
+    if settings.backend == "rules":
+        return []
+    if settings.backend == "learned" or settings.cascade_model == "learned":
+        from actors.followup_learned import ARTIFACT
+
+        folder = Path(settings.learned_model) if settings.learned_model else ARTIFACT
+        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+        return [{"id": str(folder), "kind": "learned-followups",
+                 "training_data_sha256": meta.get("training_data_sha256")}]
+    return [config.models.classifier.model_dump()]
 
 
 def run_followups(config: RunConfig) -> dict[str, Any]:
@@ -128,7 +148,6 @@ def run_followups(config: RunConfig) -> dict[str, Any]:
         }
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         stage.commit(config=config, upstream={"ingest": upstream},
-                     models=[config.models.classifier.model_dump()] if config.followups.backend != "rules" else [],
-                     counts=summary)
+                     models=classifier_models(config), counts=summary)
     summary["output"] = str(stage_dir(run_dir, STAGE))
     return summary
