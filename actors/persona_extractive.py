@@ -53,8 +53,21 @@ DIMENSIONS: dict[str, dict[str, str]] = {
 }
 CODE_CUES = {"python": re.compile(r"\b(?:in |use |with )python\b|\bpython ?3\b", re.IGNORECASE),
              "javascript": re.compile(r"\b(?:in |use |with )(?:javascript|typescript|js|ts)\b", re.IGNORECASE)}
-LANGUAGE_CUE = re.compile(r"\bin (english|chinese|russian|spanish|french|german|japanese|korean|"
-                          r"portuguese|arabic)\b", re.IGNORECASE)
+# Asking for the answer in a language, in English or in that language's own words ("en
+# français", "на русском", "用中文"): the language's English name.
+LANGUAGE_CUES = {
+    "English": r"\bin english\b|\ben anglais\b|\ben ingl[eé]s\b|на английском|\bauf englisch\b|\bem ingl[eê]s\b|用英文|英文回答",
+    "Chinese": r"\bin chinese\b|\ben chinois\b|\ben chino\b|на китайском|\bauf chinesisch\b|用中文|中文回答",
+    "Russian": r"\bin russian\b|\ben russe\b|\ben ruso\b|на русском|по-русски|\bauf russisch\b",
+    "Spanish": r"\bin spanish\b|\ben espagnol\b|\ben espa[nñ]ol\b|на испанском|\bauf spanisch\b|\bem espanhol\b",
+    "French": r"\bin french\b|\ben fran[cç]ais\b|\ben franc[eé]s\b|на французском|\bauf französisch\b|\bem franc[eê]s\b",
+    "German": r"\bin german\b|\ben allemand\b|\ben alem[aá]n\b|на немецком|\bauf deutsch\b|\bem alem[aã]o\b",
+    "Japanese": r"\bin japanese\b|\ben japonais\b|\ben japon[eé]s\b|на японском|用日文|用日语|日本語で",
+    "Korean": r"\bin korean\b|\ben coréen\b|\ben coreano\b|на корейском|한국어로",
+    "Portuguese": r"\bin portuguese\b|\ben portugais\b|\ben portugu[eé]s\b|на португальском|\bem portugu[eê]s\b",
+    "Arabic": r"\bin arabic\b|\ben arabe\b|\ben [aá]rabe\b|на арабском|بالعربية|باللغة العربية",
+}
+LANGUAGE_CUE = re.compile("|".join(f"(?P<{name}>{cue})" for name, cue in LANGUAGE_CUES.items()), re.IGNORECASE)
 STOPWORDS = frozenset("""a about above after again all also am an and any are as at be because been
 before being below between both but by can could did do does doing down during each few for from
 further had has have having he her here hers him his how i if in into is it its itself just me more
@@ -82,6 +95,11 @@ def message_preferences(message: str, answer: str | None = None) -> list[tuple[s
     return found
 
 
+def stated_languages(message: str) -> list[str]:
+    """Answer languages one feedback message asks for ("in French"), capitalised."""
+    return [match.lastgroup for match in LANGUAGE_CUE.finditer(message)]
+
+
 def stated_preferences(feedback: Sequence[str]) -> list[str]:
     """Canonical preferences stated in a user's feedback turns (oldest first): one value per
     dimension, the one named most often (the latest on a tie), most-named dimensions first."""
@@ -91,8 +109,7 @@ def stated_preferences(feedback: Sequence[str]) -> list[str]:
         for dim, value in message_preferences(message):
             votes.setdefault(dim, Counter())[value] += 1
             latest[dim, value] = i
-        for match in LANGUAGE_CUE.finditer(message):
-            name = match.group(1).capitalize()
+        for name in stated_languages(message):
             votes.setdefault("language", Counter())[name] += 1
             latest["language", name] = i
     chosen = []

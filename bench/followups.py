@@ -1,4 +1,4 @@
-"""Benchmark: the `rules` follow-up classifier, single process versus the Ray Data stage.
+"""Benchmark: the follow-up backends, single process versus the Ray Data stage.
 
     .venv/bin/python bench/followups.py            # 200,000 generated conversations
     .venv/bin/python bench/followups.py --quick    # 20,000
@@ -12,15 +12,23 @@ Top to bottom:
    another, each written as Parquet; the classifier's own speed per core is reported apart;
 3. `ray`: the `followups` stage itself (pipelines/stages/followups.py: each part extracted and
    labelled in a Ray Data actor pool, Parquet written as results stream in);
-4. check both give the same labels, print follow-ups per second and the ratio.
+4. check both give the same labels, print follow-ups per second and the ratio;
+5. the model backends on one core (torch and BLAS held to one thread), on the first
+   `--model-sample` follow-ups of the stage's output, against the rules classifier on the
+   same follow-ups in the same run: `learned` (every follow-up through the encoder and
+   the logistic regression) and `cascade` with the learned model (the rules first; only
+   what they do not call a confident new request goes to the model).
 
-`--json` prints one JSON object as the last line; `speedup_ratio` is single-process seconds
-over Ray Data stage seconds, and no other key ends in `_ratio`.
+`--json` prints one JSON object as the last line: `speedup_ratio` is single-process seconds
+over Ray Data stage seconds; `learned_over_rules_ratio` and `cascade_over_rules_ratio` are
+each backend's follow-ups per second over the rules classifier's on the same sample. The
+machine's load average is printed with the figures.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -85,11 +93,45 @@ def single_process(run_dir: Path, batch_size: int) -> tuple[float, float, Counte
     return time.perf_counter() - start, classify_s, counts
 
 
+def model_backend_rates(run_dir: Path, sample: int) -> dict:
+    """Follow-ups per second on one core of rules, learned and cascade(learned) on the same
+    follow-ups, and the share the cascade sends to the model."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from actors.followup_classifier import FollowupClassifier
+
+    rows = []
+    for part in sorted(table_path(run_dir, "followups", "followups").glob("*.parquet")):
+        rows += pq.read_table(part, columns=["context", "answer", "message"]).to_pylist()
+        if len(rows) >= sample:
+            break
+    rows = rows[:sample]
+    contexts, answers, messages = ([r[k] for r in rows] for k in ("context", "answer", "message"))
+    torch.set_num_threads(1)
+    rates = {}
+    with threadpool_limits(1):
+        for name, kwargs in (("rules", {}), ("learned", {}), ("cascade", {"cascade_model": "learned"})):
+            classifier = FollowupClassifier(name, **kwargs)
+            classifier.classify_batch(contexts[:64], answers[:64], messages[:64])  # warm-up
+            start = time.perf_counter()
+            labels = classifier.classify_batch(contexts, answers, messages)
+            rates[name] = len(rows) / (time.perf_counter() - start)
+            if name == "cascade":
+                rules = FollowupClassifier("rules").classify_batch(contexts, answers, messages)
+                asked = sum(r.label != "new_request" or r.confidence < 0.8 for r in rules)
+                rates["cascade_model_share"] = asked / len(rows)
+            del labels
+    return rates
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="20,000 conversations (a few minutes)")
     parser.add_argument("--size", type=int, help="conversations to generate (default 200,000)")
     parser.add_argument("--workdir", type=Path, help="keep inputs here and reuse them")
+    parser.add_argument("--model-sample", type=int, default=2000, metavar="N",
+                        help="follow-ups the model backends are timed on (default 2000)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON on the last line")
     args = parser.parse_args(argv)
     size = args.size or (20_000 if args.quick else 200_000)
@@ -109,12 +151,19 @@ def main(argv: list[str] | None = None) -> None:
     if {k: v for k, v in single_labels.items()} != summary["labels"]:
         raise SystemExit(f"label counts differ: single {dict(single_labels)} vs ray {summary['labels']}")
     n = summary["followups"]
+    rates = model_backend_rates(run_dir, args.model_sample)
     report = {
         "conversations": size, "followups": n,
         "single_s": round(single_s, 2), "ray_stage_s": round(ray_s, 2),
         "rules_per_s_single_core": round(n / classify_s),
         "followups_per_s_single": round(n / single_s), "followups_per_s_ray": round(n / ray_s),
         "speedup_ratio": round(single_s / ray_s, 3),
+        "model_sample": args.model_sample,
+        "one_core_per_s": {k: round(v) for k, v in rates.items() if k != "cascade_model_share"},
+        "cascade_model_share": round(rates["cascade_model_share"], 3),
+        "learned_over_rules_ratio": round(rates["learned"] / rates["rules"], 4),
+        "cascade_over_rules_ratio": round(rates["cascade"] / rates["rules"], 4),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(f"{n} follow-ups from {size} conversations")
     print(f"  rules classifier alone, one core: {report['rules_per_s_single_core']:,} follow-ups/s")
@@ -122,6 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  Ray Data stage (read, extract, label in an actor pool, write): {ray_s:.1f} s, "
           f"{report['followups_per_s_ray']:,}/s")
     print(f"  speedup_ratio (single / Ray Data): {report['speedup_ratio']}")
+    print(f"one core, the same {args.model_sample} follow-ups: "
+          + ", ".join(f"{k} {v:,}/s" for k, v in report["one_core_per_s"].items())
+          + f" (the cascade's model sees {report['cascade_model_share']:.1%} of them)")
+    print(f"  learned_over_rules_ratio {report['learned_over_rules_ratio']}, "
+          f"cascade_over_rules_ratio {report['cascade_over_rules_ratio']}")
+    print(f"  load average {report['load_average']}")
     if args.json:
         print(json.dumps(report))
 
