@@ -33,7 +33,8 @@ def trained_run(pipeline_run, tiny_models, tmp_path_factory):
         "rewrites": {"max_followups": 10, "batch_size": 5, "filter": {"margin": 0.0}},
         "rewards": {"n": 3, "max_prompts": 16, "batch_size": 8, "min_z": 0.5},
         "train": {"workers": 2, "cpus_per_worker": 0.5, "per_device_batch_size": 1, "epochs": 1,
-                  "save_steps": 2, "learning_rate": 1e-3, "max_length": 1024, "resources_timeout_s": 60},
+                  "save_steps": 2, "learning_rate": 1e-3, "max_length": 1024, "resources_timeout_s": 60,
+                  "report_to": ["tensorboard", "mlflow"]},
         "online": {"rounds": 1, "stages": ["rewards", "pairs", "train"]},
     })
     return run_dir, run_stages(config)
@@ -113,6 +114,30 @@ def test_online_round_samples_with_the_trained_policy_and_trains_from_it(trained
     pairs = table(round_one, "pairs", "pairs")
     assert set(pairs["source"]) == {"reward"} and set(pairs["round"]) == {1}
     assert (round_one / "train" / "model" / "model.safetensors").is_file()
+
+
+def test_each_train_step_is_an_mlflow_run_with_its_config_metrics_and_exported_policy(trained_run):
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipelines.tools.report import write_report
+
+    run_dir, results = trained_run
+    report = write_report(run_dir, results).read_text()
+    for step, folder in (("train", run_dir / "train"), ("round-1/train", run_dir / "round-1" / "train")):
+        tracked = results[step]["mlflow"]
+        assert tracked["tracking_uri"] == f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+        client = MlflowClient(tracked["tracking_uri"])
+        run = client.get_run(tracked["run_id"])
+        assert run.info.status == "FINISHED" and run.info.experiment_id == tracked["experiment_id"]
+        assert run.data.params["train.learning_rate"] == "0.001" and run.data.params["train.workers"] == "2"
+        assert run.data.params["exported_model"] == str(folder / "model")
+        logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        losses = client.get_metric_history(run.info.run_id, "loss")
+        assert sorted(m.step for m in losses) == [r["step"] for r in logged if "loss" in r]   # every logged step
+        assert tracked["run_id"] in report
+    assert results["train"]["mlflow"]["run_id"] != results["round-1/train"]["mlflow"]["run_id"]
 
 
 def test_simulated_users_end_to_end(ray_session, tiny_models, tmp_path):

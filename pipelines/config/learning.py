@@ -156,6 +156,17 @@ class TrainConfig(_Section):
     save_steps: PositiveInt = 50
     """A checkpoint every this many steps (and at the end)."""
     logging_steps: PositiveInt = 1
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    """Where rank 0 reports the per-step metrics (TRL's `report_to`): `tensorboard` under
+    `train/storage/tensorboard/`; `mlflow`: one run per train step with the run's
+    configuration, the metrics and the exported policy's path (pipelines/stages/train/
+    tracking.py); `wandb`: W&B, configured by its own environment (WANDB_PROJECT,
+    WANDB_API_KEY) on the workers."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow store (`http://host:5000` for a team's tracking server, `sqlite:///path.db`);
+    None: $MLFLOW_TRACKING_URI, else the SQLite store `<run_dir>/mlflow.db`."""
+    mlflow_experiment: str = "rlhi"
+    """MLflow experiment the runs go to (created when missing)."""
     max_failures: int = Field(1, ge=0)
     """Ray Train restarts a failed worker group this many times, from the last checkpoint."""
     resources_timeout_s: float = Field(300, gt=0)

@@ -287,11 +287,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def train_section(run: Run) -> list[str]:
-    lines, rows, curves, evals = ["## DPO training", ""], [], {}, {}
+    lines, rows, curves, evals, tracked = ["## DPO training", ""], [], {}, {}, []
     for k in run.rounds:
         summary = read_json(stage_dir(run.dir, "train", k) / "summary.json")
         if summary is None:
             continue
+        if summary.get("mlflow"):
+            tracked.append(f"- round {k}: MLflow run `{summary['mlflow']['run_id']}` "
+                           f"(experiment `{summary['mlflow']['experiment']}`): {summary['mlflow']['link']}")
         history = read_metrics(stage_dir(run.dir, "train", k) / "metrics.jsonl")
         curves[k] = [r for r in history if "loss" in r and "step" in r]
         if curves[k] and summary.get("eval_reward_accuracy") is not None:
@@ -303,6 +306,8 @@ def train_section(run: Run) -> list[str]:
         return lines + [NOT_RUN, ""]
     lines += markdown_table(["round", "train pairs", "steps", "final loss", "train reward accuracy",
                              "eval reward accuracy", "eval loss"], rows)
+    if tracked:
+        lines += ["", "Experiment tracking:", *tracked]
     if any(curves.values()):
         fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
         for k, points in curves.items():

@@ -189,6 +189,8 @@ def build_dpo_trainer(job: dict[str, Any], rank: int, world: int, callbacks: lis
     (storage / LEDGER).mkdir(parents=True, exist_ok=True)
     use_gpu = settings.gpus_per_worker > 0
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(storage / "tensorboard")  # read by transformers
+    os.environ.update(job.get("env") or {})  # the MLflow run to log into (tracking.py)
+    report_to = [name for name in job["train"]["report_to"] if name != "tensorboard" or job.get("tensorboard", True)]
 
     global_batch = settings.per_device_batch_size * world
     tokenizer = load_policy_tokenizer(job["policy"])
@@ -217,7 +219,7 @@ def build_dpo_trainer(job: dict[str, Any], rank: int, world: int, callbacks: lis
         gradient_checkpointing=settings.gradient_checkpointing, bf16=bf16, use_cpu=not use_gpu,
         save_strategy="steps" if job.get("save", True) else "no", save_steps=settings.save_steps,
         save_total_limit=2, logging_steps=settings.logging_steps,
-        report_to=["tensorboard"] if rank == 0 and job.get("tensorboard", True) else [],
+        report_to=report_to if rank == 0 else [],
         disable_tqdm=True, seed=job["seed"], data_seed=job["seed"], remove_unused_columns=False,
         dataloader_num_workers=0, ddp_find_unused_parameters=False,
         fsdp="full_shard auto_wrap" if settings.fsdp else "",

@@ -26,6 +26,7 @@ from typing import Any
 
 from actors.models import resolve_model
 from pipelines.config import RunConfig
+from pipelines.stages.train import tracking
 from pipelines.stages.train.dpo_worker import (EXPORT, RESULT, coverage, load_policy_tokenizer, prepare_pairs,
                                   read_ledger, train_loop_per_worker)
 from pipelines.rounds import policy_spec
@@ -98,9 +99,10 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
 
     wait_for_resources(settings.workers * settings.cpus_per_worker,
                        settings.workers * settings.gpus_per_worker, settings.resources_timeout_s)
+    mlflow_run = tracking.start_run(config, round_index, policy_path, len(train))
     job = {"train": settings.model_dump(mode="json"), "pairs": str(pairs_dir), "policy": policy_path,
            "storage": str(storage), "scratch": str(Path(tempfile.gettempdir()) / f"rlhi-train-{key}"),
-           "seed": config.seed, "fail_at_step": fail_at_step}
+           "seed": config.seed, "fail_at_step": fail_at_step, "env": tracking.worker_environment(mlflow_run)}
     resources = {"CPU": settings.cpus_per_worker}
     if settings.gpus_per_worker:
         resources["GPU"] = settings.gpus_per_worker
@@ -111,44 +113,51 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
         run_config=RayRunConfig(name="ray", storage_path=str(storage),
                                 failure_config=FailureConfig(max_failures=settings.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    with StageWriter(config.run_dir, STAGE, round_index) as stage:
-        started = time.time()
-        try:
-            result = trainer.fit()
-        except Exception as error:  # Ray Train raises the workers' error once retries are spent
-            raise RuntimeError(f"train: Ray Train failed after {settings.max_failures} retries "
-                               f"(train.max_failures); rerun the stage to resume from {storage}: "
-                               f"{error}") from error
-        if result.error is not None:
-            raise RuntimeError(f"train: Ray Train failed: {result.error}") from result.error
-        final = json.loads((storage / RESULT).read_text())
-        steps_per_epoch = max(1, (len(train) // global_batch) // settings.gradient_accumulation_steps)
-        seen = coverage(read_ledger(storage), len(train), steps_per_epoch)
-        history = final.pop("log_history")
-        shutil.move(str(storage / EXPORT), stage.tmp / MODEL_FOLDER)
-        with open(stage.tmp / "metrics.jsonl", "w") as handle:
-            for row in history:
-                handle.write(json.dumps(row) + "\n")
-        summary = {
-            "round": round_index, "policy": policy_path, "workers": settings.workers,
-            "train_pairs": len(train), "eval_pairs": len(evaluation),
-            "left_out_too_long": len(left_out["too_long"]), "left_out_remainder": len(left_out["remainder"]),
-            "steps": final["global_step"], "epochs": settings.epochs if settings.max_steps < 0 else None,
-            "final_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
-            "train_reward_accuracy": next((r["rewards/accuracies"] for r in reversed(history)
-                                           if "rewards/accuracies" in r), None),
-            "eval_reward_accuracy": final.get("eval_rewards/accuracies"),
-            "eval_loss": final.get("eval_loss"),
-            "train_wall_seconds": final["train_wall_seconds"],
-            "resumed_from_step": final.get("resumed_from_step"), "resumed_run": resumed_run,
-            "pairs_per_epoch": {str(k): v for k, v in seen.items()},
-            "checkpoints": sorted(p.name for p in (storage / "ray").glob("checkpoint_*") if p.is_dir()),
-            "nodes": len({p.read_text() for p in (storage / "nodes").glob("rank-*")}),
-            "seconds": round(time.time() - started, 3),
-        }
-        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        shutil.move(str(storage), stage.tmp / "storage")
-        stage.commit(config=config, upstream=upstream, models=[policy.model_dump()], counts=summary)
+    try:
+        with StageWriter(config.run_dir, STAGE, round_index) as stage:
+            started = time.time()
+            try:
+                result = trainer.fit()
+            except Exception as error:  # Ray Train raises the workers' error once retries are spent
+                raise RuntimeError(f"train: Ray Train failed after {settings.max_failures} retries "
+                                   f"(train.max_failures); rerun the stage to resume from {storage}: "
+                                   f"{error}") from error
+            if result.error is not None:
+                raise RuntimeError(f"train: Ray Train failed: {result.error}") from result.error
+            final = json.loads((storage / RESULT).read_text())
+            steps_per_epoch = max(1, (len(train) // global_batch) // settings.gradient_accumulation_steps)
+            seen = coverage(read_ledger(storage), len(train), steps_per_epoch)
+            history = final.pop("log_history")
+            shutil.move(str(storage / EXPORT), stage.tmp / MODEL_FOLDER)
+            with open(stage.tmp / "metrics.jsonl", "w") as handle:
+                for row in history:
+                    handle.write(json.dumps(row) + "\n")
+            summary = {
+                "round": round_index, "policy": policy_path, "workers": settings.workers,
+                "train_pairs": len(train), "eval_pairs": len(evaluation),
+                "left_out_too_long": len(left_out["too_long"]), "left_out_remainder": len(left_out["remainder"]),
+                "steps": final["global_step"], "epochs": settings.epochs if settings.max_steps < 0 else None,
+                "final_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
+                "train_reward_accuracy": next((r["rewards/accuracies"] for r in reversed(history)
+                                               if "rewards/accuracies" in r), None),
+                "eval_reward_accuracy": final.get("eval_rewards/accuracies"),
+                "eval_loss": final.get("eval_loss"),
+                "train_wall_seconds": final["train_wall_seconds"],
+                "resumed_from_step": final.get("resumed_from_step"), "resumed_run": resumed_run,
+                "pairs_per_epoch": {str(k): v for k, v in seen.items()},
+                "checkpoints": sorted(p.name for p in (storage / "ray").glob("checkpoint_*") if p.is_dir()),
+                "nodes": len({p.read_text() for p in (storage / "nodes").glob("rank-*")}),
+                "seconds": round(time.time() - started, 3),
+            }
+            if mlflow_run:
+                summary["mlflow"] = mlflow_run | {"link": tracking.run_link(mlflow_run)}
+            (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+            shutil.move(str(storage), stage.tmp / "storage")
+            stage.commit(config=config, upstream=upstream, models=[policy.model_dump()], counts=summary)
+    except BaseException:
+        tracking.finish_run(mlflow_run, None, None)
+        raise
+    tracking.finish_run(mlflow_run, summary, str(stage_dir(config.run_dir, STAGE, round_index) / MODEL_FOLDER))
     shutil.rmtree(job["scratch"], ignore_errors=True)
     summary["output"] = str(stage_dir(config.run_dir, STAGE, round_index))
     return summary
