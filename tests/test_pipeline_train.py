@@ -116,9 +116,7 @@ def test_online_round_samples_with_the_trained_policy_and_trains_from_it(trained
     assert (round_one / "train" / "model" / "model.safetensors").is_file()
 
 
-def test_each_train_step_is_an_mlflow_run_with_its_config_metrics_and_exported_policy(trained_run):
-    import json
-
+def test_each_train_step_is_an_mlflow_run_with_its_config_metrics_and_exported_policy(trained_run, tmp_path):
     from mlflow import MlflowClient
 
     from pipelines.tools.report import write_report
@@ -131,6 +129,10 @@ def test_each_train_step_is_an_mlflow_run_with_its_config_metrics_and_exported_p
         client = MlflowClient(tracked["tracking_uri"])
         run = client.get_run(tracked["run_id"])
         assert run.info.status == "FINISHED" and run.info.experiment_id == tracked["experiment_id"]
+        assert run.info.artifact_uri.startswith((run_dir.resolve() / "mlflow-artifacts").as_uri())
+        logged_config = client.download_artifacts(run.info.run_id, "rlhi_config.json",
+                                                  str(tmp_path / step.replace("/", "-")))
+        assert json.loads(Path(logged_config).read_text())["train"]["report_to"] == ["tensorboard", "mlflow"]
         assert run.data.params["train.learning_rate"] == "0.001" and run.data.params["train.workers"] == "2"
         assert run.data.params["exported_model"] == str(folder / "model")
         logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]

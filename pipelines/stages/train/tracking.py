@@ -2,8 +2,9 @@
 
 With `train.report_to` naming `mlflow`, the stage opens a run before Ray Train starts
 (experiment `train.mlflow_experiment` in the store `train.mlflow_tracking_uri`, else
-`$MLFLOW_TRACKING_URI`, else a local SQLite store `<run_dir>/mlflow.db`; MLflow 3 refuses
-its old `./mlruns` file store by default), logs the run
+`$MLFLOW_TRACKING_URI`, else a local SQLite store `<run_dir>/mlflow.db` with its artifacts
+in `<run_dir>/mlflow-artifacts/`; MLflow 3 refuses its old `./mlruns` file store by
+default), logs the run
 configuration as parameters and as `rlhi_config.json`, and hands the run's id to the
 workers: transformers' MLflowCallback on rank 0 resumes that run (`MLFLOW_RUN_ID`) and logs
 TRL's per-step metrics into it. When the stage commits, the exported policy's path, the
@@ -48,7 +49,12 @@ def start_run(config: RunConfig, round_index: int, policy: str, train_pairs: int
     uri = tracking_uri(config)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(config.train.mlflow_experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.train.mlflow_experiment)
+    # A local store keeps its artifacts beside it (MLflow's default is ./mlruns under the
+    # current directory); a tracking server keeps its own artifact store.
+    local = uri.startswith("sqlite:") and not config.train.mlflow_tracking_uri and "MLFLOW_TRACKING_URI" not in os.environ
+    artifacts = (Path(config.run_dir).resolve() / "mlflow-artifacts").as_uri() if local else None
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        config.train.mlflow_experiment, artifact_location=artifacts)
     run = client.create_run(experiment_id, run_name=f"{Path(config.run_dir).name}/round-{round_index}/train",
                             tags={"rlhi.run_dir": str(Path(config.run_dir).resolve()), "rlhi.round": str(round_index),
                                   "rlhi.stage": "train"})
