@@ -58,6 +58,12 @@ class FollowupLabel:
     unclassified_reason: str | None = None
 
 
+def asks_model(rules_result: FollowupLabel) -> bool:
+    """Whether `cascade` sends a follow-up the rules labelled to its model: anything but a
+    confident new request."""
+    return rules_result.label != "new_request" or rules_result.confidence < CASCADE_SKIP_CONFIDENCE
+
+
 class FollowupClassifier:
     """context, assistant answer, user follow-up -> label with confidence."""
 
@@ -73,8 +79,7 @@ class FollowupClassifier:
         self.backend = backend
         self.labels = tuple(labels)
         self.rules = RulesClassifier()
-        self.model_kind = "learned" if backend == "learned" or backend == "cascade" and cascade_model == "learned" \
-            else "llm"
+        self.model_kind = cascade_model if backend == "cascade" else backend
         if backend == "rules":
             return
         if self.model_kind == "learned":
@@ -112,8 +117,7 @@ class FollowupClassifier:
         results = [FollowupLabel(label, confidence, "rules") for label, confidence in self.rules.classify(items)]
         if self.backend == "rules":
             return results
-        ask = [i for i, r in enumerate(results)
-               if r.label != "new_request" or r.confidence < CASCADE_SKIP_CONFIDENCE]
+        ask = [i for i, r in enumerate(results) if asks_model(r)]
         if ask:
             asked = self._model_batch([contexts[i] for i in ask], [answers[i] for i in ask],
                                       [messages[i] for i in ask])

@@ -99,7 +99,7 @@ def model_backend_rates(run_dir: Path, sample: int) -> dict:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from actors.followup_classifier import FollowupClassifier
+    from actors.followup_classifier import FollowupClassifier, asks_model
 
     rows = []
     for part in sorted(table_path(run_dir, "followups", "followups").glob("*.parquet")):
@@ -117,11 +117,8 @@ def model_backend_rates(run_dir: Path, sample: int) -> dict:
             start = time.perf_counter()
             labels = classifier.classify_batch(contexts, answers, messages)
             rates[name] = len(rows) / (time.perf_counter() - start)
-            if name == "cascade":
-                rules = FollowupClassifier("rules").classify_batch(contexts, answers, messages)
-                asked = sum(r.label != "new_request" or r.confidence < 0.8 for r in rules)
-                rates["cascade_model_share"] = asked / len(rows)
-            del labels
+            if name == "rules":
+                rates["cascade_model_share"] = sum(map(asks_model, labels)) / len(rows)
     return rates
 
 

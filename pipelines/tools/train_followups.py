@@ -61,13 +61,12 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float):
     return LogisticRegression(C=c, class_weight="balanced", max_iter=3000).fit(x, y)
 
 
-def cross_validate(x: np.ndarray, y: np.ndarray, groups: list[str]) -> dict[str, Any]:
+def cross_validate(x: np.ndarray, feedback: np.ndarray, groups: list[str]) -> dict[str, Any]:
     """Out-of-fold P(carries feedback) of the binary head per C over `CV_REPEATS` shuffles;
     the (C, threshold) with the best mean feedback F1."""
     from sklearn.metrics import f1_score
     from sklearn.model_selection import StratifiedGroupKFold
 
-    feedback = np.isin(y, sorted(FEEDBACK_LABELS))
     best: dict[str, Any] = {"f1": -1.0}
     for c in C_GRID:
         scores = np.zeros(len(THRESHOLDS))
@@ -91,14 +90,15 @@ def train(out: Path = ARTIFACT) -> dict[str, Any]:
 
     items, labels, groups, data_hash = development_data()
     x, y = features(items, SentenceEncoder(MINILM, MAX_TOKENS)), np.array(labels)
+    carries = np.isin(y, sorted(FEEDBACK_LABELS))
     rules = [label in FEEDBACK_LABELS for label, _ in RulesClassifier().classify(items)]
     mean, scale = x.mean(0), x.std(0) + 1e-6
     x = (x - mean) / scale
-    chosen = cross_validate(x, y, groups)
+    chosen = cross_validate(x, carries, groups)
     # Two heads on the same features: the binary one decides whether a follow-up carries
     # feedback (the decision that feeds rewrites), the multinomial one which label within
     # that group.
-    feedback = _fit(x, np.isin(y, sorted(FEEDBACK_LABELS)), chosen["C"])
+    feedback = _fit(x, carries, chosen["C"])
     model = _fit(x, y, chosen["C"])
     coef = np.zeros((len(FOLLOWUP_LABELS), x.shape[1]), dtype=np.float32)
     intercept = np.full(len(FOLLOWUP_LABELS), -30.0, dtype=np.float32)  # a label never seen: never chosen
@@ -112,7 +112,7 @@ def train(out: Path = ARTIFACT) -> dict[str, Any]:
             "max_tokens": MAX_TOKENS, "C": chosen["C"], "feedback_threshold": chosen["threshold"],
             "cross_validated_feedback_f1": chosen["f1"], "folds": FOLDS, "cv_repeats": CV_REPEATS,
             "grouped_by": "conversation",
-            "rules_feedback_f1_same_examples": round(float(f1_score(np.isin(y, sorted(FEEDBACK_LABELS)), rules)), 4),
+            "rules_feedback_f1_same_examples": round(float(f1_score(carries, rules)), 4),
             "training_examples": len(y), "training_data_sha256": data_hash,
             "training_data": [f"{Path(c).relative_to(REPO)} ({split or 'all'} labels)" for c, _, split in SOURCES],
             "scikit_learn": sklearn.__version__,

@@ -21,13 +21,14 @@ from typing import Any
 from pipelines.config import RunConfig
 
 
+def local_store(config: RunConfig) -> str:
+    """The store used when none is configured: SQLite in the run directory."""
+    return f"sqlite:///{Path(config.run_dir).resolve() / 'mlflow.db'}"
+
+
 def tracking_uri(config: RunConfig) -> str:
     """The MLflow store this run logs to."""
-    if config.train.mlflow_tracking_uri:
-        return config.train.mlflow_tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(config.run_dir).resolve() / 'mlflow.db'}"
+    return config.train.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_store(config)
 
 
 def _flat(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
@@ -45,13 +46,14 @@ def start_run(config: RunConfig, round_index: int, policy: str, train_pairs: int
     if "mlflow" not in config.train.report_to:
         return None
     from mlflow import MlflowClient
+    from mlflow.entities import Param
 
     uri = tracking_uri(config)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(config.train.mlflow_experiment)
     # A local store keeps its artifacts beside it (MLflow's default is ./mlruns under the
     # current directory); a tracking server keeps its own artifact store.
-    local = uri.startswith("sqlite:") and not config.train.mlflow_tracking_uri and "MLFLOW_TRACKING_URI" not in os.environ
+    local = uri == local_store(config)
     artifacts = (Path(config.run_dir).resolve() / "mlflow-artifacts").as_uri() if local else None
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(
         config.train.mlflow_experiment, artifact_location=artifacts)
@@ -63,16 +65,10 @@ def start_run(config: RunConfig, round_index: int, policy: str, train_pairs: int
                         "train_pairs": train_pairs, "ablation": settings.get("ablation")}, {})
     items = sorted(params.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 parameters a call
-        client.log_batch(run.info.run_id, params=[_param(k, v) for k, v in items[start:start + 100]])
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
     client.log_dict(run.info.run_id, settings, "rlhi_config.json")
     return {"tracking_uri": uri, "experiment": config.train.mlflow_experiment, "experiment_id": experiment_id,
             "run_id": run.info.run_id}
-
-
-def _param(key: str, value: str):
-    from mlflow.entities import Param
-
-    return Param(key, value)
 
 
 def worker_environment(run: dict[str, str] | None) -> dict[str, str]:
@@ -88,13 +84,14 @@ def finish_run(run: dict[str, str] | None, summary: dict[str, Any] | None, expor
     if run is None:
         return
     from mlflow import MlflowClient
+    from mlflow.entities import Param
 
     client = MlflowClient(run["tracking_uri"])
     if summary is None:
         client.set_terminated(run["run_id"], status="FAILED")
         return
     client.set_tag(run["run_id"], "rlhi.exported_model", exported_model)
-    client.log_batch(run["run_id"], params=[_param("exported_model", exported_model)])
+    client.log_batch(run["run_id"], params=[Param("exported_model", exported_model)])
     client.log_dict(run["run_id"], summary, "train_summary.json")
     client.set_terminated(run["run_id"], status="FINISHED")
 
