@@ -71,13 +71,29 @@ def followup_classify_batch(backend: str, config: RunConfig):
     return classify
 
 
+def existing_run(location: str):
+    """(local folder, RemoteRun or None) of a finished run: a URI's run is pulled into its
+    working copy first; a missing local folder is an error naming it."""
+    from pipelines import storage
+
+    storage.check_location(location, "run directory")
+    if storage.is_remote(location):
+        remote = storage.RemoteRun(location, storage.default_work_dir(location))
+        if not remote.pull() and not any(remote.work_dir.iterdir()):
+            raise ValueError(f"{location}: no finished stage in the store")
+        return remote.work_dir, remote
+    if not Path(location).is_dir():
+        raise ValueError(f"{location}: no such run directory")
+    return Path(location), None
+
+
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.tools.report import write_report
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: no such run directory")
+    run_dir, remote = existing_run(args.run_dir)
     path = write_report(run_dir)
+    if remote is not None:
+        remote.publish_run_files()
     print(f"report: {path}")
     return {"report": str(path.resolve())}
 
@@ -85,10 +101,12 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.tools.forget import forget_user
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: no such run directory")
+    run_dir, remote = existing_run(args.run_dir)
     summary = forget_user(run_dir, args.user, Path(args.chat_log) if args.chat_log else None)
+    if remote is not None:   # every stage may have lost rows: republish them all
+        for folder in remote.local_stages():
+            remote.publish(folder)
+        remote.publish_run_files()
     print(f"forget {args.user}: {summary['total_rows_removed']} rows removed")
     for table, count in summary["rows_removed"].items():
         print(f"  {table}: {count}")
@@ -98,7 +116,7 @@ def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
         for path in entry["paths"]:
             print(f"  trained on this user's data: {path}")
     print(summary["note"])
-    print(f"Run `rlhi report --run-dir {run_dir}` to refresh the report.")
+    print(f"Run `rlhi report --run-dir {args.run_dir}` to refresh the report.")
     return summary
 
 
@@ -107,9 +125,13 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from pipelines.stages.evaluate.stage import run_evaluate
     from pipelines.runtime import start_ray
 
-    config = load_config(args.config, {"run_dir": args.run_dir} if args.run_dir else {})
+    from pipelines.driver import working_copy
+
+    config, remote = working_copy(load_config(args.config, {"run_dir": args.run_dir} if args.run_dir else {}))
     start_ray(config.resources)
     summary = run_evaluate(config)
+    if remote is not None:
+        summary["output"] = remote.publish(Path(summary["output"]))
     print("\n".join(evaluate_lines(summary)))
     return summary
 

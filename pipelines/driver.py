@@ -27,6 +27,7 @@ from pipelines.console import format_dry_run, step_lines
 from pipelines.registry import settings_of, stage as registered
 from pipelines.schema import stage_dir
 from pipelines.stages.ingest.sources import resolve_inputs
+from pipelines import storage
 
 
 def plan(config: RunConfig) -> list[tuple[int, str]]:
@@ -97,6 +98,8 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
     from pipelines.runtime import start_ray
     from pipelines.tools.forget import reapply_forgets
 
+    requested_run_dir = config.run_dir
+    config, remote = working_copy(config)
     steps = select_steps(config, start, only)
     if any(stage_name == "ingest" for _, stage_name, mode in steps if mode != "keep"):
         resolve_inputs(config.ingest.inputs)  # a missing input fails before Ray starts
@@ -114,24 +117,30 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
         if mode == "keep" or (mode == "auto" and current and not dirty):
             if manifest is None:
                 raise RuntimeError(f"--from: step {name} before it has not finished; run without --from first")
+            output = stage_dir(config.run_dir, stage_name, round_index)
             results[name] = {"status": "skipped", "seconds": 0.0, "counts": manifest["counts"],
-                             "output": str(stage_dir(config.run_dir, stage_name, round_index))}
+                             "output": f"{remote.uri}/{remote.relative(output)}" if remote else str(output)}
             print(f"[{name}] skipped: its output matches its settings and inputs"
                   + ("" if current else " (kept by --from)"), flush=True)
             continue
         dirty = True
         print(f"[{name}] starting", flush=True)
         started = time.time()
-        token, clock = RUN_KEY.set(key), STEP_STARTED.set(started)
+        token, clock, run = RUN_KEY.set(key), STEP_STARTED.set(started), storage.REMOTE_RUN.set(remote)
         try:
             runner = entry.runner()
             summary = runner(config, round_index) if entry.per_round else runner(config)
         finally:
             RUN_KEY.reset(token)
             STEP_STARTED.reset(clock)
+            storage.REMOTE_RUN.reset(run)
         output = summary.pop("output", None)
         if output and (removed := reapply_forgets(Path(config.run_dir), Path(output))):
             print(f"[{name}] removed {removed} rows of users forgotten earlier (forget.jsonl)", flush=True)
+        if output and remote is not None:
+            output = remote.publish(Path(output))
+            remote.publish_run_files()
+            print(f"[{name}] published {output}", flush=True)
         seconds = round(time.time() - started, 1)
         results[name] = {"status": "ran", "seconds": seconds, "counts": summary, "output": output}
         export_stage_metrics(stage_name, round_index, summary)
@@ -143,14 +152,34 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
 
         out["report"] = str(write_report(Path(config.run_dir), results).resolve())
         print(f"report: {out['report']}", flush=True)
+    if remote is not None:
+        remote.publish_run_files()
+        out.update(run_dir=requested_run_dir, work_dir=str(remote.work_dir))
     return out
+
+
+def working_copy(config: RunConfig) -> tuple[RunConfig, storage.RemoteRun | None]:
+    """The config the stages run with: a `run_dir` in object storage becomes its local working
+    copy (finished stages pulled from the store), and input URIs become downloaded files."""
+    remote = None
+    if storage.is_remote(config.run_dir):
+        work_dir = Path(config.work_dir) if config.work_dir else storage.default_work_dir(config.run_dir)
+        remote = storage.RemoteRun(config.run_dir, work_dir)
+        if pulled := remote.pull():
+            print(f"pulled {len(pulled)} finished stage(s) from {config.run_dir} into {work_dir}", flush=True)
+        config = config.model_copy(update={"run_dir": str(work_dir)})
+    if "ingest" in config.stages and any(storage.is_remote(item) for item in config.ingest.inputs):
+        inputs = storage.download_inputs(list(config.ingest.inputs), Path(config.run_dir))
+        config = config.model_copy(update={"ingest": config.ingest.model_copy(update={"inputs": inputs})})
+    return config, remote
 
 
 def dry_run(config: RunConfig) -> dict[str, Any]:
     """The plan and the training memory estimates; starts nothing."""
     from pipelines.stages.train.memory import memory_report
 
-    out: dict[str, Any] = {"run_dir": str(Path(config.run_dir).resolve()),
+    run_dir = config.run_dir if storage.is_remote(config.run_dir) else str(Path(config.run_dir).resolve())
+    out: dict[str, Any] = {"run_dir": run_dir,
                            "plan": [step_name(k, s) for k, s in plan(config)],
                            "reads": {step_name(k, s): list(registered(s).reads) for k, s in plan(config)}}
     if "train" in config.stages or (config.online.rounds and "train" in config.online.stages):

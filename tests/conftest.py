@@ -13,8 +13,10 @@ FOLLOWUP_LABELS = DATA / "wildchat" / "followup_labels.jsonl"
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """Start one local Ray for the whole session (start-up costs about 5 s here)."""
+def ray_session(s3_bucket):
+    """Start one local Ray for the whole session (start-up costs about 5 s here). It starts
+    after the S3-compatible server, so its workers see the store's endpoint and credentials
+    in their environment, as a cluster's nodes do."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -94,3 +96,31 @@ def rewards_run(pipeline_run, tiny_models, tmp_path_factory):
                            "models": {"policy": tiny, "reward": tiny},
                            "rewards": {"n": 3, "max_prompts": 12, "batch_size": 6, "min_z": 0}})
     return config, run_rewards(config)
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """A real S3-compatible server (moto's standalone server) on 127.0.0.1 with one empty
+    bucket; pyarrow and boto3 reach it through AWS_ENDPOINT_URL (set for the session, and so
+    for the Ray workers started after it). Yields "s3://<bucket>"."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)   # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket="rlhi-runs")
+    yield "s3://rlhi-runs"
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()

@@ -2,15 +2,21 @@
 rewards, pairs, persona-DPO on 2 Ray Train workers, then one online round that samples
 with the trained policy and trains again with it as reference.
 
-One session-scoped run (about 3 minutes on 2 cores) that the tests below inspect.
+One session-scoped run (about 3 minutes on 2 cores) that the tests below inspect. It keeps
+its run directory in object storage (an S3-compatible server on 127.0.0.1): the shared
+ingest/followups/personas are published there from one working copy and pulled into a fresh
+one by the run, and a worker of each train step dies once, so Ray Train resumes from a
+checkpoint it keeps in the store.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -18,26 +24,41 @@ from pipelines.config import parse_config
 from pipelines.stages.rewrites.stage import check_prompt
 
 
+RUN_URI_PATH = "pipeline-train/run"
+
+
 @pytest.fixture(scope="module")
-def trained_run(pipeline_run, tiny_models, tmp_path_factory):
+def trained_run(pipeline_run, tiny_models, tmp_path_factory, s3_bucket):
+    """(the run's working copy, the stage results, the run's RemoteRun)."""
     from pipelines.driver import run_stages
+    from pipelines.stages.train.stage import FAIL_AT_STEP_ENV
+    from pipelines.storage import RemoteRun
 
     source, _ = pipeline_run
+    uri = f"{s3_bucket}/{RUN_URI_PATH}"
+    earlier = RemoteRun(uri, tmp_path_factory.mktemp("pipeline-train") / "earlier")
+    shutil.copytree(source, earlier.work_dir, dirs_exist_ok=True)   # the shared stages stay untouched
+    for folder in earlier.local_stages():
+        earlier.publish(folder)
     run_dir = tmp_path_factory.mktemp("pipeline-train") / "run"
-    shutil.copytree(source, run_dir)   # the shared ingest/followups/personas stay untouched
     tiny = {"id": str(tiny_models.causal_lm), "max_new_tokens": 12}
     config = parse_config({
-        "run_dir": str(run_dir), "stages": ["rewrites", "rewards", "pairs", "train"],
+        "run_dir": uri, "work_dir": str(run_dir), "stages": ["rewrites", "rewards", "pairs", "train"],
         "resources": {"progress_bars": False},
         "models": {"policy": tiny, "rewriter": tiny, "judge": tiny, "reward": tiny},
         "rewrites": {"max_followups": 10, "batch_size": 5, "filter": {"margin": 0.0}},
         "rewards": {"n": 3, "max_prompts": 16, "batch_size": 8, "min_z": 0.5},
         "train": {"workers": 2, "cpus_per_worker": 0.5, "per_device_batch_size": 1, "epochs": 1,
-                  "save_steps": 2, "learning_rate": 1e-3, "max_length": 1024, "resources_timeout_s": 60,
+                  "save_steps": 1, "learning_rate": 1e-3, "max_length": 1024, "resources_timeout_s": 60,
                   "report_to": ["tensorboard", "mlflow"]},
         "online": {"rounds": 1, "stages": ["rewards", "pairs", "train"]},
     })
-    return run_dir, run_stages(config)
+    os.environ[FAIL_AT_STEP_ENV] = "2"   # round 0 trains 2 steps, round 1 one
+    try:
+        results = run_stages(config)
+    finally:
+        del os.environ[FAIL_AT_STEP_ENV]
+    return run_dir, results, RemoteRun(uri, run_dir)
 
 
 def table(run_dir: Path, *parts: str) -> pd.DataFrame:
@@ -45,13 +66,13 @@ def table(run_dir: Path, *parts: str) -> pd.DataFrame:
 
 
 def test_every_stage_and_round_ran(trained_run):
-    _, results = trained_run
+    _, results, _ = trained_run
     assert list(results) == ["rewrites", "rewards", "pairs", "train",
                              "round-1/rewards", "round-1/pairs", "round-1/train"]
 
 
 def test_pairs_come_from_both_methods_with_lineage(trained_run):
-    run_dir, _ = trained_run
+    run_dir, _, _ = trained_run
     pairs = table(run_dir, "pairs", "pairs")
     assert set(pairs["source"]) == {"rewrite", "reward"}
     rewrites = table(run_dir, "rewrites", "rewrites")
@@ -78,7 +99,7 @@ def test_pairs_come_from_both_methods_with_lineage(trained_run):
 
 
 def test_pairs_carry_the_persona_built_before_the_turn_and_the_users_split(trained_run):
-    run_dir, _ = trained_run
+    run_dir, _, _ = trained_run
     pairs = table(run_dir, "pairs", "pairs")
     personas = table(run_dir, "personas", "personas").set_index("persona_id")
     users = table(run_dir, "personas", "users").set_index("user_id")
@@ -93,7 +114,7 @@ def test_pairs_carry_the_persona_built_before_the_turn_and_the_users_split(train
 
 
 def test_dpo_on_two_workers_saw_each_training_pair_once(trained_run):
-    run_dir, results = trained_run
+    run_dir, results, _ = trained_run
     summary = results["train"]
     in_table = int((table(run_dir, "pairs", "pairs")["split"] == "train").sum())
     assert summary["workers"] == 2 and summary["train_pairs"] > 0
@@ -103,7 +124,7 @@ def test_dpo_on_two_workers_saw_each_training_pair_once(trained_run):
 
 
 def test_online_round_samples_with_the_trained_policy_and_trains_from_it(trained_run):
-    run_dir, results = trained_run
+    run_dir, results, _ = trained_run
     round_one = run_dir / "round-1"
     exported = str((run_dir / "train" / "model").resolve())
     assert results["round-1/train"]["policy"] == exported         # start and reference
@@ -121,7 +142,7 @@ def test_each_train_step_is_an_mlflow_run_with_its_config_metrics_and_exported_p
 
     from pipelines.tools.report import write_report
 
-    run_dir, results = trained_run
+    run_dir, results, _ = trained_run
     report = write_report(run_dir, results).read_text()
     for step, folder in (("train", run_dir / "train"), ("round-1/train", run_dir / "round-1" / "train")):
         tracked = results[step]["mlflow"]
@@ -140,6 +161,32 @@ def test_each_train_step_is_an_mlflow_run_with_its_config_metrics_and_exported_p
         assert sorted(m.step for m in losses) == [r["step"] for r in logged if "loss" in r]   # every logged step
         assert tracked["run_id"] in report
     assert results["train"]["mlflow"]["run_id"] != results["round-1/train"]["mlflow"]["run_id"]
+
+
+def test_the_run_of_record_is_in_the_store_and_each_train_step_resumed_from_a_checkpoint_kept_there(
+        trained_run, s3_bucket):
+    run_dir, results, remote = trained_run
+    published = remote.finished_stages()
+    assert sorted(published) == ["followups", "ingest", "pairs", "personas", "rewards", "rewrites",
+                                 "round-1/pairs", "round-1/rewards", "round-1/train", "train"]
+    for folder, manifest in published.items():
+        assert manifest == json.loads((run_dir / folder / "manifest.json").read_text())
+    for step in ("rewrites", "rewards", "pairs", "train", "round-1/rewards", "round-1/pairs", "round-1/train"):
+        assert results[step]["output"] == f"{s3_bucket}/{RUN_URI_PATH}/{step}"
+    pairs = pq.read_table(f"{remote.root}/pairs/pairs", filesystem=remote.filesystem)
+    assert pairs.num_rows == pq.read_table(run_dir / "pairs" / "pairs").num_rows
+    assert results["train"]["resumed_from_step"] == 1     # its worker died at step 2, once
+    assert (run_dir / "train" / "storage" / "failed-once").read_text() == "2"
+    for step in ("train", "round-1/train"):
+        checkpoints = results[step]["checkpoints"]
+        assert checkpoints and remote.names(f"{remote.root}/{step}/storage/ray", folders_only=True) == checkpoints
+        assert "model.safetensors" in remote.names(f"{remote.root}/{step}/storage/ray/{checkpoints[-1]}/checkpoint")
+    leftovers = [name for folder in ("", "/round-1") for name in remote.names(f"{remote.root}{folder}") if ".tmp-" in name]
+    assert leftovers == []
+    for folder in ("", "round-1/"):   # the checkpoints moved into the published stages
+        selector = pafs.FileSelector(f"{remote.root}/{folder}.train-storage", recursive=True, allow_not_found=True)
+        assert [info.path for info in remote.filesystem.get_file_info(selector) if "/ray/" in info.path] == []
+    assert "mlflow.db" in remote.names(remote.root)
 
 
 def test_simulated_users_end_to_end(ray_session, tiny_models, tmp_path):

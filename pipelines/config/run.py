@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, PositiveInt, ValidationError, field_valid
 
 from actors.models import ModelSpec
 from pipelines.redact import REDACTION_KINDS
+from pipelines.storage import check_location
 from pipelines.registry import DEFAULT_STAGES, STAGE_NAMES
 from pipelines.config.learning import (_Section, AblationConfig, BenchmarkConfig, EvaluateConfig,  # noqa: F401
                                       LoraSettings, OnlineConfig, QualityFilterConfig, RewardModelConfig,
@@ -54,7 +55,8 @@ class IngestConfig(_Section):
     """Reading WildChat Parquet or chat JSONL into the `conversations` table."""
 
     inputs: list[str] = Field(default_factory=lambda: ["data/wildchat/train-00000-of-00001.parquet"])
-    """Files, folders or globs; relative paths are read from the working directory."""
+    """Files, folders or globs; relative paths are read from the working directory. An
+    `s3://` or `gs://` URI (a file or a prefix) is downloaded into the run's folder first."""
     format: InputFormat = "auto"
     """"auto" decides per file by extension (.parquet / .jsonl, .json)."""
     user_key: UserKey = "hashed_ip"
@@ -74,6 +76,13 @@ class IngestConfig(_Section):
     @classmethod
     def _known_kinds(cls, value: list[str]) -> list[str]:
         return known_redaction_kinds(value)
+
+    @field_validator("inputs")
+    @classmethod
+    def _openable_inputs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            check_location(item, "ingest input")
+        return value
 
 
 def known_redaction_kinds(value: list[str]) -> list[str]:
@@ -263,7 +272,12 @@ class RunConfig(_Section):
     """One run of the pipeline."""
 
     run_dir: str = "runs/default"
-    """Where every stage writes its tables, manifests and summaries."""
+    """Where every stage writes its tables, manifests and summaries: a local folder, or an
+    `s3://` / `gs://` URI (pipelines/storage.py: stages run in `work_dir` and are published
+    to the store when finished)."""
+    work_dir: str | None = None
+    """The local working copy of a run whose `run_dir` is a URI (on a multi-node cluster,
+    storage every node sees); default ~/.cache/rlhi/runs/<scheme>/<bucket>/<path>."""
     seed: int = 0
     stages: list[StageName] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     """Stages to run, in pipeline order (pipelines/registry.py; `reward_model` and
@@ -281,6 +295,12 @@ class RunConfig(_Section):
     models: ModelsConfig = ModelsConfig()
     resources: ResourcesConfig = ResourcesConfig()
     serve: ServeConfig = ServeConfig()
+
+    @field_validator("run_dir")
+    @classmethod
+    def _openable_run_dir(cls, value: str) -> str:
+        check_location(value, "run_dir")
+        return value
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:

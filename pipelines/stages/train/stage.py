@@ -10,6 +10,9 @@ hashes the train settings, the pairs and the policy), so rerunning an interrupte
 finds them and resumes: Ray Train resumes a run given the same storage path and name.
 Within one `fit()`, `FailureConfig(max_failures)` restarts a failed worker group from the
 newest checkpoint. When the stage commits, the storage folder moves into `<round_dir>/train/`.
+In a run kept in object storage (pipelines/storage.py) Ray Train writes the checkpoints to
+the store at the same relative place, and publishing the stage carries them into
+`train/storage/ray` there.
 
 Round k >= 1 starts from the policy round k-1 exported, which is also the reference:
 DPOTrainer copies the starting model as its reference when given none.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -26,6 +30,7 @@ from typing import Any
 
 from actors.models import resolve_model
 from pipelines.config import RunConfig
+from pipelines import storage as run_storage
 from pipelines.stages.train import tracking
 from pipelines.stages.train.dpo_worker import (EXPORT, RESULT, coverage, load_policy_tokenizer, prepare_pairs,
                                   read_ledger, train_loop_per_worker)
@@ -35,6 +40,9 @@ from pipelines.contract import StageWriter, require_stage
 
 STAGE = "train"
 STORAGE = ".train-storage"
+# Fault injection for end-to-end tests that go through the driver: a worker dies once at this
+# step of every train step the process runs, and Ray Train resumes from the last checkpoint.
+FAIL_AT_STEP_ENV = "RLHI_TEST_TRAIN_FAIL_AT_STEP"
 
 
 def run_key(config: RunConfig, policy: str, pairs_manifest: dict[str, Any]) -> str:
@@ -42,6 +50,32 @@ def run_key(config: RunConfig, policy: str, pairs_manifest: dict[str, Any]) -> s
     blob = json.dumps({"train": config.train.model_dump(mode="json"), "seed": config.seed,
                        "policy": policy, "pairs": pairs_manifest["started_at"]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class Checkpoints:
+    """Where Ray Train keeps a run's checkpoints: `<storage>/ray` on disk, or the same place
+    in the run's object store when it has one."""
+
+    def __init__(self, storage: Path) -> None:
+        self.remote = run_storage.REMOTE_RUN.get()
+        if self.remote is None:
+            self.path, self.filesystem = str(storage), None
+        else:
+            self.path, self.filesystem = self.remote.train_storage(storage)
+
+    def names(self) -> list[str]:
+        if self.remote is None:
+            return sorted(p.name for p in (Path(self.path) / "ray").glob("checkpoint_*") if p.is_dir())
+        return [name for name in self.remote.names(f"{self.path}/ray", folders_only=True) if name.startswith("checkpoint_")]
+
+    def exist(self) -> bool:
+        return (Path(self.path) / "ray").is_dir() if self.remote is None else bool(self.remote.names(f"{self.path}/ray"))
+
+    def carry_into(self, local_folder: Path) -> None:
+        """In the store, have the stage's publication move the checkpoints to `local_folder`'s
+        place (on disk they moved with the storage folder)."""
+        if self.remote is not None:
+            self.remote.carry_on_publish(f"{self.path}/ray", local_folder)
 
 
 def wait_for_resources(cpus: float, gpus: float, timeout_s: float) -> None:
@@ -73,11 +107,14 @@ def wait_for_resources(cpus: float, gpus: float, timeout_s: float) -> None:
 
 
 def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | None = None) -> dict[str, Any]:
-    """Run the stage into `<round_dir>/train/`; `fail_at_step` kills a worker once (tests)."""
+    """Run the stage into `<round_dir>/train/`; `fail_at_step` kills a worker once (tests;
+    else $RLHI_TEST_TRAIN_FAIL_AT_STEP)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     settings = config.train
+    if fail_at_step is None and os.environ.get(FAIL_AT_STEP_ENV):
+        fail_at_step = int(os.environ[FAIL_AT_STEP_ENV])
     out_dir = round_dir(config.run_dir, round_index).resolve()
     upstream = {"pairs": require_stage(config.run_dir, "pairs", round_index)}
     pairs_dir = table_path(out_dir, "pairs", "pairs")
@@ -95,7 +132,8 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
     key = run_key(config, policy_path, upstream["pairs"])
     storage = out_dir / STORAGE / key
     storage.mkdir(parents=True, exist_ok=True)
-    resumed_run = (storage / "ray").is_dir()
+    checkpoints = Checkpoints(storage)
+    resumed_run = checkpoints.exist()
 
     wait_for_resources(settings.workers * settings.cpus_per_worker,
                        settings.workers * settings.gpus_per_worker, settings.resources_timeout_s)
@@ -110,7 +148,7 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
         train_loop_per_worker, train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=settings.workers, use_gpu=settings.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RayRunConfig(name="ray", storage_path=str(storage),
+        run_config=RayRunConfig(name="ray", storage_path=checkpoints.path, storage_filesystem=checkpoints.filesystem,
                                 failure_config=FailureConfig(max_failures=settings.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=2)))
     try:
@@ -145,7 +183,7 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
                 "train_wall_seconds": final["train_wall_seconds"],
                 "resumed_from_step": final.get("resumed_from_step"), "resumed_run": resumed_run,
                 "pairs_per_epoch": {str(k): v for k, v in seen.items()},
-                "checkpoints": sorted(p.name for p in (storage / "ray").glob("checkpoint_*") if p.is_dir()),
+                "checkpoints": checkpoints.names(),
                 "nodes": len({p.read_text() for p in (storage / "nodes").glob("rank-*")}),
                 "seconds": round(time.time() - started, 3),
             }
@@ -153,6 +191,7 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
                 summary["mlflow"] = mlflow_run | {"link": tracking.run_link(mlflow_run)}
             (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
             shutil.move(str(storage), stage.tmp / "storage")
+            checkpoints.carry_into(stage.final / "storage" / "ray")
             stage.commit(config=config, upstream=upstream, models=[policy.model_dump()], counts=summary)
     except BaseException:
         tracking.finish_run(mlflow_run, None, None)

@@ -1,0 +1,120 @@
+"""Run directories and inputs in object storage (pipelines/storage.py), against a real
+S3-compatible server on 127.0.0.1 (tests/conftest.py `s3_bucket`). No Ray."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import storage
+from pipelines.config import ConfigError, parse_config
+
+
+def finished_stage(work_dir: Path, name: str, rows: int, marker: str) -> Path:
+    folder = work_dir / name
+    (folder / "table").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"x": list(range(rows))}), folder / "table" / "part-000000.parquet")
+    (folder / "manifest.json").write_text(json.dumps({"stage": name, "marker": marker}))
+    return folder
+
+
+def store_files(remote: storage.RemoteRun) -> dict[str, int]:
+    selector = pafs.FileSelector(remote.root, recursive=True, allow_not_found=True)
+    return {info.path[len(remote.root) + 1:]: info.size for info in remote.filesystem.get_file_info(selector)
+            if info.type == pafs.FileType.File}
+
+
+def test_a_published_stage_is_in_the_store_with_its_manifest_and_no_temporary_prefix(s3_bucket, tmp_path):
+    remote = storage.RemoteRun(f"{s3_bucket}/publish", tmp_path / "work")
+    folder = finished_stage(remote.work_dir, "pairs", rows=7, marker="first")
+    assert remote.publish(folder) == f"{s3_bucket}/publish/pairs"
+    files = store_files(remote)
+    assert sorted(files) == ["pairs/manifest.json", "pairs/table/part-000000.parquet"]
+    table = pq.read_table(f"{remote.root}/pairs/table", filesystem=remote.filesystem)
+    assert table.column("x").to_pylist() == list(range(7))
+    assert remote.finished_stages() == {"pairs": {"stage": "pairs", "marker": "first"}}
+
+
+def test_republishing_replaces_the_old_files_and_a_crash_mid_publish_leaves_nothing_finished(
+        s3_bucket, tmp_path, monkeypatch):
+    remote = storage.RemoteRun(f"{s3_bucket}/crash", tmp_path / "work")
+    folder = finished_stage(remote.work_dir, "rewrites", rows=3, marker="old")
+    (folder / "table" / "part-000001.parquet").write_bytes((folder / "table" / "part-000000.parquet").read_bytes())
+    remote.publish(folder)
+    (folder / "table" / "part-000001.parquet").unlink()
+    finished_stage(remote.work_dir, "rewrites", rows=5, marker="new")
+
+    copies, real_copy = [], remote._copy
+
+    class Interrupted(Exception):
+        pass
+
+    def copy_then_crash(source: str, target: str) -> None:   # the process dies after one file
+        if copies:
+            raise Interrupted()
+        copies.append(target)
+        real_copy(source, target)
+
+    monkeypatch.setattr(remote, "_copy", copy_then_crash)
+    with pytest.raises(Interrupted):
+        remote.publish(folder)
+    monkeypatch.setattr(remote, "_copy", real_copy)
+    assert remote.finished_stages() == {}                    # no manifest: nothing looks finished
+    assert copies == [f"{remote.root}/rewrites/table/part-000000.parquet"]
+
+    remote.publish(folder)                                   # the rerun publishes and cleans up
+    assert sorted(store_files(remote)) == ["rewrites/manifest.json", "rewrites/table/part-000000.parquet"]
+    assert remote.finished_stages()["rewrites"]["marker"] == "new"
+
+
+def test_a_fresh_working_copy_pulls_the_finished_stages_but_not_checkpoints_or_unfinished_ones(s3_bucket, tmp_path):
+    first = storage.RemoteRun(f"{s3_bucket}/pull", tmp_path / "machine-a")
+    ingest = finished_stage(first.work_dir, "ingest", rows=4, marker="a")
+    train = finished_stage(first.work_dir / "round-1", "train", rows=2, marker="t")
+    (train / "storage" / "ray" / "checkpoint_000001").mkdir(parents=True)
+    (train / "storage" / "ray" / "checkpoint_000001" / "model.bin").write_bytes(b"x" * 100)
+    (train / "storage" / "ledger").mkdir()
+    (train / "storage" / "ledger" / "rank-0.jsonl").write_text("{}\n")
+    first.publish(ingest)
+    first.publish(train)
+    with first.filesystem.open_output_stream(f"{first.root}/.pairs.tmp-dead/manifest.json") as handle:
+        handle.write(b"{}")                                  # a crashed stage's leftovers
+    (first.work_dir / "forget.jsonl").write_text('{"user": "u1"}\n')
+    first.publish_run_files()
+
+    second = storage.RemoteRun(f"{s3_bucket}/pull", tmp_path / "machine-b")
+    assert second.pull() == ["ingest", "round-1/train"]
+    assert pq.read_table(second.work_dir / "ingest" / "table").num_rows == 4
+    assert (second.work_dir / "round-1" / "train" / "storage" / "ledger" / "rank-0.jsonl").read_text() == "{}\n"
+    assert not (second.work_dir / "round-1" / "train" / "storage" / "ray").exists()
+    assert not (second.work_dir / "pairs").exists()
+    assert (second.work_dir / "forget.jsonl").read_text() == '{"user": "u1"}\n'
+    assert second.pull() == []                               # already current
+
+
+def test_inputs_given_as_uris_are_downloaded_keeping_their_names(s3_bucket, tmp_path, wildchat_sample):
+    filesystem, root = storage.open_uri(f"{s3_bucket}/datasets")
+    pafs.copy_files(str(wildchat_sample), f"{root}/wildchat/{wildchat_sample.name}", destination_filesystem=filesystem)
+    local = storage.download_inputs([f"{s3_bucket}/datasets/wildchat", str(wildchat_sample)], tmp_path)
+    assert local[1] == str(wildchat_sample)
+    downloaded = Path(local[0]) / wildchat_sample.name
+    assert downloaded.read_bytes() == wildchat_sample.read_bytes()
+    with pytest.raises(storage.StorageError, match="s3://rlhi-runs/datasets/missing.parquet': no such object"):
+        storage.download_inputs([f"{s3_bucket}/datasets/missing.parquet"], tmp_path)
+
+
+@pytest.mark.parametrize("key, value", [("run_dir", "s4://bucket/run"), ("run_dir", "hdfs://namenode/run")])
+def test_a_run_dir_with_a_scheme_rlhi_cannot_open_is_an_error_naming_it(key, value):
+    with pytest.raises(ConfigError, match=f"run_dir = \"{value}\".*scheme '{value.split(':')[0]}' is not supported"):
+        parse_config({key: value})
+    with pytest.raises(ConfigError, match=f"ingest input '{value}': the scheme"):
+        parse_config({"ingest": {"inputs": [value]}})
+
+
+def test_the_default_working_copy_is_named_after_the_uri(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert storage.default_work_dir("s3://bucket/runs/x/") == tmp_path / "rlhi" / "runs" / "s3" / "bucket" / "runs" / "x"
