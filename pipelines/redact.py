@@ -2,10 +2,10 @@
 
 Every conversation turn and persona passes through here before it goes downstream.
 presidio-analyzer's pattern recognizers (WildChat itself was anonymised with Presidio) find
-e-mails, phones, IPs and cards; detect-secrets' plugins find keys, tokens and private keys.
-Both are far too slow for whole multi-KB turns (phonenumbers: ~77 ms on 26 KB), so each kind
-sits behind cheap compiled *trigger* regexes and its library only sees small windows around
-their hits. Nothing here touches the network (see `_email_detector`; of detect-secrets only
+e-mails, IPs and cards; phonenumbers, the library behind Presidio's phone recognizer, finds
+phones; detect-secrets' plugins find keys, tokens and private keys. All are far too slow for
+whole multi-KB turns (phonenumbers: ~77 ms on 26 KB), so each kind sits behind cheap compiled
+*trigger* regexes and its library only sees small windows around their hits. Nothing here touches the network (see `_email_detector`; of detect-secrets only
 `analyze_string` is used, never `verify`, which calls vendors' APIs).
 """
 from __future__ import annotations
@@ -21,11 +21,6 @@ REDACTION_KINDS: tuple[str, ...] = ("email", "phone", "ip_address", "credit_card
 
 # WildChat's own Presidio markers and ours: left exactly as they are, never counted.
 _PLACEHOLDER = re.compile(r"<(?:PRESIDIO_ANONYMIZED|REDACTED)_[A-Z_]+>")
-
-# PhoneRecognizer scores every phonenumbers match 0.4; only AnalyzerEngine's context-word
-# enhancer (it needs an NLP pipeline we do not run) lifts that. So 0.4 keeps every number
-# phonenumbers deems VALID, and `_is_plausible_phone` removes false positives instead.
-_PHONE_MIN_SCORE = 0.4
 
 _DIGITS_ONLY, _DOTTED_QUAD = re.compile(r"\d+"), re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _SINGLE_DIGIT_QUAD = re.compile(r"\d(?:\.\d){3}")
@@ -52,20 +47,21 @@ class _Detector:
 
     kind: str
     triggers: tuple[re.Pattern, ...]
-    pad: int  # context chars around a trigger hit that the library needs to decide
+    pad: int | None  # context chars around a trigger hit that the library needs; None: the hit alone
     find: Callable[[str, int, int], Spans]  # (text, lo, hi) -> spans in text coordinates
     # Run on the lowercased text: case-insensitive regexes are ~20x slower in `re`.
     lowercase_triggers: tuple[re.Pattern, ...] = ()
     whole_lines: bool = False  # windows are the lines holding a hit (detect-secrets is line-based)
+    keep_hit: Callable[[str, int, int], bool] | None = None  # drops hits before they open a window
 
     def findings(self, text: str) -> list[_Finding]:
-        hits = [m.span() for pattern in self.triggers for m in pattern.finditer(text)]
+        hits = [m.span() for pattern in self.triggers for m in pattern.finditer(text)
+                if self.keep_hit is None or self.keep_hit(text, *m.span())]
         if self.lowercase_triggers:
             lowered = text.replace("\u0130", "i").lower()  # 'İ' is the one char lower() widens
             hits += [m.span() for p in self.lowercase_triggers for m in p.finditer(lowered)]
-        return [_Finding(start, end, self.kind)
-                for lo, hi in _windows(text, sorted(hits), self.pad, self.whole_lines)
-                for start, end in self.find(text, lo, hi)]
+        windows = hits if self.pad is None else _windows(text, sorted(hits), self.pad, self.whole_lines)
+        return [_Finding(start, end, self.kind) for lo, hi in windows for start, end in self.find(text, lo, hi)]
 
 
 class Redactor:
@@ -136,12 +132,12 @@ def _inside_longer_number(text: str, start: int, end: int) -> bool:
                 or _NUMBER_AFTER.match(text, end))
 
 
-def _presidio_find(recognizer: Any, keep: Callable[[str, int, int], bool] | None = None,
-                   min_score: float = 0.0) -> Callable[[str, int, int], Spans]:
+def _presidio_find(recognizer: Any, keep: Callable[[str, int, int], bool] | None = None
+                   ) -> Callable[[str, int, int], Spans]:
     """Run a presidio recognizer on text[lo:hi]; spans come back in text coordinates."""
     def find(text: str, lo: int, hi: int) -> Spans:
         results = recognizer.analyze(text[lo:hi], recognizer.supported_entities, None)
-        spans = [(lo + r.start, lo + r.end) for r in results if r.score >= min_score]
+        spans = [(lo + r.start, lo + r.end) for r in results]
         return [span for span in spans if keep is None or keep(text, *span)]
     return find
 
@@ -182,21 +178,92 @@ def _is_plausible_phone(text: str, start: int, end: int) -> bool:
                 or _inside_longer_number(text, start, end))
 
 
+# A number as people write one: '+' and 7-15 digits, or digit groups joined by one space,
+# dash, dot or slash, the first group maybe in parentheses; a whole token (not inside a
+# word, path, decimal, time, version or id). It starts with its first character so that
+# `re` skips ahead to candidates; quantifiers are possessive, so a run that fails is not
+# retried from its middle.
+_PHONE_GROUP = r"(?:[ .\-/]\(?|\)[ \-]?)\d++"
+_PHONE_CANDIDATE = re.compile(rf"""
+    [+(\d] (?<![\w.,/\-#@$%&].)(?<!\d:.)           # a first character that starts a token
+    (?=(?:[ .\-/()+]{{0,2}}\d){{6}})                 # seven or more digits in all
+    (?: (?<=\+)\d{{7,15}}+                          # '+' and digits
+      | (?:(?<=\()\+?+\d++|(?<=\+)\d++|(?<=\d)\d*+) (?:{_PHONE_GROUP})++ \)?+ )  # or groups
+    (?![\w@]|[.,:/\-]\d)                           # and a last one that ends it
+""", re.VERBOSE)
+_DATE = re.compile(r"\d{4}([-/.])\d\d?\1\d\d?|\d\d?([-/.])\d\d?\2\d{2,4}")
+_SPACED_DIGITS = re.compile(r"[\d ]+")
+_NUMERIC_LINE = re.compile(r"[\d\s.,;:|()[\]{}+\-/]*\d[\d\s.,;:|()[\]{}+\-/]*")
+
+
+def _is_phone_candidate(text: str, start: int, end: int) -> bool:
+    """Worth asking phonenumbers about: 7-15 digits; without a '+', groups of at most 8
+    digits and not a date, a dotted quad, a decimal, a version ('10.0.19045.2965') or a row of
+    a table of numbers."""
+    number = text[start:end]
+    groups = _DIGITS_ONLY.findall(number)
+    if not 7 <= sum(map(len, groups)) <= 15:
+        return False
+    if number.startswith(("+", "(+")):
+        return True
+    if _DATE.fullmatch(number.strip("()")) or _DOTTED_QUAD.fullmatch(number.strip("()")):
+        return False
+    if max(map(len, groups)) > 8 or ("." in number and (len(groups) < 3 or min(map(len, groups)) < 2)):
+        return False  # phones written with dots have three groups or more, none of one digit
+    return not (_SPACED_DIGITS.fullmatch(number) and _in_table_of_numbers(text, start, end))
+
+
+def _in_table_of_numbers(text: str, start: int, end: int) -> bool:
+    """True when the line holds only numbers and so does the line before or after it
+    ('94 70 128 2114' in a pasted column): a table, not a number someone gives."""
+    line_start, line_end = text.rfind("\n", 0, start) + 1, text.find("\n", end)
+    line_end = len(text) if line_end < 0 else line_end
+    if not _NUMERIC_LINE.fullmatch(text, line_start, line_end):
+        return False
+    before_start = text.rfind("\n", 0, max(0, line_start - 1)) + 1
+    after_end = text.find("\n", line_end + 1)
+    after_end = len(text) if after_end < 0 else after_end
+    return bool((line_start > 0 and _NUMERIC_LINE.fullmatch(text, before_start, line_start - 1))
+                or (line_end < len(text) and _NUMERIC_LINE.fullmatch(text, line_end + 1, after_end)))
+
+
 def _phone_detector() -> _Detector:
+    import phonenumbers
     from presidio_analyzer.predefined_recognizers import PhoneRecognizer
 
-    # Seven or more digits in groups or after a '+'. Dates and dotted quads are left out only
-    # because each window costs phonenumbers ~0.7 ms; it would reject them itself.
-    trigger = re.compile(r"""
-        \d (?<![\d.]\d)                      # the first digit of a number
-        (?=(?:[ ().\-/]{0,2}\d){6})           # seven or more digits in all
-        (?!\d{3}([-/.])\d\d?\1\d\d?(?![-/.\d]) | \d?([-/.])\d\d?\2\d{2,4}(?![-/.\d]))  # no date
-        (?!\d{0,2}(?:\.\d{1,3}){3}(?![.\d]))  # no dotted quad
-        (?: \d{0,3}(?:(?:\)\ ?|[ ./\-]\(?)\d{2,5}){1,5}  # digit groups
-          | (?<=\+\d)\d{6,14} )                # or a '+' and digits
-    """, re.VERBOSE)
-    find = _presidio_find(PhoneRecognizer(), _is_plausible_phone, _PHONE_MIN_SCORE)
-    return _Detector("phone", (trigger,), 4, find)
+    # Presidio's PhoneRecognizer runs phonenumbers' matcher once per region, for 8 regions,
+    # over every window (~0.7 ms). Here a candidate goes to the matcher only in the regions
+    # where a parse (~20 us) says it can be a number:
+    # - with a '+', the country it names, if the number has a length that country's numbers
+    #   have (leniency POSSIBLE): '+' and a country code say "phone number" even where the
+    #   area code is unassigned ('+1 (756) 836-1112'), which Presidio half-redacted;
+    # - without, each region PhoneRecognizer supports by default in which it is valid, with
+    #   PhoneRecognizer's leniency (VALID: national prefix too, where the region needs one).
+    default_regions = tuple(PhoneRecognizer.DEFAULT_SUPPORTED_REGIONS)
+
+    def parse(number: str, region: str | None) -> Any:
+        try:
+            return phonenumbers.parse(number, region)
+        except phonenumbers.NumberParseException:
+            return None
+
+    def matcher_regions(number: str) -> list[tuple[str, Any]]:
+        if number.startswith(("+", "(+")):
+            parsed = parse(number.lstrip("("), None)
+            if parsed is None or not phonenumbers.is_possible_number(parsed):
+                return []
+            return [(phonenumbers.region_code_for_country_code(parsed.country_code), phonenumbers.Leniency.POSSIBLE)]
+        parsed = [parse(number, region) for region in default_regions]
+        return [(region, phonenumbers.Leniency.VALID) for region, n in zip(default_regions, parsed)
+                if n is not None and phonenumbers.is_valid_number(n)]
+
+    def find(text: str, lo: int, hi: int) -> Spans:  # [lo, hi) is one candidate
+        start, end = max(0, lo - 1), min(len(text), hi + 1)  # the matcher checks the characters around
+        spans = {(start + m.start, start + m.end) for region, leniency in matcher_regions(text[lo:hi])
+                 for m in phonenumbers.PhoneNumberMatcher(text[start:end], region, leniency=leniency)}
+        return [span for span in sorted(spans) if _is_plausible_phone(text, *span)]
+
+    return _Detector("phone", (_PHONE_CANDIDATE,), None, find, keep_hit=_is_phone_candidate)
 
 
 def _is_public_ip(text: str, start: int, end: int) -> bool:
