@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -219,6 +220,9 @@ def test_run_rewards_accounts_for_every_prompt_and_stores_all_candidates(rewards
     assert all(r["candidates"] == [] and r["status"] == "filtered"
                for r in rows if r["reason"] == "over_cap")
     assert len({r["sample_id"] for r in rows}) == len(rows)
+    # each actor wrote its own batch of 6 prompts, thresholded in place; over-cap prompts apart
+    parts = {p.name: pq.ParquetFile(p).metadata.num_rows for p in Path(config.run_dir, "rewards", "samples").iterdir()}
+    assert parts == {"part-000000.parquet": 6, "part-000001.parquet": 6, "part-over-cap.parquet": len(rows) - 12}
 
 
 def test_run_rewards_writes_summary_and_manifest_with_upstream(rewards_run):

@@ -268,3 +268,6 @@ def test_run_rewrites_accounts_for_every_feedback_followup(pipeline_run, tiny_mo
     assert manifest["counts"]["followups_in"] == len(feedback)
     assert set(manifest["upstream"]) == {"followups", "personas"} and len(manifest["models"]) == 3
     assert json.loads((run_dir / "rewrites" / "summary.json").read_text())["kept"] == summary["kept"]
+    # each actor wrote its own batch (2 of 2 follow-ups); the over-cap rows have a part of their own
+    parts = {p.name: pq.ParquetFile(p).metadata.num_rows for p in (run_dir / "rewrites" / "rewrites").iterdir()}
+    assert parts == {"part-000000.parquet": 2, "part-000001.parquet": 2, "part-over-cap.parquet": len(feedback) - cap}

@@ -17,10 +17,12 @@ Top to bottom:
    models.reward), checked healthy before any actor starts. The sampler stays in the pool:
    the chat app would condition on the user's serving persona, built from ALL their
    history, leaking later conversations into earlier turns' prompts.
-4. Pair selection and threshold on the driver (`select_pair`, `apply_threshold`): best
-   versus worst, kept only when the margin clears a threshold relative to the prompt's own
-   scores (`zscore`) or to this run's margins (`quantile`), because reward scales differ
-   between backends and models.
+4. Pair selection and threshold (`select_pair`, `apply_threshold`): best versus worst,
+   kept only when the margin clears a threshold relative to the prompt's own scores
+   (`zscore`) or to this run's margins (`quantile`), because reward scales differ between
+   backends and models. On Ray each actor selects its batch's pairs and writes the batch as
+   a part; the driver, which sees only margins and variances, fits the run's threshold, and
+   one Ray task a part applies it in place.
 
 Every prompt gets one `samples` row with all candidates and scores and status kept or
 filtered with the reason; prompts beyond `max_prompts` are filtered `over_cap` without any
@@ -32,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,11 @@ if TYPE_CHECKING:
     from serve.roles import Endpoint
 
 STAGE = "rewards"
+BATCH = "_batch"   # the batch number a block carries to its actor: it names the part
+PROMPT_COLUMNS = ("sample_id", "user_id", "persona_id", "conversation_id", "turn_index", "persona", "context")
+PROMPT_SCHEMA = pa.schema([("sample_id", pa.string()), ("user_id", pa.string()), ("persona_id", pa.string()),
+                           ("conversation_id", pa.string()), ("turn_index", pa.int32()), ("persona", pa.string()),
+                           ("context", MESSAGES)])
 
 # Reasons a prompt yields no pair, in the order they are checked.
 OVER_CAP = "over_cap"
@@ -125,11 +133,14 @@ def sample_and_score(sampler, reward_model, personas: Sequence[str], contexts: S
 
 class RewardWorker:
     """Ray Data callable class: builds the sampler and the reward model once per actor,
-    then samples and scores each batch (columns sample_id, persona, context). With
-    `served` (a serve/roles.py Endpoint) the reward model is the served app."""
+    then samples and scores each batch of prompts, selects each prompt's pair and writes
+    the batch's `samples` rows as a part of the stage's unfinished output (`out`), the
+    threshold still to apply. It returns per prompt only what the run's threshold needs
+    (margin, within-prompt variance), never the rows. With `served` (a serve/roles.py
+    Endpoint) the reward model is the served app."""
 
-    def __init__(self, policy: dict[str, Any], n: int, backend: str, reward: dict[str, Any],
-                 served: Endpoint | None = None) -> None:
+    def __init__(self, policy: dict[str, Any], n: int, backend: str, reward: dict[str, Any], out: str,
+                 round_index: int, served: Endpoint | None = None) -> None:
         from actors.engines import EngineCache
         from actors.policy_sampler import PolicySampler
         from actors.reward_model import RewardModel
@@ -139,16 +150,19 @@ class RewardWorker:
         self.sampler = PolicySampler(policy, n, engine=engines.get(policy))
         self.reward_model = ServedRewardModel(served) if served is not None else RewardModel(
             backend, reward, engine=engines.get(reward) if backend == "judge" else None)
+        self.backend, self.out, self.round_index = backend, Path(out), round_index
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = sample_and_score(self.sampler, self.reward_model, batch.column("persona").to_pylist(),
-                                batch.column("context").to_pylist())
-        return pa.table({
-            "sample_id": batch.column("sample_id"),
-            "prompt": pa.array([r["prompt"] for r in rows], MESSAGES),
-            "candidates": pa.array([r["candidates"] for r in rows], pa.list_(pa.string())),
-            "scores": pa.array([r["scores"] for r in rows], pa.list_(pa.float32())),
-        })
+        prompts = batch.drop_columns([BATCH]).to_pylist()
+        scored = sample_and_score(self.sampler, self.reward_model, [p["persona"] for p in prompts],
+                                  [p["context"] for p in prompts])
+        rows = [select(sample_row(prompt, result, self.backend, self.round_index))
+                for prompt, result in zip(prompts, scored)]
+        pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLES),
+                       self.out / f"part-{batch.column(BATCH)[0].as_py():06d}.parquet")
+        return pa.table({"margin": pa.array([r["margin"] for r in rows], pa.float64()),
+                         "selected": pa.array([r["reason"] is None for r in rows], pa.bool_()),
+                         "variance": pa.array([within_variance(r["scores"]) for r in rows], pa.float64())})
 
 
 # --- 4. pair selection and threshold ------------------------------------------------------
@@ -186,16 +200,24 @@ def select_pair(candidates: Sequence[str], scores: Sequence[float]) -> Selection
     return Selection(best, worst, margin, None)
 
 
+def within_variance(scores: Sequence[float]) -> float | None:
+    """The population variance of one prompt's scores; None under two scores."""
+    if len(scores) < 2:
+        return None
+    mean = sum(scores) / len(scores)
+    return sum((s - mean) ** 2 for s in scores) / len(scores)
+
+
 def pooled_std(score_lists: Sequence[Sequence[float]]) -> float:
     """The reward model's typical spread within one prompt in this run: the square root of
     the mean within-prompt (population) variance. It carries the model's scale, so a margin
     divided by it reads the same for a judge in [0, 1] and a reward model's logits."""
-    variances = []
-    for scores in score_lists:
-        if len(scores) >= 2:
-            mean = sum(scores) / len(scores)
-            variances.append(sum((s - mean) ** 2 for s in scores) / len(scores))
-    return math.sqrt(sum(variances) / len(variances)) if variances else 0.0
+    return pooled_std_of([within_variance(scores) for scores in score_lists])
+
+
+def pooled_std_of(variances: Sequence[float | None]) -> float:
+    present = [v for v in variances if v is not None]
+    return math.sqrt(sum(present) / len(present)) if present else 0.0
 
 
 def margin_zscore(margin: float, scale: float) -> float:
@@ -211,27 +233,56 @@ def quantile_cutoff(margins: Sequence[float], quantile: float) -> float:
     return float(pd.Series(margins, dtype="float64").quantile(quantile))
 
 
+@dataclass(frozen=True)
+class Threshold:
+    """This run's bar for a pair: `min_z` times `scale` (zscore), or `cutoff` (quantile)."""
+
+    scale: float
+    cutoff: float | None
+
+    @classmethod
+    def fit(cls, margins: Sequence[float], variances: Sequence[float | None],
+            settings: RewardsConfig) -> "Threshold":
+        """From the margins and within-prompt variances of the prompts that make a pair."""
+        cutoff = quantile_cutoff(list(margins), settings.quantile) if settings.threshold == "quantile" else None
+        return cls(pooled_std_of(variances), cutoff)
+
+    def passes(self, margin: float, settings: RewardsConfig) -> bool:
+        if self.cutoff is None:
+            return margin_zscore(margin, self.scale) >= settings.min_z
+        return margin >= self.cutoff
+
+
+def select(row: dict[str, Any]) -> dict[str, Any]:
+    """Set a scored row's pair (`select_pair`): margin, chosen and rejected indices, and the
+    reason it makes no pair; status stays unset until the threshold. Returns the row."""
+    selection = select_pair(row["candidates"], row["scores"])
+    row.update(margin=selection.margin, reason=selection.reason,
+               chosen_index=selection.chosen, rejected_index=selection.rejected)
+    return row
+
+
+def decide(row: dict[str, Any], threshold: Threshold, settings: RewardsConfig) -> dict[str, Any]:
+    """Set status and reason on a selected row; only a kept row names its pair."""
+    reason = row["reason"]
+    if reason is None and not threshold.passes(row["margin"], settings):
+        reason = BELOW_THRESHOLD
+    row["status"], row["reason"] = ("kept", None) if reason is None else ("filtered", reason)
+    if reason is not None:
+        row["chosen_index"] = row["rejected_index"] = None
+    return row
+
+
 def apply_threshold(rows: list[dict[str, Any]], settings: RewardsConfig) -> list[dict[str, Any]]:
     """Set status, reason and margin on scored rows (candidates, scores); rows that already
-    carry a reason (over_cap) are left filtered. Returns the same rows."""
-    selections = {}
-    for i, row in enumerate(rows):
-        if row.get("reason"):
-            continue
-        selections[i] = select_pair(row["candidates"], row["scores"])
-    cutoff, scale = None, pooled_std([rows[i]["scores"] for i, s in selections.items() if s.reason is None])
-    if settings.threshold == "quantile":
-        cutoff = quantile_cutoff([s.margin for s in selections.values() if s.reason is None], settings.quantile)
-    for i, selection in selections.items():
-        row, reason = rows[i], selection.reason
-        if reason is None:
-            passes = (margin_zscore(selection.margin, scale) >= settings.min_z if cutoff is None
-                      else selection.margin >= cutoff)
-            reason = None if passes else BELOW_THRESHOLD
-        row["margin"] = selection.margin
-        row["status"], row["reason"] = ("kept", None) if reason is None else ("filtered", reason)
-        row["chosen_index"], row["rejected_index"] = \
-            (selection.chosen, selection.rejected) if reason is None else (None, None)
+    carry a reason (over_cap) are left filtered. Returns the same rows. (The stage does
+    the same in two passes over its parts: `select` in the workers, `decide` after.)"""
+    open_rows = [select(row) for row in rows if not row.get("reason")]
+    paired = [row for row in open_rows if row["reason"] is None]
+    threshold = Threshold.fit([row["margin"] for row in paired],
+                              [within_variance(row["scores"]) for row in paired], settings)
+    for row in open_rows:
+        decide(row, threshold, settings)
     return rows
 
 
@@ -245,49 +296,67 @@ def reward_model_spec(config: RunConfig) -> dict[str, Any]:
     return config.models.reward.model_copy(update={"id": str(folder)}).model_dump()
 
 
-def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec,
-                   served: Endpoint | None = None) -> dict[str, dict[str, Any]]:
-    """sample_id -> prompt, candidates, scores for every row of `prompts`, sampled from
-    `policy`; scored by the server at `served`, else by a RewardModel in each actor."""
+def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec, out: Path, round_index: int,
+                   served: Endpoint | None = None) -> pa.Table:
+    """Sample from `policy` and score every row of `prompts` in an actor pool, each batch
+    written by its actor as `out/part-<batch>.parquet` (scored by the server at `served`,
+    else by a RewardModel in each actor); returns per prompt its margin, whether it makes a
+    pair, and its within-prompt variance."""
     import ray
 
     settings = config.rewards
     workers = settings.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     batches = math.ceil(len(prompts) / settings.batch_size)
-    table = pa.table({"sample_id": pa.array(prompts["sample_id"].tolist(), pa.string()),
-                      "persona": pa.array(prompts["persona"].tolist(), pa.string()),
-                      "context": pa.array(prompts["context"].tolist(), MESSAGES)})
+    table = pa.Table.from_pandas(prompts[list(PROMPT_COLUMNS)], schema=PROMPT_SCHEMA, preserve_index=False)
     # Half a CPU per actor: a pool holding every CPU starves Ray Data's own tasks.
     # One block per batch, so every actor of the pool gets work.
-    blocks = [table.slice(start, settings.batch_size) for start in range(0, table.num_rows, settings.batch_size)]
+    blocks = [table.slice(start, settings.batch_size).append_column(
+                  BATCH, pa.array([index] * min(settings.batch_size, table.num_rows - start), pa.int64()))
+              for index, start in enumerate(range(0, table.num_rows, settings.batch_size))]
     dataset = ray.data.from_arrow(blocks).map_batches(
         RewardWorker, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
         num_gpus=actor_gpus(policy, None if served else reward_model_spec(config)),
-        fn_constructor_kwargs={"policy": policy.model_dump(), "n": settings.n,
-                               "backend": settings.backend, "reward": reward_model_spec(config),
-                               "served": served},
+        fn_constructor_kwargs={"policy": policy.model_dump(), "n": settings.n, "backend": settings.backend,
+                               "reward": reward_model_spec(config), "out": str(out),
+                               "round_index": round_index, "served": served},
         compute=ray.data.ActorPoolStrategy(size=min(workers, batches)))
-    return {row["sample_id"]: row for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None)
-            for row in batch.to_pylist()}
+    parts = list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
+    return pa.concat_tables(parts) if parts else pa.table({"margin": pa.array([], pa.float64())})
 
 
-def samples_rows(prompts: pd.DataFrame, scored: dict[str, dict[str, Any]], backend: str,
-                 round_index: int) -> list[dict[str, Any]]:
-    """One SAMPLES row per prompt; prompts that were not scored are `over_cap`."""
-    rows = []
-    for prompt in prompts.to_dict("records"):
-        result = scored.get(prompt["sample_id"])
-        rows.append({
-            "sample_id": prompt["sample_id"], "user_id": prompt["user_id"], "persona_id": prompt["persona_id"],
-            "conversation_id": prompt["conversation_id"], "turn_index": prompt["turn_index"],
-            "prompt": result["prompt"] if result else [],
-            "candidates": result["candidates"] if result else [],
-            "scores": result["scores"] if result else [],
-            "reward_backend": backend, "round": round_index,
-            "status": None if result else "filtered", "reason": None if result else OVER_CAP, "margin": None,
-            "chosen_index": None, "rejected_index": None,
-        })
-    return rows
+def finish_parts(out: Path, threshold: Threshold, settings: RewardsConfig) -> list[dict[str, Any]]:
+    """Apply the run's threshold to every part in place, one Ray task a part; returns each
+    part's counts (rows, kept, filtered by reason, candidates)."""
+    import ray
+
+    finish = ray.remote(num_cpus=0.5)(finish_part)
+    return ray.get([finish.remote(str(path), threshold, settings) for path in sorted(out.glob("*.parquet"))])
+
+
+def finish_part(path: str, threshold: Threshold, settings: RewardsConfig) -> dict[str, Any]:
+    """`decide` every row of one part and rewrite it atomically; returns its counts."""
+    rows = [row if row["status"] else decide(row, threshold, settings) for row in pq.read_table(path).to_pylist()]
+    partial = f"{path}.partial"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLES), partial)
+    os.replace(partial, path)
+    return {"rows": len(rows), "kept": sum(r["status"] == "kept" for r in rows),
+            "filtered": dict(Counter(r["reason"] for r in rows if r["status"] == "filtered")),
+            "candidates": sum(len(r["candidates"]) for r in rows)}
+
+
+def sample_row(prompt: dict[str, Any], result: dict[str, Any] | None, backend: str,
+               round_index: int) -> dict[str, Any]:
+    """The SAMPLES row of one prompt: scored (`result`), or without a result `over_cap`."""
+    return {
+        "sample_id": prompt["sample_id"], "user_id": prompt["user_id"], "persona_id": prompt["persona_id"],
+        "conversation_id": prompt["conversation_id"], "turn_index": prompt["turn_index"],
+        "prompt": result["prompt"] if result else [],
+        "candidates": result["candidates"] if result else [],
+        "scores": result["scores"] if result else [],
+        "reward_backend": backend, "round": round_index,
+        "status": None if result else "filtered", "reason": None if result else OVER_CAP, "margin": None,
+        "chosen_index": None, "rejected_index": None,
+    }
 
 
 def connect_reward_model(config: RunConfig) -> Endpoint | None:
@@ -324,22 +393,30 @@ def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     prompts = attach_personas(prompts, run_dir, user_agnostic=config.ablation.user_agnostic)
     capped = prompts if settings.max_prompts is None else prompts.iloc[: settings.max_prompts]
     with StageWriter(run_dir, STAGE, round_index) as stage:
-        scored = score_with_ray(capped, config, policy, served) if len(capped) else {}
-        rows = apply_threshold(samples_rows(prompts, scored, backend, round_index), settings)
-        samples = pa.Table.from_pylist(rows, schema=SAMPLES)
-        check_schema(samples, SAMPLES, "samples")
-        pq.write_table(samples, stage.table_dir("samples") / "part-0.parquet")
-        reasons = Counter(r["reason"] for r in rows if r["status"] == "filtered")
-        kept = sum(1 for r in rows if r["status"] == "kept")
-        if kept + sum(reasons.values()) != len(prompts) or len(scored) != len(capped):
-            raise RuntimeError(f"rewards lost prompts: {len(prompts)} prompts, {len(scored)} of "
+        out = stage.table_dir("samples")
+        selected = score_with_ray(capped, config, policy, out, round_index, served) if len(capped) else None
+        over = [sample_row(prompt, None, backend, round_index) for prompt in prompts.iloc[len(capped):].to_dict("records")]
+        pq.write_table(pa.Table.from_pylist(over, schema=SAMPLES), out / "part-over-cap.parquet")
+        threshold = Threshold.fit([], [], settings)
+        if selected is not None:
+            paired = selected.filter(selected.column("selected"))
+            threshold = Threshold.fit(paired.column("margin").to_pylist(), paired.column("variance").to_pylist(),
+                                      settings)
+        parts = finish_parts(out, threshold, settings)
+        reasons = Counter()
+        for part in parts:
+            reasons.update(part["filtered"])
+        kept, sampled = sum(part["kept"] for part in parts), 0 if selected is None else selected.num_rows
+        if kept + sum(reasons.values()) != len(prompts) or sampled != len(capped) \
+                or sum(part["rows"] for part in parts) != len(prompts):
+            raise RuntimeError(f"rewards lost prompts: {len(prompts)} prompts, {sampled} of "
                                f"{len(capped)} scored, {kept} kept, {sum(reasons.values())} filtered")
         summary = {
             "prompts": len(prompts), "first_turns": int(prompts["first_turn"].sum()),
             "no_feedback_turns": int((~prompts["first_turn"].astype(bool)).sum()),
-            "turns_left_to_rewrites": covered, "sampled": len(scored), "kept": kept,
+            "turns_left_to_rewrites": covered, "sampled": sampled, "kept": kept,
             "filtered": dict(sorted(reasons.items())),
-            "candidates": sum(len(r["candidates"]) for r in rows),
+            "candidates": sum(part["candidates"] for part in parts),
             "with_persona": int(sum(1 for p in prompts["persona"] if p)),
             "n": settings.n, "backend": backend, "threshold": settings.threshold,
             "round": round_index, "reward_via": settings.reward_via,

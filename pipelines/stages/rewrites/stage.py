@@ -14,7 +14,9 @@ the DPO prompt never states the feedback the pair was built from.
 
 Top to bottom: read the eligible follow-ups and their personas, mark those over the cap,
 run `rewrite_rows` batch by batch in a Ray Data actor pool (sampler, rewriter and judge
-built once per actor), filter with pipelines/stages/rewrites/quality.py, write every follow-up's row.
+built once per actor), filter with pipelines/stages/rewrites/quality.py; each actor writes
+its batch's rows as a part of the unfinished output and returns only counts, from which the
+driver checks that every follow-up got a row.
 
 With `rewrites.rewriter_via: serve` the actors send the rewrites to the running `rlhi
 serve` app (serve/roles.py ServedRewriter, POST /v1/rewrite) instead of loading the
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from serve.roles import Endpoint
 
 STAGE = "rewrites"
+BATCH = "_batch"   # the batch number a block carries to its actor: it names the part
 OVER_CAP = "over_cap"          # beyond rewrites.max_followups: no model calls
 NO_USER_TURN = "no_user_turn"  # the context does not end with the user turn answered
 # Columns of the follow-ups fed to the workers (a follow-up plus its persona).
@@ -132,11 +135,13 @@ def output_row(row: dict[str, Any], *, prompt: list[dict] | None, chosen: str | 
 
 class RewriteWorker:
     """Ray Data callable class: the policy sampler, rewriter, judge and tokenizer, built once
-    per actor; each call turns one batch of follow-ups into REWRITES rows. With `served`
-    (a serve/roles.py Endpoint) the rewriter is the served app, not a local model."""
+    per actor; each call turns one batch of follow-ups into REWRITES rows written as a part
+    of the stage's unfinished output (`out`). With `served` (a serve/roles.py Endpoint) the
+    rewriter is the served app, not a local model."""
 
     def __init__(self, policy: dict[str, Any], rewriter: dict[str, Any], judge: dict[str, Any] | None,
-                 settings_json: str, from_scratch: bool, round_index: int, served: Endpoint | None = None) -> None:
+                 settings_json: str, from_scratch: bool, round_index: int, out: str,
+                 served: Endpoint | None = None) -> None:
         from actors.engines import EngineCache
         from actors.judge import Judge
         from actors.models import load_tokenizer
@@ -145,7 +150,7 @@ class RewriteWorker:
         from serve.roles import ServedRewriter
 
         self.settings = RewritesConfig.model_validate_json(settings_json)
-        self.from_scratch, self.round_index = from_scratch, round_index
+        self.from_scratch, self.round_index, self.out = from_scratch, round_index, Path(out)
         engines = EngineCache()  # one copy of a model that plays several roles
         self.sampler = PolicySampler(policy, n=1, engine=engines.get(policy))
         self.rewriter = ServedRewriter(served) if served is not None \
@@ -157,10 +162,14 @@ class RewriteWorker:
         self.tokenize: Callable[[str], list[int]] = lambda text: tokenizer.encode(text, add_special_tokens=False)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = rewrite_rows(batch.to_pylist(), sampler=self.sampler, rewriter=self.rewriter, judge=self.judge,
-                            tokenize=self.tokenize, settings=self.settings, from_scratch=self.from_scratch,
-                            round_index=self.round_index)
-        return pa.Table.from_pylist(rows, schema=REWRITES)
+        """Rewrite one batch, write it as the part named after its batch number, and return
+        only its counts (no row passes through the driver)."""
+        rows = rewrite_rows(batch.drop_columns([BATCH]).to_pylist(), sampler=self.sampler, rewriter=self.rewriter,
+                            judge=self.judge, tokenize=self.tokenize, settings=self.settings,
+                            from_scratch=self.from_scratch, round_index=self.round_index)
+        table = pa.Table.from_pylist(rows, schema=REWRITES)
+        pq.write_table(table, self.out / f"part-{batch.column(BATCH)[0].as_py():06d}.parquet")
+        return pa.table({"counts": [json.dumps(part_counts(table))]})
 
 
 def eligible_followups(config: RunConfig) -> pa.Table:
@@ -177,9 +186,10 @@ def eligible_followups(config: RunConfig) -> pa.Table:
     return table.select(INPUT.names).cast(INPUT)
 
 
-def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int,
-                     served: Endpoint | None = None) -> pa.Table:
-    """Run RewriteWorker over `todo` in an actor pool, `rewrites.batch_size` rows a call;
+def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int, out: Path,
+                     served: Endpoint | None = None) -> list[dict[str, Any]]:
+    """Run RewriteWorker over `todo` in an actor pool, `rewrites.batch_size` rows a call,
+    each batch written by its actor as `out/part-<batch>.parquet`; returns the parts' counts.
     `served`: the serve/roles.py Endpoint that rewrites, else each actor loads the rewriter."""
     import ray
 
@@ -189,32 +199,44 @@ def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int,
     # One block per batch, so the whole pool gets work and a batch is the same rows on
     # every rerun (sampling is seeded per engine call). Half a CPU per actor: a pool
     # holding every CPU would starve Ray Data's own tasks.
-    blocks = [todo.slice(start, settings.batch_size) for start in range(0, todo.num_rows, settings.batch_size)]
+    blocks = [todo.slice(start, settings.batch_size).append_column(
+                  BATCH, pa.array([index] * min(settings.batch_size, todo.num_rows - start), pa.int64()))
+              for index, start in enumerate(range(0, todo.num_rows, settings.batch_size))]
     results = ray.data.from_arrow(blocks).map_batches(
         RewriteWorker, fn_constructor_kwargs={
             "policy": policy_spec(config, round_index).model_dump(), "rewriter": config.models.rewriter.model_dump(),
             "judge": config.models.judge.model_dump() if settings.filter.judge else None,
             "settings_json": settings.model_dump_json(), "from_scratch": config.ablation.rewrites_from_scratch,
-            "round_index": round_index, "served": served},
+            "round_index": round_index, "out": str(out), "served": served},
         batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
         num_gpus=actor_gpus(policy_spec(config, round_index), None if served else config.models.rewriter,
                             config.models.judge if settings.filter.judge else None),
         compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, batches))))
-    parts = [batch.select(REWRITES.names).cast(REWRITES)
-             for batch in results.iter_batches(batch_format="pyarrow", batch_size=None)]
-    return pa.concat_tables(parts) if parts else REWRITES.empty_table()
+    return [json.loads(text) for batch in results.iter_batches(batch_format="pyarrow", batch_size=None)
+            for text in batch.column("counts").to_pylist()]
 
 
-def summarize(table: pa.Table, followups_in: int, seconds: float, round_index: int, rejected: str) -> dict[str, Any]:
+def part_counts(table: pa.Table) -> dict[str, Any]:
+    """What the summary needs of one part: rows by status, reason and label."""
     rows = table.select(["status", "reason", "label"]).to_pylist()
-    kept = sum(r["status"] == "kept" for r in rows)
-    filtered = Counter(r["reason"] for r in rows if r["status"] == "filtered")
-    if kept + sum(filtered.values()) != followups_in:
+    return {"rows": len(rows), "kept": sum(r["status"] == "kept" for r in rows),
+            "filtered": dict(Counter(r["reason"] for r in rows if r["status"] == "filtered")),
+            "labels": {label: dict(Counter(r["status"] for r in rows if r["label"] == label))
+                       for label in sorted({r["label"] for r in rows})}}
+
+
+def summarize(parts: list[dict[str, Any]], followups_in: int, seconds: float, round_index: int,
+              rejected: str) -> dict[str, Any]:
+    """The stage summary from its parts' counts; an error if any follow-up is unaccounted for."""
+    kept = sum(part["kept"] for part in parts)
+    filtered, by_label = Counter(), {}
+    for part in parts:
+        filtered.update(part["filtered"])
+        for label, statuses in part["labels"].items():
+            by_label.setdefault(label, Counter()).update(statuses)
+    if kept + sum(filtered.values()) != followups_in or sum(part["rows"] for part in parts) != followups_in:
         raise RuntimeError(f"rewrites lost follow-ups: {followups_in} in, {kept} kept, "
                            f"{sum(filtered.values())} filtered")
-    by_label: dict[str, dict[str, int]] = {}
-    for r in rows:
-        by_label.setdefault(r["label"], Counter())[r["status"]] += 1
     return {"round": round_index, "followups_in": followups_in, "kept": kept,
             "filtered": dict(sorted(filtered.items())),
             "labels": {k: dict(v) for k, v in sorted(by_label.items())},
@@ -248,12 +270,14 @@ def run_rewrites(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     skipped = pa.Table.from_pylist(
         [output_row(r, prompt=None, chosen=None, rejected=None, margin=None, reason=OVER_CAP,
                     settings=settings, round_index=round_index) for r in over.to_pylist()], schema=REWRITES)
-    done = rewrite_with_ray(todo, config, round_index, served) if todo.num_rows else REWRITES.empty_table()
-    table = pa.concat_tables([done, skipped]).sort_by([("conversation_id", "ascending"), ("turn_index", "ascending")])
-    check_schema(table, REWRITES, "rewrites")
     with StageWriter(run_dir, STAGE, round_index) as stage:
-        pq.write_table(table, stage.table_dir("rewrites") / "part-000000.parquet")
-        summary = summarize(table, eligible.num_rows, time.time() - started, round_index, settings.rejected)
+        out = stage.table_dir("rewrites")
+        parts = rewrite_with_ray(todo, config, round_index, out, served) if todo.num_rows else []
+        # Follow-ups over the cap: ids and status only, in a part of their own.
+        check_schema(skipped, REWRITES, "rewrites")
+        pq.write_table(skipped, out / "part-over-cap.parquet")
+        summary = summarize(parts + [part_counts(skipped)], eligible.num_rows, time.time() - started,
+                            round_index, settings.rejected)
         summary["rewriter_via"] = settings.rewriter_via
         if served is not None:
             summary["serve_url"] = served.url
