@@ -118,3 +118,17 @@ def test_a_run_dir_with_a_scheme_rlhi_cannot_open_is_an_error_naming_it(key, val
 def test_the_default_working_copy_is_named_after_the_uri(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert storage.default_work_dir("s3://bucket/runs/x/") == tmp_path / "rlhi" / "runs" / "s3" / "bucket" / "runs" / "x"
+
+
+def test_the_run_commands_pull_a_remote_run_into_its_working_copy_and_refuse_an_empty_one(
+        s3_bucket, tmp_path, monkeypatch):
+    from pipelines.cli import existing_run
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    writer = storage.RemoteRun(f"{s3_bucket}/commands", tmp_path / "writer")
+    writer.publish(finished_stage(writer.work_dir, "personas", rows=2, marker="p"))
+    local, remote = existing_run(f"{s3_bucket}/commands")
+    assert local == storage.default_work_dir(f"{s3_bucket}/commands") and remote.uri == f"{s3_bucket}/commands"
+    assert json.loads((local / "personas" / "manifest.json").read_text()) == {"stage": "personas", "marker": "p"}
+    with pytest.raises(ValueError, match="s3://rlhi-runs/nothing-here: no finished stage in the store"):
+        existing_run(f"{s3_bucket}/nothing-here")
