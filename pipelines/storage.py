@@ -85,8 +85,9 @@ def default_work_dir(uri: str) -> Path:
 
 
 def download_inputs(inputs: list[str], work_dir: Path) -> list[str]:
-    """Local paths for ingest's inputs: each URI (a file or a prefix) is downloaded once into
-    `<work_dir>/.inputs/<hash>/`, keeping its file names; local paths pass through."""
+    """Local paths for ingest's inputs: each URI (a file or a prefix) is downloaded into
+    `<work_dir>/.inputs/<hash>/`, keeping its file names, and a file already there at the same
+    size is not downloaded again; local paths pass through."""
     import pyarrow.fs as pafs
 
     local = []
@@ -99,13 +100,18 @@ def download_inputs(inputs: list[str], work_dir: Path) -> list[str]:
         info = filesystem.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
             raise StorageError(f"ingest input {item!r}: no such object or prefix in the store")
-        target.mkdir(parents=True, exist_ok=True)
         if info.type == pafs.FileType.File:
-            pafs.copy_files(path, str(target / info.base_name), source_filesystem=filesystem)
+            files, base = [info], path.rsplit("/", 1)[0]
             local.append(str(target / info.base_name))
         else:
-            pafs.copy_files(path, str(target), source_filesystem=filesystem)
+            files, base = filesystem.get_file_info(pafs.FileSelector(path, recursive=True)), path
             local.append(str(target))
+        for entry in files:
+            destination = target / entry.path[len(base) + 1:]
+            if entry.type != pafs.FileType.File or (destination.is_file() and destination.stat().st_size == entry.size):
+                continue
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(entry.path, str(destination), source_filesystem=filesystem)
     return local
 
 

@@ -103,6 +103,11 @@ def test_inputs_given_as_uris_are_downloaded_keeping_their_names(s3_bucket, tmp_
     assert local[1] == str(wildchat_sample)
     downloaded = Path(local[0]) / wildchat_sample.name
     assert downloaded.read_bytes() == wildchat_sample.read_bytes()
+    modified = downloaded.stat().st_mtime_ns
+    assert storage.download_inputs([f"{s3_bucket}/datasets/wildchat"], tmp_path) == local[:1]
+    assert downloaded.stat().st_mtime_ns == modified                # present at the same size: not fetched again
+    single = storage.download_inputs([f"{s3_bucket}/datasets/wildchat/{wildchat_sample.name}"], tmp_path)
+    assert Path(single[0]).name == wildchat_sample.name and Path(single[0]).read_bytes() == wildchat_sample.read_bytes()
     with pytest.raises(storage.StorageError, match="s3://rlhi-runs/datasets/missing.parquet': no such object"):
         storage.download_inputs([f"{s3_bucket}/datasets/missing.parquet"], tmp_path)
 
@@ -132,3 +137,17 @@ def test_the_run_commands_pull_a_remote_run_into_its_working_copy_and_refuse_an_
     assert json.loads((local / "personas" / "manifest.json").read_text()) == {"stage": "personas", "marker": "p"}
     with pytest.raises(ValueError, match="s3://rlhi-runs/nothing-here: no finished stage in the store"):
         existing_run(f"{s3_bucket}/nothing-here")
+
+
+def test_the_driver_runs_a_remote_run_in_its_working_copy_with_its_inputs_downloaded(s3_bucket, tmp_path, wildchat_sample):
+    from pipelines.driver import working_copy
+
+    filesystem, root = storage.open_uri(f"{s3_bucket}/driver-inputs/sample.parquet")
+    pafs.copy_files(str(wildchat_sample), root, destination_filesystem=filesystem)
+    config = parse_config({"run_dir": f"{s3_bucket}/driver-run", "work_dir": str(tmp_path / "work"),
+                           "ingest": {"inputs": [f"{s3_bucket}/driver-inputs/sample.parquet"]}})
+    local, remote = working_copy(config)
+    assert local.run_dir == str(tmp_path / "work") and remote.uri == f"{s3_bucket}/driver-run"
+    (downloaded,) = local.ingest.inputs
+    assert Path(downloaded).parent.parent == tmp_path / "work" / ".inputs"
+    assert Path(downloaded).read_bytes() == wildchat_sample.read_bytes()
