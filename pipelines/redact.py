@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
@@ -74,6 +75,17 @@ class Redactor:
         builders = {"email": _email_detector, "phone": _phone_detector, "ip_address": _ip_detector,
                     "credit_card": _credit_card_detector, "secret": _secret_detector}
         self._detectors = [builders[kind]() for kind in REDACTION_KINDS if kind in kinds]
+
+    def detector_seconds(self, texts: Sequence[str]) -> dict[str, float]:
+        """CPU seconds each kind's detector spends finding its identifiers in `texts`, one
+        detector at a time (a profile; replacing the findings is left out)."""
+        seconds = {}
+        for detector in self._detectors:
+            start = time.process_time()
+            for text in texts:
+                detector.findings(text)
+            seconds[detector.kind] = time.process_time() - start
+        return seconds
 
     def redact(self, text: str) -> tuple[str, dict[str, int]]:
         """Return the text with each found identifier replaced by a placeholder
