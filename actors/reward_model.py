@@ -15,7 +15,9 @@ Backends:
 Scales differ between backends, so pair building thresholds per prompt, not absolutely.
 
 Ray Data columns: `persona`, `context`, `candidates` in; `scores` out.
-Serve: `score(persona, messages, candidates) -> list[float]`, `score_batch()`.
+Serve: `score(persona, messages, candidates) -> list[float]`, `score_batch()`; with the
+`classifier` and `trained` backends also `encode()` (prompt fitting and tokenization, per
+request) and `score_encoded()` (the model call), so a server batches only the model call.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Any, Literal, Sequence
 from actors.batch import Batch, map_batch
 from actors.engines import GenerationEngine, make_engine, normalize
 from actors.engines.base import Message
-from actors.engines.reward_scorer import SequenceRewardScorer
+from actors.engines.reward_scorer import Row, SequenceRewardScorer
 from actors.models import MINILM, SMOLLM2, ModelSpec, as_spec, pick_device
 from actors.prompts import fit_to_budget
 
@@ -71,17 +73,36 @@ class RewardModel:
                 for cand in cands]
         if self.backend == "judge":
             scores = self._judge(flat)
-        elif self.backend == "classifier":
-            scores = self._classifier(flat)
         else:
-            scores = self._trained(flat)
+            scores = self.scorer.score_encoded(self._encode(flat))
         out, k = [], 0
         for cands in candidates:
             out.append(scores[k:k + len(cands)])
             k += len(cands)
         return out
 
+    @property
+    def encodes(self) -> bool:
+        """True when `encode` / `score_encoded` apply (the sequence-classifier backends)."""
+        return self.backend != "judge"
+
+    def encode(self, persona: str | None, messages: Sequence[Any],
+               candidates: Sequence[str]) -> list[Row]:
+        """Token rows of one request's candidates, exactly as `score_batch` builds them."""
+        return self._encode([(persona, messages, c) for c in candidates])
+
+    def score_encoded(self, rows: Sequence[Row]) -> list[float]:
+        """Scores of token rows from `encode` (any number of requests', in order)."""
+        return self.scorer.score_encoded(rows)
+
     # ------------------------------------------------------------------ backends
+
+    def _encode(self, rows: list[tuple[Any, Any, str]]) -> list[Row]:
+        if self.backend == "classifier":
+            return self.scorer.encode_chats(self._classifier_chats(rows))
+        texts = [encoder_prompt_text(persona, context, candidate, self.scorer)
+                 for persona, context, candidate in rows]
+        return self.scorer.encode_text_pairs(texts, [candidate for _, _, candidate in rows])
 
     def _judge(self, rows: list[tuple[Any, Any, str]]) -> list[float]:
         prompts = [fit_to_budget("reward_judge", persona, context, candidate=candidate,
@@ -92,7 +113,7 @@ class RewardModel:
         scores = self.engine.score_continuations(prompts, [YES_NO] * len(prompts))
         return [normalize(s)[0] for s in scores]
 
-    def _classifier(self, rows: list[tuple[Any, Any, str]]) -> list[float]:
+    def _classifier_chats(self, rows: list[tuple[Any, Any, str]]) -> list[list[Message]]:
         chats = []
         for persona, context, candidate in rows:
             answer = Message(role="assistant", content=candidate)
@@ -101,12 +122,7 @@ class RewardModel:
                 count_tokens=lambda ms: self.scorer.count_chat_tokens([*ms, answer]),
                 reserve_tokens=0)
             chats.append([*prompt.messages, answer])
-        return self.scorer.score_chats(chats)
-
-    def _trained(self, rows: list[tuple[Any, Any, str]]) -> list[float]:
-        texts = [encoder_prompt_text(persona, context, candidate, self.scorer)
-                 for persona, context, candidate in rows]
-        return self.scorer.score_text_pairs(texts, [candidate for _, _, candidate in rows])
+        return chats
 
     def __call__(self, batch: Batch) -> Batch:
         return map_batch(batch, self.INPUTS, lambda persona, context, candidates: {

@@ -163,6 +163,31 @@ def test_reward_classifier_batched_equals_one_by_one(tiny_models):
     assert batched == pytest.approx(single, abs=1e-5)
 
 
+def test_the_scorer_groups_rows_by_length_within_its_token_and_row_limits(tiny_models):
+    from actors.engines.reward_scorer import SequenceRewardScorer
+
+    scorer = SequenceRewardScorer(ModelSpec(id=str(tiny_models.encoder_reward), batch_size=3),
+                                  max_bucket_tokens=40)
+    # Sorted: 3, 4, 5 (a full bucket of 3 rows), 10, 12 (2 x 12 <= 40), 30 (2 x 30 > 40).
+    assert scorer.buckets([10, 3, 12, 4, 30, 5]) == [[1, 3, 5], [0, 2], [4]]
+    assert scorer.buckets([100]) == [[0]]  # a row over the budget still goes, alone
+
+
+def test_trained_scores_in_length_buckets_equal_scores_one_by_one_in_order(tiny_models):
+    from actors.engines.reward_scorer import SequenceRewardScorer
+
+    spec = ModelSpec(id=str(tiny_models.encoder_reward), batch_size=8)
+    rm = RewardModel("trained", spec, scorer=SequenceRewardScorer(spec, max_bucket_tokens=120))
+    candidates = ["A long answer: " + "the capital is Paris " * 6, "Paris.", "Lyon",
+                  "It is Paris, a city of two million people.", "Rome " * 9]
+    rows = rm.encode(PERSONA, QUESTION, candidates)
+    assert len(rm.scorer.buckets([len(r["input_ids"]) for r in rows])) > 1
+    single = [rm.score(PERSONA, QUESTION, [c])[0] for c in candidates]
+    assert rm.score(PERSONA, QUESTION, candidates) == pytest.approx(single, abs=1e-5)
+    assert rm.score_encoded(rows) == pytest.approx(single, abs=1e-5)
+    assert len(set(single)) == len(single)  # distinct, so an order mix-up would show
+
+
 def test_reward_model_sees_the_persona(tiny_models):
     rm = RewardModel("classifier", ModelSpec(id=str(tiny_models.reward_model)))
     assert rm.score(PERSONA, QUESTION, ["Paris."]) != rm.score(None, QUESTION, ["Paris."])
