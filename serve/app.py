@@ -241,7 +241,7 @@ def build_app(config: RunConfig, digest: str):
     if settings.reward.enabled:
         reward = RewardReplica.options(**_scaling(settings.reward)).bind(
             settings.reward.backend, models.reward.model_dump(), settings.reward.max_batch_size,
-            settings.reward.batch_wait_timeout_s)
+            settings.reward.batch_wait_timeout_s, settings.reward.max_batch_tokens)
     if settings.rewrite.enabled:
         rewrite = RewriteReplica.options(**_scaling(settings.rewrite)).bind(
             models.rewriter.model_dump(), settings.max_tokens, settings.rewrite.max_batch_size,

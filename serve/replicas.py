@@ -3,13 +3,19 @@
 The roles (actors/) are the same classes the Ray Data stages use; here they only get a
 batching front (`serve.batch`) and run their blocking model call in a thread, so the
 replica's event loop keeps collecting the next batch while the current one computes.
+
+The reward replica's sequence-classifier backends tokenize each request as it arrives,
+before it joins the batch queue, so a batch holds only the model call, and batches by
+tokens as well as requests (`token_slots`); the scorer pads in length-sorted buckets.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +28,70 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 logger = logging.getLogger("rlhi.serve")
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """One score request, tokenized: a row per candidate, and the batch slots it takes."""
+
+    rows: list[dict[str, list[int]]]
+    slots: int
+
+
+def token_slots(tokens: int, max_batch_tokens: int, max_batch_size: int) -> int:
+    """Batch slots of a request of `tokens` tokens. A batch has `max_batch_size` slots of
+    `max_batch_tokens / max_batch_size` tokens each, so it closes at whichever limit comes
+    first; a request takes at least one slot and at most all (a longer one runs alone)."""
+    per_slot = max_batch_tokens / max_batch_size
+    return max(1, min(max_batch_size, math.ceil(tokens / per_slot)))
+
+
 @serve.deployment(name="reward")
 class RewardReplica:
     """`RewardModel` scoring, batched across concurrent requests."""
 
     def __init__(self, backend: str, model: dict[str, Any], max_batch_size: int,
-                 batch_wait_timeout_s: float) -> None:
+                 batch_wait_timeout_s: float, max_batch_tokens: int = 16384) -> None:
         from actors.reward_model import RewardModel
 
         self.backend = backend
         self.model = RewardModel(backend, ModelSpec.model_validate(model))
-        self.score.set_max_batch_size(max_batch_size)
-        self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
+        for batched in (self._score_requests, self._score_encoded):
+            batched.set_max_batch_size(max_batch_size)
+            batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def ready(self) -> bool:
         return True
 
+    async def score(self, request: tuple[str, list[dict], list[str]]) -> list[float]:
+        """(persona, messages, candidates) -> one score per candidate."""
+        if not self.model.encodes:  # the judge: prompts and model call in one batch
+            return await self._score_requests(request)
+        # Tokenized here, per request, while the current batch computes: the batch then
+        # holds only the model call.
+        rows = await asyncio.to_thread(self.model.encode, *request)
+        tokens = sum(len(row["input_ids"]) for row in rows)
+        return await self._score_encoded(
+            Encoded(rows, token_slots(tokens, self.max_batch_tokens, self.max_batch_size)))
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def score(self, requests: list[tuple[str, list[dict], list[str]]]) -> list[list[float]]:
+    async def _score_requests(self, requests: list[tuple[str, list[dict], list[str]]]
+                              ) -> list[list[float]]:
         """Each request is (persona, messages, candidates); all go into one model call."""
         personas, contexts, candidates = zip(*requests)
         return await asyncio.to_thread(self.model.score_batch, list(personas), list(contexts),
                                        list(candidates))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01,
+                 batch_size_fn=lambda requests: sum(r.slots for r in requests))
+    async def _score_encoded(self, requests: list[Encoded]) -> list[list[float]]:
+        """Tokenized requests; all their rows go into one model call."""
+        scores = await asyncio.to_thread(self.model.score_encoded,
+                                         [row for r in requests for row in r.rows])
+        out, k = [], 0
+        for r in requests:
+            out.append(scores[k:k + len(r.rows)])
+            k += len(r.rows)
+        return out
 
 
 @serve.deployment(name="rewrite")

@@ -400,6 +400,52 @@ def test_two_turns_of_a_conversation_are_logged_as_one_redacted_wildchat_row(ser
         config.models.policy.id, "u-log", 2, "English")
 
 
+# ---------------------------------------------------------------- reward batching
+
+@pytest.mark.parametrize("tokens, slots", [(1, 1), (512, 1), (513, 2), (1500, 3),
+                                           (16384, 32), (90000, 32)])
+def test_a_score_request_takes_batch_slots_by_its_tokens(tokens, slots):
+    from serve.replicas import token_slots
+
+    # 32 slots of 16384 / 32 = 512 tokens: a batch closes at 32 requests or 16384 tokens.
+    assert token_slots(tokens, max_batch_tokens=16384, max_batch_size=32) == slots
+
+
+def test_unbatched_every_score_request_fills_a_batch_alone():
+    from serve.replicas import token_slots
+
+    assert token_slots(1, max_batch_tokens=16384, max_batch_size=1) == 1
+    assert token_slots(90000, max_batch_tokens=16384, max_batch_size=1) == 1
+
+
+def test_concurrent_score_requests_of_mixed_lengths_each_get_their_own_scores_in_order(
+        server, tiny_models):
+    """An encoder reward replica tokenizes each request, batches them by tokens and scores
+    the rows in length buckets: every caller still gets exactly its candidates' scores."""
+    from ray import serve
+
+    from actors.models import ModelSpec
+    from actors.reward_model import RewardModel
+    from serve.replicas import RewardReplica
+
+    model = {"id": str(tiny_models.encoder_reward), "engine": "transformers", "batch_size": 8}
+    # 64-token budget over 4 slots: requests take 1 to 4 slots, so batches hold 1 to 4.
+    handle = serve.run(RewardReplica.options(ray_actor_options={"num_cpus": 0},
+                                             max_ongoing_requests=32).bind(
+        "trained", model, 4, 0.05, 64), name="reward-batching", route_prefix=None)
+    requests_ = [(f"persona {i}", [{"role": "user", "content": f"question {i}" * (1 + i % 3)}],
+                  [f"answer {i} " * (1 + (i * 7 + k) % 5) for k in range(1 + i % 3)])
+                 for i in range(12)]
+    try:
+        responses = [handle.score.remote(r) for r in requests_]  # all in flight at once
+        got = [response.result(timeout_s=120) for response in responses]
+    finally:
+        serve.delete("reward-batching")
+    local = RewardModel("trained", ModelSpec.model_validate(model))
+    for request, scores in zip(requests_, got, strict=True):
+        assert scores == pytest.approx(local.score(*request), abs=1e-5)
+
+
 # ---------------------------------------------------------------- robustness
 
 def test_a_replica_killed_under_load_loses_no_request(server):

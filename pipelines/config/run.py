@@ -197,6 +197,10 @@ class RewardAppConfig(ServeAppConfig):
 
     backend: Literal["judge", "classifier", "trained"] = "judge"
     """RewardModel backend run on `models.reward` (actors/reward_model.py)."""
+    max_batch_tokens: PositiveInt = 16384
+    """`classifier` and `trained` backends: tokens merged into one model call. A batch
+    closes at `max_batch_size` requests or this many tokens, whichever comes first; a
+    longer request runs alone. (The judge backend batches by requests only.)"""
 
 
 class ChatLogConfig(_Section):
