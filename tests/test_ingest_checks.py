@@ -5,6 +5,7 @@ import copy
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines.stages.ingest.checks import check_records, filter_reason, structure_error, user_id
@@ -206,12 +207,53 @@ def test_identifiers_are_redacted_before_anything_downstream(redactor):
     assert result.conversations.column("redactions").to_pylist() == [1]
 
 
-def test_duplicates_keep_the_first_in_input_order_then_the_cap_applies():
-    from pipelines.stages.ingest.stage import decide_drops
+def decided_drops(tmp_path, parts: dict[int, list[tuple[str, str]]], cap: int, buckets: int) -> tuple[dict, dict]:
+    """Run drops.py's steps in-process on kept parts given as task -> [(conversation, user)];
+    returns {(task, row): (reason, detail)} and the histogram kept -> users."""
+    from pipelines.stages.ingest import drops
 
-    keys = pa.table({"task_id": [1, 0, 0, 1, 2], "row": [0, 0, 1, 1, 0],
-                     "conversation_id": ["a", "a", "b", "c", "d"], "user_id": ["u", "u", "u", "u", "v"]})
-    drops = decide_drops(keys, cap=2)
-    # Input order: (0,0)=a (0,1)=b (1,0)=a again (1,1)=c (2,0)=d
-    assert drops == {(1, 0): drops[(1, 0)], (1, 1): drops[(1, 1)]}
-    assert drops[(1, 0)][0] == "duplicate" and drops[(1, 1)][0] == "user_cap"
+    keys_dir, drops_dir = tmp_path / "keys", tmp_path / "drops"
+    drops_dir.mkdir()
+    for task, rows in parts.items():
+        part = tmp_path / f"part-{task:06d}.parquet"
+        pq.write_table(pa.table({"conversation_id": [c for c, _ in rows], "user_id": [u for _, u in rows]}), part)
+        drops.shard_keys(str(part), task, str(keys_dir), buckets)
+    for bucket in sorted(keys_dir.glob("cid-*")):
+        drops.find_duplicates(str(bucket), str(keys_dir), str(drops_dir), buckets)
+    histogram = drops.merge_histograms([drops.apply_cap(str(b), str(drops_dir), cap)
+                                        for b in sorted(keys_dir.glob("user-*"))])
+    decided = {}
+    for task in parts:
+        table = drops.read_drops(drops_dir, task)
+        low = drops.task_range(task)[0]
+        decided.update({(task, order - low): (reason, detail) for order, reason, detail in
+                        zip(*(table.column(c).to_pylist() for c in ("order", "reason", "detail")))})
+    return decided, dict(histogram)
+
+
+@pytest.mark.parametrize("buckets", [1, 3])
+def test_duplicates_keep_the_first_in_input_order_then_the_cap_applies(tmp_path, buckets):
+    # Input order: (0,0)=a (0,1)=b (1,0)=a again (1,1)=c (2,0)=d; task 1's part is written first
+    parts = {1: [("a", "u"), ("c", "u")], 0: [("a", "u"), ("b", "u")], 2: [("d", "v")]}
+    decided, histogram = decided_drops(tmp_path, parts, cap=2, buckets=buckets)
+    assert decided == {(1, 0): ("duplicate", "conversation_id a was kept earlier in the input"),
+                       (1, 1): ("user_cap", "user u already has 2 conversations")}
+    assert histogram == {2: 1, 1: 1}          # u keeps 2 (a, b), v keeps 1
+
+
+def test_the_cap_counts_each_users_conversations_in_input_order_across_parts(tmp_path):
+    parts = {0: [(f"c{i}", "heavy") for i in range(5)] + [("x", "light")], 1: [(f"d{i}", "heavy") for i in range(3)]}
+    decided, histogram = decided_drops(tmp_path, parts, cap=4, buckets=4)
+    assert sorted(decided) == [(0, 4), (1, 0), (1, 1), (1, 2)]
+    assert {reason for reason, _ in decided.values()} == {"user_cap"}
+    assert histogram == {4: 1, 1: 1}
+
+
+def test_the_median_of_a_histogram_is_the_median_of_the_values():
+    from collections import Counter
+    from statistics import median
+
+    from pipelines.stages.ingest.drops import histogram_median
+
+    for values in ([1], [1, 2], [3, 1, 2], [5, 5, 1, 1], [1, 1, 1, 2, 9, 9]):
+        assert histogram_median(Counter(values)) == median(values)

@@ -6,10 +6,11 @@ Top to bottom:
 2. check: a Ray Data actor pool streams the tasks; per row, structure rules, filters and
    redaction (pipelines/stages/ingest/checks.py); each task writes its kept rows and rejects as Parquet
    parts, so row data never passes through the driver;
-3. decide: on the driver, from the kept rows' keys alone (two short strings a row),
-   duplicates (same conversation_id, the first in input order kept) and the per-user cap;
-4. finalize: parts with no row to drop are moved as they are, the others rewritten; the
-   stage folder is published atomically (pipelines/contract.py).
+3. decide: from the kept rows' keys alone, bucket by bucket in parallel tasks
+   (pipelines/stages/ingest/drops.py), duplicates (same conversation_id, the first in input
+   order kept) and the per-user cap; no process, the driver included, holds every row's keys;
+4. finalize, one task a part: parts with no row to drop are moved as they are, the others
+   rewritten; the stage folder is published atomically (pipelines/contract.py).
 
 Every input row ends in exactly one place: `conversations`, or `rejects` with status
 "filtered" (a configured filter) or "rejected" (malformed) and a reason; the summary
@@ -22,15 +23,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.stages.ingest import drops
 from pipelines.stages.ingest.checks import check_records, reject_row
 from pipelines.config import IngestConfig, RunConfig
 from pipelines.schema import REJECTS, stage_dir
@@ -112,79 +114,84 @@ def check_in_process(tasks: list[ReadTask], settings: IngestConfig, work: Path) 
     return [check_task(task, settings, redactor, work) for task in tasks]
 
 
-# --- 3. decide ----------------------------------------------------------------------------
+# --- 3. decide and 4. finalize --------------------------------------------------------------
 
-def decide_drops(keys: pa.Table, cap: int) -> dict[tuple[int, int], tuple[str, str]]:
-    """The kept rows to drop, keyed by (task_id, row): a conversation_id seen earlier in
-    input order, then a user's conversations beyond `cap`.
-
-    `keys` has columns task_id, row, conversation_id, user_id, one row per kept row.
-    """
-    keys = keys.sort_by([("task_id", "ascending"), ("row", "ascending")])
-    drops: dict[tuple[int, int], tuple[str, str]] = {}
-    seen: set[str] = set()
-    per_user: Counter = Counter()
-    columns = (keys.column(name).to_pylist() for name in ("task_id", "row", "conversation_id", "user_id"))
-    for task_id, row, cid, uid in zip(*columns):
-        if cid in seen:
-            drops[(task_id, row)] = ("duplicate", f"conversation_id {cid} was kept earlier in the input")
-            continue
-        seen.add(cid)
-        per_user[uid] += 1
-        if per_user[uid] > cap:
-            drops[(task_id, row)] = ("user_cap", f"user {uid} already has {cap} conversations")
-    return drops
-
-
-def _part_keys(part: Path) -> pa.Table:
-    table = pq.read_table(part, columns=["conversation_id", "user_id"])
-    task_id = int(part.stem.split("-")[1])
-    return table.append_column("task_id", pa.array([task_id] * table.num_rows, pa.int64())) \
-                .append_column("row", pa.array(range(table.num_rows), pa.int64()))
-
-
-# --- 4. finalize --------------------------------------------------------------------------
-
-def finalize(work: Path, out: Path, cap: int) -> Counter:
-    """Move checked parts into `out`, applying duplicates and the cap; returns the kept
-    conversations per user."""
+def finalize(work: Path, out: Path, cap: int, rows: int, use_ray: bool) -> Counter:
+    """Move checked parts into `out`, dropping duplicates and rows over the per-user cap
+    (pipelines/stages/ingest/drops.py: decided bucket by bucket, no process holds every
+    row's keys); every step is one task a part or a bucket, on Ray when `use_ray`.
+    Returns the histogram kept conversations -> users."""
     (out / "conversations").mkdir()
     (out / "rejects").mkdir()
+    keys_dir, drops_dir = work / "keys", work / "drops"
+    drops_dir.mkdir()
     parts = sorted((work / "kept").glob("part-*.parquet"))
-    keys = [_part_keys(part) for part in parts]
-    drops = decide_drops(pa.concat_tables(keys), cap) if keys else {}
-    per_user: Counter = Counter()
-    for part, part_keys in zip(parts, keys):
-        task_id = part_keys.column("task_id")[0].as_py() if part_keys.num_rows else -1
-        keep = [(task_id, row) not in drops for row in range(part_keys.num_rows)]
-        per_user.update(u for u, k in zip(part_keys.column("user_id").to_pylist(), keep) if k)
-        if all(keep):  # the common case: both parts move as they are
-            part.rename(out / "conversations" / part.name)
-            (work / "rejects" / part.name).rename(out / "rejects" / part.name)
-        else:
-            rejects = pq.read_table(work / "rejects" / part.name)
-            table = pq.read_table(part)
-            pq.write_table(table.filter(pa.array(keep)), out / "conversations" / part.name)
-            dropped = table.filter(pc.invert(pa.array(keep))).to_pylist()
-            extra = [reject_row(rec, "filtered", *drops[(task_id, row)], rec["user_id"], rec["conversation_id"])
-                     for rec, row in zip(dropped, [r for r, k in enumerate(keep) if not k])]
-            rejects = pa.concat_tables([rejects, pa.Table.from_pylist(extra, schema=REJECTS)])
-            pq.write_table(rejects, out / "rejects" / part.name)
-    return per_user
+    buckets = drops.bucket_count(rows)
+    run = _ray_map if use_ray else _local_map
+    run(drops.shard_keys, [(str(p), _task_id(p), str(keys_dir), buckets) for p in parts])
+    run(drops.find_duplicates, [(str(b), str(keys_dir), str(drops_dir), buckets)
+                                for b in sorted(keys_dir.glob("cid-*"))])
+    histograms = run(drops.apply_cap, [(str(b), str(drops_dir), cap) for b in sorted(keys_dir.glob("user-*"))])
+    run(finish_part, [(str(p), str(drops_dir), str(out)) for p in parts])
+    return drops.merge_histograms(histograms)
+
+
+def finish_part(part: str, drops_dir: str, out: str) -> None:
+    """Move one checked part (and its rejects) into `out`, rewritten when it has drops: the
+    dropped rows join the part's rejects, filtered with their reason."""
+    part_path, out_dir = Path(part), Path(out)
+    rejects_path = part_path.parent.parent / "rejects" / part_path.name
+    dropped = drops.read_drops(Path(drops_dir), _task_id(part_path))
+    if not dropped.num_rows:  # the common case: both parts move as they are
+        part_path.rename(out_dir / "conversations" / part_path.name)
+        rejects_path.rename(out_dir / "rejects" / part_path.name)
+        return
+    table = pq.read_table(part_path)
+    rows = pc.subtract(dropped.column("order"), drops.task_range(_task_id(part_path))[0])
+    drop_mask = pc.is_in(pa.array(range(table.num_rows), pa.int64()), rows.combine_chunks())
+    pq.write_table(table.filter(pc.invert(drop_mask)), out_dir / "conversations" / part_path.name)
+    reasons = {row: (reason, detail) for row, reason, detail in
+               zip(rows.to_pylist(), dropped.column("reason").to_pylist(), dropped.column("detail").to_pylist())}
+    extra = [reject_row(rec, "filtered", *reasons[row], rec["user_id"], rec["conversation_id"])
+             for row, rec in zip(np.flatnonzero(drop_mask.to_numpy(zero_copy_only=False)).tolist(),
+                                 table.filter(drop_mask).to_pylist())]
+    rejects = pa.concat_tables([pq.read_table(rejects_path), pa.Table.from_pylist(extra, schema=REJECTS)])
+    pq.write_table(rejects, out_dir / "rejects" / part_path.name)
+
+
+def _task_id(part: Path) -> int:
+    return int(Path(part).stem.split("-")[1])
+
+
+def _local_map(fn: Callable, calls: list[tuple]) -> list[Any]:
+    return [fn(*args) for args in calls]
+
+
+def _ray_map(fn: Callable, calls: list[tuple]) -> list[Any]:
+    import ray
+
+    remote = ray.remote(num_cpus=1)(fn)
+    return ray.get([remote.remote(*args) for args in calls])
 
 
 def summarize(out: Path, per_user: Counter, rows_in: int, redacted: Counter,
               bad_files: list[dict[str, str]]) -> dict[str, Any]:
-    """The stage summary; raises if any input row is unaccounted for."""
-    rejects = pq.read_table(out / "rejects", schema=REJECTS, columns=["status", "reason"]).to_pylist()
-    filtered = Counter(r["reason"] for r in rejects if r["status"] == "filtered")
-    rejected = Counter(r["reason"] for r in rejects if r["status"] == "rejected")
-    counts = list(per_user.values()) or [0]
+    """The stage summary; raises if any input row is unaccounted for. `per_user` is the
+    histogram kept conversations -> users; rejects are counted part by part."""
+    filtered, rejected = Counter(), Counter()
+    for part in sorted((out / "rejects").glob("*.parquet")):
+        counts = pq.read_table(part, columns=["status", "reason"]).group_by(["status", "reason"]).aggregate(
+            [([], "count_all")])
+        for status, reason, count in zip(*(counts.column(c).to_pylist() for c in ("status", "reason", "count_all"))):
+            (filtered if status == "filtered" else rejected)[reason] += count
+    users = sum(per_user.values())
     summary = {
-        "rows_in": rows_in, "kept": sum(per_user.values()),
+        "rows_in": rows_in, "kept": sum(count * n for count, n in per_user.items()),
         "filtered": dict(sorted(filtered.items())), "rejected": dict(sorted(rejected.items())),
-        "users": len(per_user),
-        "conversations_per_user": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)},
+        "users": users,
+        "conversations_per_user": {"min": min(per_user) if users else 0,
+                                   "median": drops.histogram_median(per_user) if users else 0,
+                                   "max": max(per_user) if users else 0},
         "redacted": dict(sorted(redacted.items())), "bad_files": bad_files,
     }
     accounted = summary["kept"] + sum(filtered.values()) + sum(rejected.values())
@@ -215,9 +222,10 @@ def run_ingest(config: RunConfig, *, use_ray: bool = True,
         redacted: Counter = Counter()
         for result in results:
             redacted.update(json.loads(result["redacted"]))
-        per_user = finalize(work, stage.tmp, settings.filters.max_conversations_per_user)
+        rows_in = sum(r["rows_in"] for r in results)
+        per_user = finalize(work, stage.tmp, settings.filters.max_conversations_per_user, rows_in, use_ray)
         shutil.rmtree(work)
-        summary = summarize(stage.tmp, per_user, sum(r["rows_in"] for r in results), redacted, bad_files)
+        summary = summarize(stage.tmp, per_user, rows_in, redacted, bad_files)
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         stage.commit(config=config, inputs=fingerprint(files),
                      counts={k: summary[k] for k in ("rows_in", "kept", "filtered", "rejected", "users")})
