@@ -7,8 +7,9 @@ explicitly seeded one-output head (`init_trained_reward_model`): its scores mean
 its cost is exactly that of the trained model, which is what throughput needs.
 
 1. offline limit: the same model scores the same requests in full batches, no HTTP, at the
-   served batch size (32 requests) and at 4 requests: their ratio, `offline_batching_ratio`,
-   is the most batching can gain on this CPU;
+   served batch size (32 requests) and at 4 requests, in the parent process, in windows
+   that alternate with the served ones at 32 clients: the ratio of the two,
+   `offline_batching_ratio`, is the most batching can gain on this CPU;
 2. two Serve apps side by side (gateway + one reward replica each): `serve.batch` with
    max_batch_size 32 under /batched, max_batch_size 1 under /unbatched;
 3. an async load generator in its own process (aiohttp, closed loop) at 1, 8 and 32
@@ -124,34 +125,28 @@ def make_model(folder: Path) -> Path:
     return folder
 
 
-def offline_rps(model, requests: list[dict], batch: int) -> float:
-    """Requests/s of a RewardModel scoring the requests in full batches of `batch`."""
-    chunks = [requests[i:i + batch] for i in range(0, len(requests), batch)]
+def offline_window(model, requests: list[dict], batch: int) -> dict:
+    """One offline window: the RewardModel scores every request in batches of `batch`
+    (a load-generator window's shape, so `summarize` reads both)."""
+    latencies = []
     start = time.perf_counter()
-    for chunk in chunks:
-        model.score_batch(*_columns(chunk))
-    return len(requests) / (time.perf_counter() - start)
+    for i in range(0, len(requests), batch):
+        t0 = time.perf_counter()
+        model.score_batch(*_columns(requests[i:i + batch]))
+        latencies += [time.perf_counter() - t0] * len(requests[i:i + batch])
+    return {"latencies": latencies, "errors": 0, "elapsed_s": time.perf_counter() - start}
 
 
-def offline_limits(model_dir: Path, requests: list[dict], rounds: int,
-                   when: str) -> dict[int, list[float]]:
-    """Offline requests/s at the served batch size and at SMALL_BATCH, in alternating
-    windows (as the served variants are), printed with the load average."""
+def offline_models(model_dir: Path, requests: list[dict]) -> dict[int, object]:
+    """The RewardModel at the served batch size and at SMALL_BATCH, warmed up."""
     from actors.reward_model import RewardModel
 
     models = {b: RewardModel("trained", {"id": str(model_dir), "engine": "transformers",
                                          "batch_size": b * CANDIDATES_PER_REQUEST})
               for b in (SERVED_BATCH, SMALL_BATCH)}
     for b, model in models.items():
-        model.score_batch(*_columns(requests[:b]))  # warm-up
-    runs: dict[int, list[float]] = {b: [] for b in models}
-    for _ in range(rounds):
-        for b, model in models.items():
-            runs[b].append(offline_rps(model, requests, b))
-    for b, rps in runs.items():
-        print(f"offline {when}, batches of {b:2} requests: "
-              f"{' '.join(f'{x:.1f}' for x in rps)} requests/s{_loadavg()}", flush=True)
-    return runs
+        model.score_batch(*_columns(requests[:b]))
+    return models
 
 
 def _columns(chunk: list[dict]):
@@ -234,8 +229,7 @@ def main() -> int:
         model_dir = make_model(Path(tmp) / "minilm-rm")
         tokens = mean_pair_tokens(model_dir, requests)
         print(f"{tokens:.0f} tokens per (prompt, candidate) pair", flush=True)
-        offline_rounds = 2 if args.quick else 4
-        offline = offline_limits(model_dir, requests, offline_rounds, "before serving")
+        offline = offline_models(model_dir, requests)
         token = secrets.token_urlsafe(16)
         # Each replica reserves 1 of the 2 CPUs but may use both threads, like the offline
         # run: only one of the two variants is under load at any time.
@@ -256,33 +250,35 @@ def main() -> int:
                     for name, url in urls.items():
                         windows.setdefault(f"{name}_c{c}", []).append(
                             run_load(url, token, c, duration, pool))
+                    if c == CONCURRENCY[-1]:  # the offline limits in the same alternation
+                        for b, model in offline.items():
+                            windows.setdefault(f"offline_batch{b}", []).append(
+                                offline_window(model, requests, b))
                 for name in urls:
                     result = summarize(windows[f"{name}_c{c}"])
                     print(f"{name:9} {c:2} clients: {result['rps']:7.1f} req/s  p50 "
                           f"{result['p50_ms']} ms  p99 {result['p99_ms']} ms  "
                           f"errors {result['errors']}{_loadavg()}", flush=True)
+            for b in offline:
+                print(f"offline, batches of {b:2} requests: "
+                      f"{summarize(windows[f'offline_batch{b}'])['rps']:7.1f} req/s (no HTTP)"
+                      f"{_loadavg()}", flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()
-        settings = {key: summarize(w) for key, w in windows.items()}
-        # Measured again once Serve is gone: each limit is the best window (another process
-        # on these 2 cores slows some windows, small batches most).
-        for b, rps in offline_limits(model_dir, requests, offline_rounds, "after serving").items():
-            offline[b] += rps
     contention = sorted(set(contention) | set(other_benchmarks()))
     load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    best = {b: max(runs) for b, runs in offline.items()}
-    batching = settings["batched_c32"]["rps"] / settings["unbatched_c32"]["rps"]
-    offline_batching = best[SERVED_BATCH] / best[SMALL_BATCH]
+    settings = {key: summarize(w) for key, w in windows.items()}
+    served, unbatched = settings[f"batched_c{CONCURRENCY[-1]}"], settings[f"unbatched_c{CONCURRENCY[-1]}"]
+    limit, small = settings[f"offline_batch{SERVED_BATCH}"], settings[f"offline_batch{SMALL_BATCH}"]
+    batching = served["rps"] / unbatched["rps"]
+    offline_batching = limit["rps"] / small["rps"]
     report = {
         "batching_ratio": round(batching, 3),
-        "served_over_offline_ratio": round(settings["batched_c32"]["rps"] / best[SERVED_BATCH], 3),
+        "served_over_offline_ratio": round(served["rps"] / limit["rps"], 3),
         "offline_batching_ratio": round(offline_batching, 3),
         "batching_over_offline_batching_ratio": round(batching / offline_batching, 3),
-        "offline_rps": round(best[SERVED_BATCH], 2),
-        "offline_rps_small_batch": round(best[SMALL_BATCH], 2),
-        "offline_rps_runs": {f"batch_{b}": [round(x, 2) for x in runs]
-                             for b, runs in offline.items()},
+        "offline_rps": limit["rps"], "offline_rps_small_batch": small["rps"],
         "mean_pair_tokens": round(tokens, 1), "settings": settings,
         "candidates_per_request": CANDIDATES_PER_REQUEST, "request_pool": pool,
         "window_s": duration, "windows": rounds,
