@@ -84,6 +84,16 @@ def default_work_dir(uri: str) -> Path:
     return root / found / uri[len(found) + 3:].strip("/")
 
 
+def local_copy(location: str, work_dir: str | None = None) -> Path:
+    """A local folder holding the run at `location`: the folder itself, or for a URI its
+    working copy with the finished stages pulled from the store."""
+    if not is_remote(location):
+        return Path(location)
+    remote = RemoteRun(location, Path(work_dir) if work_dir else default_work_dir(location))
+    remote.pull()
+    return remote.work_dir
+
+
 def download_inputs(inputs: list[str], work_dir: Path) -> list[str]:
     """Local paths for ingest's inputs: each URI (a file or a prefix) is downloaded into
     `<work_dir>/.inputs/<hash>/`, keeping its file names, and a file already there at the same

@@ -31,6 +31,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import RunConfig, ServeAppConfig, load_config
+from pipelines.storage import local_copy
 from serve.chat_rows import ChatTurn
 from serve.guard import Guard, read_token, request_id_of, token_digest
 from serve.replicas import ChatLogReplica, ChatReplica, RewardReplica, RewriteReplica
@@ -248,9 +249,10 @@ def build_app(config: RunConfig, digest: str):
             settings.rewrite.batch_wait_timeout_s)
     chat_log = None
     if settings.chat.enabled:
-        run_dir = settings.run_dir or config.run_dir
+        # A run in object storage is pulled first: the replicas read its personas from disk.
+        run_dir = local_copy(settings.run_dir or config.run_dir, config.work_dir)
         chat = ChatReplica.options(**_scaling(settings.chat)).bind(
-            models.policy.model_dump(), settings.max_tokens, str(Path(run_dir).resolve()))
+            models.policy.model_dump(), settings.max_tokens, str(run_dir.resolve()))
         log = settings.chat.log
         if log.enabled:
             # The folder is resolved here, where `rlhi serve` starts, not in a Ray worker.

@@ -151,3 +151,13 @@ def test_the_driver_runs_a_remote_run_in_its_working_copy_with_its_inputs_downlo
     (downloaded,) = local.ingest.inputs
     assert Path(downloaded).parent.parent == tmp_path / "work" / ".inputs"
     assert Path(downloaded).read_bytes() == wildchat_sample.read_bytes()
+
+
+def test_the_chat_app_reads_a_remote_runs_personas_from_its_pulled_working_copy(s3_bucket, tmp_path):
+    writer = storage.RemoteRun(f"{s3_bucket}/serving", tmp_path / "writer")
+    writer.publish(finished_stage(writer.work_dir, "personas", rows=3, marker="serving"))
+    local = storage.local_copy(f"{s3_bucket}/serving", str(tmp_path / "server"))
+    assert local == tmp_path / "server" and pq.read_table(local / "personas" / "table").num_rows == 3
+    assert storage.local_copy("runs/local") == Path("runs/local")
+    with pytest.raises(ConfigError, match="serve.run_dir 'gopher://x/run': the scheme 'gopher' is not supported"):
+        parse_config({"serve": {"run_dir": "gopher://x/run"}})

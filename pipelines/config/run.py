@@ -252,7 +252,8 @@ class ServeConfig(_Section):
     The token itself never goes in a config file."""
     run_dir: str | None = None
     """Run directory whose personas table (serving rows) feeds the chat app; None: the
-    config's `run_dir`. A missing table means no personas."""
+    config's `run_dir`. A missing table means no personas. A URI is pulled into its working
+    copy when the app starts."""
     max_body_bytes: PositiveInt = 1 << 20
     """Larger request bodies get 413 before they are parsed."""
     max_candidates: PositiveInt = 16
@@ -270,6 +271,13 @@ class ServeConfig(_Section):
     reward: RewardAppConfig = RewardAppConfig(max_batch_size=32, max_ongoing_requests=128)
     rewrite: ServeAppConfig = ServeAppConfig(max_batch_size=4)
     chat: ChatAppConfig = ChatAppConfig(max_batch_size=1)
+
+    @field_validator("run_dir")
+    @classmethod
+    def _openable_run_dir(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_location(value, "serve.run_dir")
+        return value
 
 
 class RunConfig(_Section):
