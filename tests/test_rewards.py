@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import RewardsConfig, parse_config
-from pipelines.stages.rewards import (apply_threshold, margin_zscore, pooled_std, quantile_cutoff, reward_prompts,
-                               run_rewards, sample_and_score, sample_id, select_pair)
+from pipelines.stages.reward_threshold import apply_threshold, margin_zscore, pooled_std, quantile_cutoff, select_pair
+from pipelines.stages.rewards import reward_prompts, run_rewards, sample_and_score, sample_id
 from pipelines.persona_join import attach_personas
 from pipelines.schema import CONVERSATION_PERSONAS, CONVERSATIONS, FOLLOWUPS, PERSONAS, SAMPLES, check_schema
 

@@ -17,7 +17,7 @@ Top to bottom:
    models.reward), checked healthy before any actor starts. The sampler stays in the pool:
    the chat app would condition on the user's serving persona, built from ALL their
    history, leaking later conversations into earlier turns' prompts.
-4. Pair selection and threshold (`select_pair`, `apply_threshold`): best versus worst,
+4. Pair selection and threshold (pipelines/stages/reward_threshold.py): best versus worst,
    kept only when the margin clears a threshold relative to the prompt's own scores
    (`zscore`) or to this run's margins (`quantile`), because reward scales differ between
    backends and models. On Ray each actor selects its batch's pairs and writes the batch as
@@ -36,7 +36,6 @@ import json
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -48,6 +47,7 @@ from actors.models import ModelSpec
 from pipelines.config import RewardsConfig, RunConfig
 from pipelines.persona_join import attach_personas
 from pipelines.rounds import actor_gpus, policy_spec
+from pipelines.stages.reward_threshold import Threshold, decide, select, within_variance
 from pipelines.schema import FEEDBACK_LABELS, MESSAGES, SAMPLES, check_schema, model_path, stage_dir, table_path
 from pipelines.contract import StageWriter, require_stage
 
@@ -61,14 +61,9 @@ PROMPT_SCHEMA = pa.schema([("sample_id", pa.string()), ("user_id", pa.string()),
                            ("conversation_id", pa.string()), ("turn_index", pa.int32()), ("persona", pa.string()),
                            ("context", MESSAGES)])
 
-# Reasons a prompt yields no pair, in the order they are checked.
+# A prompt beyond `max_prompts`: filtered without any model call. The other reasons a prompt
+# yields no pair are reward_threshold.py's.
 OVER_CAP = "over_cap"
-TOO_FEW_CANDIDATES = "too_few_candidates"
-INVALID_SCORES = "invalid_scores"
-IDENTICAL_CANDIDATES = "identical_candidates"
-EMPTY_CANDIDATE = "empty_candidate"
-TIED_SCORES = "tied_scores"
-BELOW_THRESHOLD = "below_threshold"
 
 
 def sample_id(conversation_id: str, turn_index: int, round_index: int) -> str:
@@ -163,127 +158,6 @@ class RewardWorker:
         return pa.table({"margin": pa.array([r["margin"] for r in rows], pa.float64()),
                          "selected": pa.array([r["reason"] is None for r in rows], pa.bool_()),
                          "variance": pa.array([within_variance(r["scores"]) for r in rows], pa.float64())})
-
-
-# --- 4. pair selection and threshold ------------------------------------------------------
-
-@dataclass(frozen=True)
-class Selection:
-    """Best versus worst of one prompt's candidates; `reason` says why there is no pair."""
-
-    chosen: int | None
-    rejected: int | None
-    margin: float | None
-    reason: str | None
-
-
-def select_pair(candidates: Sequence[str], scores: Sequence[float]) -> Selection:
-    """The highest-scored candidate (chosen) against the lowest (rejected), first index on
-    ties; `reason` is set when they cannot make a pair, before any threshold."""
-    if len(candidates) != len(scores):
-        raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
-    if len(scores) < 2:
-        return Selection(None, None, None, TOO_FEW_CANDIDATES)
-    if not all(math.isfinite(s) for s in scores):
-        return Selection(None, None, None, INVALID_SCORES)
-    if len({c.strip() for c in candidates}) == 1:
-        return Selection(None, None, float(max(scores) - min(scores)), IDENTICAL_CANDIDATES)
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    worst = min(range(len(scores)), key=lambda i: (scores[i], i))
-    margin = float(scores[best] - scores[worst])
-    if margin <= 0:
-        return Selection(None, None, margin, TIED_SCORES)
-    if candidates[best].strip() == candidates[worst].strip():
-        return Selection(best, worst, margin, IDENTICAL_CANDIDATES)
-    if not candidates[best].strip() or not candidates[worst].strip():
-        return Selection(best, worst, margin, EMPTY_CANDIDATE)
-    return Selection(best, worst, margin, None)
-
-
-def within_variance(scores: Sequence[float]) -> float | None:
-    """The population variance of one prompt's scores; None under two scores."""
-    if len(scores) < 2:
-        return None
-    mean = sum(scores) / len(scores)
-    return sum((s - mean) ** 2 for s in scores) / len(scores)
-
-
-def pooled_std(score_lists: Sequence[Sequence[float]]) -> float:
-    """The reward model's typical spread within one prompt in this run: the square root of
-    the mean within-prompt (population) variance. It carries the model's scale, so a margin
-    divided by it reads the same for a judge in [0, 1] and a reward model's logits."""
-    return pooled_std_of([within_variance(scores) for scores in score_lists])
-
-
-def pooled_std_of(variances: Sequence[float | None]) -> float:
-    present = [v for v in variances if v is not None]
-    return math.sqrt(sum(present) / len(present)) if present else 0.0
-
-
-def margin_zscore(margin: float, scale: float) -> float:
-    """best - worst in units of the run's within-prompt spread (`pooled_std`); 0 if none."""
-    return 0.0 if scale <= 0 else margin / scale
-
-
-def quantile_cutoff(margins: Sequence[float], quantile: float) -> float:
-    """The margin at `quantile` of this run's per-prompt margins (linear interpolation):
-    margins at or above it are the top `1 - quantile`."""
-    if not margins:
-        return math.inf
-    return float(pd.Series(margins, dtype="float64").quantile(quantile))
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """This run's bar for a pair: `min_z` times `scale` (zscore), or `cutoff` (quantile)."""
-
-    scale: float
-    cutoff: float | None
-
-    @classmethod
-    def fit(cls, margins: Sequence[float], variances: Sequence[float | None],
-            settings: RewardsConfig) -> "Threshold":
-        """From the margins and within-prompt variances of the prompts that make a pair."""
-        cutoff = quantile_cutoff(list(margins), settings.quantile) if settings.threshold == "quantile" else None
-        return cls(pooled_std_of(variances), cutoff)
-
-    def passes(self, margin: float, settings: RewardsConfig) -> bool:
-        if self.cutoff is None:
-            return margin_zscore(margin, self.scale) >= settings.min_z
-        return margin >= self.cutoff
-
-
-def select(row: dict[str, Any]) -> dict[str, Any]:
-    """Set a scored row's pair (`select_pair`): margin, chosen and rejected indices, and the
-    reason it makes no pair; status stays unset until the threshold. Returns the row."""
-    selection = select_pair(row["candidates"], row["scores"])
-    row.update(margin=selection.margin, reason=selection.reason,
-               chosen_index=selection.chosen, rejected_index=selection.rejected)
-    return row
-
-
-def decide(row: dict[str, Any], threshold: Threshold, settings: RewardsConfig) -> dict[str, Any]:
-    """Set status and reason on a selected row; only a kept row names its pair."""
-    reason = row["reason"]
-    if reason is None and not threshold.passes(row["margin"], settings):
-        reason = BELOW_THRESHOLD
-    row["status"], row["reason"] = ("kept", None) if reason is None else ("filtered", reason)
-    if reason is not None:
-        row["chosen_index"] = row["rejected_index"] = None
-    return row
-
-
-def apply_threshold(rows: list[dict[str, Any]], settings: RewardsConfig) -> list[dict[str, Any]]:
-    """Set status, reason and margin on scored rows (candidates, scores); rows that already
-    carry a reason (over_cap) are left filtered. Returns the same rows. (The stage does
-    the same in two passes over its parts: `select` in the workers, `decide` after.)"""
-    open_rows = [select(row) for row in rows if not row.get("reason")]
-    paired = [row for row in open_rows if row["reason"] is None]
-    threshold = Threshold.fit([row["margin"] for row in paired],
-                              [within_variance(row["scores"]) for row in paired], settings)
-    for row in open_rows:
-        decide(row, threshold, settings)
-    return rows
 
 
 # --- the stage on Ray Data ----------------------------------------------------------------
