@@ -173,7 +173,7 @@ def _ray_map(fn: Callable, calls: list[tuple]) -> list[Any]:
     Ray's per-task cost hundreds of times at WildChat-1M's parts); results in call order."""
     import ray
 
-    tasks = max(1, min(len(calls), int(ray.available_resources().get("CPU", 1))))
+    tasks = max(1, min(len(calls), int(ray.cluster_resources().get("CPU", 1))))
     chunks = [calls[i::tasks] for i in range(tasks)]
     done = ray.get([_chunk_runner().remote(fn, chunk) for chunk in chunks])
     results: list[Any] = [None] * len(calls)
