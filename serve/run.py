@@ -63,6 +63,23 @@ def serve_forever(config: RunConfig, port: int | None = None,
                                   if getattr(settings, n).enabled]}
 
 
+def redeploy(config: RunConfig, token: str, timeout_s: float = 600.0) -> dict[str, Any]:
+    """Put `config` (typically a newly trained `models.policy`) live in the running
+    application, without downtime: Serve updates in place only the deployments whose
+    arguments changed, starting their new replicas and stopping the old ones once the new
+    are ready, and an old replica finishes the requests it holds before it stops. The chat
+    log's deployment is unchanged, so it keeps its open batch and the log records which
+    policy version answered each turn. Returns the served policy as `/v1/models` lists it."""
+    from ray import serve
+
+    from serve.app import APP_NAME, build_app
+
+    serve.run(build_app(config, token_digest(token)), name=APP_NAME, route_prefix="/")
+    info = serve.get_deployment_handle("chat", APP_NAME).info.remote().result(timeout_s=timeout_s)
+    print(f"rlhi serve: now serving {info['id']} (policy version {info['policy_version']})", flush=True)
+    return info
+
+
 def close_chat_log() -> None:
     """Write the chat log's open batch now and say what it wrote and lost. (Serve's own
     shutdown would also flush it, but only into the replica's log.)"""
