@@ -78,7 +78,7 @@ def existing_run(location: str):
 
     storage.check_location(location, "run directory")
     if storage.is_remote(location):
-        remote = storage.RemoteRun(location, storage.default_work_dir(location))
+        remote = storage.RemoteRun(location)
         if not remote.pull() and not any(remote.work_dir.iterdir()):
             raise ValueError(f"{location}: no finished stage in the store")
         return remote.work_dir, remote

@@ -163,11 +163,10 @@ def working_copy(config: RunConfig) -> tuple[RunConfig, storage.RemoteRun | None
     copy (finished stages pulled from the store), and input URIs become downloaded files."""
     remote = None
     if storage.is_remote(config.run_dir):
-        work_dir = Path(config.work_dir) if config.work_dir else storage.default_work_dir(config.run_dir)
-        remote = storage.RemoteRun(config.run_dir, work_dir)
+        remote = storage.RemoteRun(config.run_dir, config.work_dir)
         if pulled := remote.pull():
-            print(f"pulled {len(pulled)} finished stage(s) from {config.run_dir} into {work_dir}", flush=True)
-        config = config.model_copy(update={"run_dir": str(work_dir)})
+            print(f"pulled {len(pulled)} finished stage(s) from {config.run_dir} into {remote.work_dir}", flush=True)
+        config = config.model_copy(update={"run_dir": str(remote.work_dir)})
     if "ingest" in config.stages and any(storage.is_remote(item) for item in config.ingest.inputs):
         inputs = storage.download_inputs(list(config.ingest.inputs), Path(config.run_dir))
         config = config.model_copy(update={"ingest": config.ingest.model_copy(update={"inputs": inputs})})

@@ -89,7 +89,7 @@ def local_copy(location: str, work_dir: str | None = None) -> Path:
     working copy with the finished stages pulled from the store."""
     if not is_remote(location):
         return Path(location)
-    remote = RemoteRun(location, Path(work_dir) if work_dir else default_work_dir(location))
+    remote = RemoteRun(location, work_dir)
     remote.pull()
     return remote.work_dir
 
@@ -127,15 +127,16 @@ def download_inputs(inputs: list[str], work_dir: Path) -> list[str]:
 
 @dataclass
 class RemoteRun:
-    """A run of record in object storage and its local working copy."""
+    """A run of record in object storage and its local working copy (`work_dir`; None: the
+    default one, `default_work_dir`)."""
 
     uri: str
-    work_dir: Path
+    work_dir: Path | str | None = None
 
     def __post_init__(self) -> None:
         self.uri = self.uri.rstrip("/")
         self.filesystem, self.root = open_uri(self.uri, "run_dir")
-        self.work_dir = Path(self.work_dir)
+        self.work_dir = Path(self.work_dir) if self.work_dir else default_work_dir(self.uri)
         self._carried: list[tuple[str, str]] = []   # (store prefix, relative destination)
 
     def relative(self, local: Path) -> str:
@@ -210,9 +211,9 @@ class RemoteRun:
 
         relative = self.relative(local_stage)
         parent, _, name = relative.rpartition("/")
-        tmp = self.remote(f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}" if parent else f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-        final = self.remote(relative)
-        for stale in self._listing(self.remote(parent)):
+        folder, final = self.remote(parent), self.remote(relative)
+        tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        for stale in self._listing(folder):
             if stale.type == pafs.FileType.Directory and stale.base_name.startswith(f".{name}.tmp-"):
                 self.filesystem.delete_dir(stale.path)
         pafs.copy_files(str(local_stage), tmp, destination_filesystem=self.filesystem)
