@@ -27,6 +27,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
+import pyarrow as pa
+
 from pipelines.schema import stage_dir
 
 MANIFEST = "manifest.json"
@@ -38,6 +40,22 @@ RUN_KEY: ContextVar[str | None] = ContextVar("rlhi_run_key", default=None)
 STEP_STARTED: ContextVar[float | None] = ContextVar("rlhi_step_started", default=None)
 _PACKAGES = ("actors", "pipelines", "serve", "sim")
 _REPO = Path(__file__).resolve().parents[1]
+
+
+# The batch number a block carries to the Ray Data actor that handles it: the actor writes the
+# block's output as the part named after it (`batch_part_name`), so no row returns to the driver.
+BATCH = "_batch"
+
+
+def numbered_batches(table: pa.Table, size: int) -> list[pa.Table]:
+    """`table` in blocks of `size` rows, each with its batch number in column BATCH."""
+    return [table.slice(start, size).append_column(BATCH, pa.array([index] * min(size, table.num_rows - start),
+                                                                   pa.int64()))
+            for index, start in enumerate(range(0, table.num_rows, size))]
+
+
+def batch_part_name(block: pa.Table) -> str:
+    return f"part-{block.column(BATCH)[0].as_py():06d}.parquet"
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -49,17 +49,19 @@ from pipelines.persona_join import attach_personas
 from pipelines.rounds import actor_gpus, policy_spec
 from pipelines.stages.reward_threshold import Threshold, decide, select, within_variance
 from pipelines.schema import FEEDBACK_LABELS, MESSAGES, SAMPLES, check_schema, model_path, stage_dir, table_path
-from pipelines.contract import StageWriter, require_stage
+from pipelines.contract import BATCH, StageWriter, batch_part_name, numbered_batches, require_stage
+from pipelines.runtime import map_tasks
 
 if TYPE_CHECKING:
     from serve.roles import Endpoint
 
 STAGE = "rewards"
-BATCH = "_batch"   # the batch number a block carries to its actor: it names the part
 PROMPT_COLUMNS = ("sample_id", "user_id", "persona_id", "conversation_id", "turn_index", "persona", "context")
 PROMPT_SCHEMA = pa.schema([("sample_id", pa.string()), ("user_id", pa.string()), ("persona_id", pa.string()),
                            ("conversation_id", pa.string()), ("turn_index", pa.int32()), ("persona", pa.string()),
                            ("context", MESSAGES)])
+# What an actor returns per prompt: all the run's threshold needs (Threshold.fit).
+SELECTION = pa.schema([("margin", pa.float64()), ("selected", pa.bool_()), ("variance", pa.float64())])
 
 # A prompt beyond `max_prompts`: filtered without any model call. The other reasons a prompt
 # yields no pair are reward_threshold.py's.
@@ -154,10 +156,9 @@ class RewardWorker:
         rows = [select(sample_row(prompt, result, self.backend, self.round_index))
                 for prompt, result in zip(prompts, scored)]
         pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLES),
-                       self.out / f"part-{batch.column(BATCH)[0].as_py():06d}.parquet")
-        return pa.table({"margin": pa.array([r["margin"] for r in rows], pa.float64()),
-                         "selected": pa.array([r["reason"] is None for r in rows], pa.bool_()),
-                         "variance": pa.array([within_variance(r["scores"]) for r in rows], pa.float64())})
+                       self.out / batch_part_name(batch))
+        return pa.table({"margin": [r["margin"] for r in rows], "selected": [r["reason"] is None for r in rows],
+                         "variance": [within_variance(r["scores"]) for r in rows]}, schema=SELECTION)
 
 
 # --- the stage on Ray Data ----------------------------------------------------------------
@@ -184,9 +185,7 @@ def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec, 
     table = pa.Table.from_pandas(prompts[list(PROMPT_COLUMNS)], schema=PROMPT_SCHEMA, preserve_index=False)
     # Half a CPU per actor: a pool holding every CPU starves Ray Data's own tasks.
     # One block per batch, so every actor of the pool gets work.
-    blocks = [table.slice(start, settings.batch_size).append_column(
-                  BATCH, pa.array([index] * min(settings.batch_size, table.num_rows - start), pa.int64()))
-              for index, start in enumerate(range(0, table.num_rows, settings.batch_size))]
+    blocks = numbered_batches(table, settings.batch_size)
     dataset = ray.data.from_arrow(blocks).map_batches(
         RewardWorker, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
         num_gpus=actor_gpus(policy, None if served else reward_model_spec(config)),
@@ -195,24 +194,24 @@ def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec, 
                                "round_index": round_index, "served": served},
         compute=ray.data.ActorPoolStrategy(size=min(workers, batches)))
     parts = list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
-    return pa.concat_tables(parts) if parts else pa.table({"margin": pa.array([], pa.float64())})
+    return pa.concat_tables(parts) if parts else SELECTION.empty_table()
 
 
 def finish_parts(out: Path, threshold: Threshold, settings: RewardsConfig) -> list[dict[str, Any]]:
-    """Apply the run's threshold to every part in place, one Ray task a part; returns each
-    part's counts (rows, kept, filtered by reason, candidates)."""
-    import ray
-
-    finish = ray.remote(num_cpus=0.5)(finish_part)
-    return ray.get([finish.remote(str(path), threshold, settings) for path in sorted(out.glob("*.parquet"))])
+    """Apply the run's threshold to every part in place, in Ray tasks; returns each part's
+    counts (rows, kept, filtered by reason, candidates)."""
+    return map_tasks(finish_part, [(str(path), threshold, settings) for path in sorted(out.glob("*.parquet"))])
 
 
 def finish_part(path: str, threshold: Threshold, settings: RewardsConfig) -> dict[str, Any]:
-    """`decide` every row of one part and rewrite it atomically; returns its counts."""
-    rows = [row if row["status"] else decide(row, threshold, settings) for row in pq.read_table(path).to_pylist()]
-    partial = f"{path}.partial"
-    pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLES), partial)
-    os.replace(partial, path)
+    """`decide` the undecided rows of one part and rewrite it atomically (a part with none,
+    the over-cap one, stays as it is); returns its counts."""
+    rows = pq.read_table(path).to_pylist()
+    if any(not row["status"] for row in rows):
+        rows = [row if row["status"] else decide(row, threshold, settings) for row in rows]
+        partial = f"{path}.partial"
+        pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLES), partial)
+        os.replace(partial, path)
     return {"rows": len(rows), "kept": sum(r["status"] == "kept" for r in rows),
             "filtered": dict(Counter(r["reason"] for r in rows if r["status"] == "filtered")),
             "candidates": sum(len(r["candidates"]) for r in rows)}
@@ -268,19 +267,17 @@ def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     capped = prompts if settings.max_prompts is None else prompts.iloc[: settings.max_prompts]
     with StageWriter(run_dir, STAGE, round_index) as stage:
         out = stage.table_dir("samples")
-        selected = score_with_ray(capped, config, policy, out, round_index, served) if len(capped) else None
+        selected = score_with_ray(capped, config, policy, out, round_index, served) if len(capped) \
+            else SELECTION.empty_table()
         over = [sample_row(prompt, None, backend, round_index) for prompt in prompts.iloc[len(capped):].to_dict("records")]
         pq.write_table(pa.Table.from_pylist(over, schema=SAMPLES), out / "part-over-cap.parquet")
-        threshold = Threshold.fit([], [], settings)
-        if selected is not None:
-            paired = selected.filter(selected.column("selected"))
-            threshold = Threshold.fit(paired.column("margin").to_pylist(), paired.column("variance").to_pylist(),
-                                      settings)
+        paired = selected.filter(selected.column("selected"))
+        threshold = Threshold.fit(paired.column("margin").to_pylist(), paired.column("variance").to_pylist(), settings)
         parts = finish_parts(out, threshold, settings)
         reasons = Counter()
         for part in parts:
             reasons.update(part["filtered"])
-        kept, sampled = sum(part["kept"] for part in parts), 0 if selected is None else selected.num_rows
+        kept, sampled = sum(part["kept"] for part in parts), selected.num_rows
         if kept + sum(reasons.values()) != len(prompts) or sampled != len(capped) \
                 or sum(part["rows"] for part in parts) != len(prompts):
             raise RuntimeError(f"rewards lost prompts: {len(prompts)} prompts, {sampled} of "

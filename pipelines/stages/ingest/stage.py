@@ -39,6 +39,7 @@ from pipelines.config import IngestConfig, RunConfig
 from pipelines.schema import REJECTS, stage_dir
 from pipelines.stages.ingest.sources import InputError, ReadTask, detect_format, plan_file, read_task_records, resolve_inputs
 from pipelines.contract import StageWriter, fingerprint
+from pipelines.runtime import map_tasks
 
 STAGE = "ingest"
 
@@ -120,7 +121,7 @@ def check_in_process(tasks: list[ReadTask], settings: IngestConfig, work: Path) 
 def finalize(work: Path, out: Path, cap: int, rows: int, use_ray: bool) -> Counter:
     """Move checked parts into `out`, dropping duplicates and rows over the per-user cap
     (pipelines/stages/ingest/drops.py: decided bucket by bucket, no process holds every
-    row's keys); every step is one task a part or a bucket, on Ray when `use_ray`.
+    row's keys); each step runs over the parts or buckets as Ray tasks when `use_ray`.
     Returns the histogram kept conversations -> users."""
     (out / "conversations").mkdir()
     (out / "rejects").mkdir()
@@ -128,7 +129,7 @@ def finalize(work: Path, out: Path, cap: int, rows: int, use_ray: bool) -> Count
     drops_dir.mkdir()
     parts = sorted((work / "kept").glob("part-*.parquet"))
     buckets = drops.bucket_count(rows)
-    run = _ray_map if use_ray else _local_map
+    run = functools.partial(map_tasks, use_ray=use_ray)
     run(drops.shard_keys, [(str(p), _task_id(p), str(keys_dir), buckets) for p in parts])
     run(drops.find_duplicates, [(str(b), str(keys_dir), str(drops_dir), buckets)
                                 for b in sorted(keys_dir.glob("cid-*"))])
@@ -162,31 +163,6 @@ def finish_part(part: str, drops_dir: str, out: str) -> None:
 
 def _task_id(part: Path) -> int:
     return int(Path(part).stem.split("-")[1])
-
-
-def _local_map(fn: Callable, calls: list[tuple]) -> list[Any]:
-    return [fn(*args) for args in calls]
-
-
-def _ray_map(fn: Callable, calls: list[tuple]) -> list[Any]:
-    """`fn` over `calls` in as many Ray tasks as there are CPUs (a task per call would pay
-    Ray's per-task cost hundreds of times at WildChat-1M's parts); results in call order."""
-    import ray
-
-    tasks = max(1, min(len(calls), int(ray.cluster_resources().get("CPU", 1))))
-    chunks = [calls[i::tasks] for i in range(tasks)]
-    done = ray.get([_chunk_runner().remote(fn, chunk) for chunk in chunks])
-    results: list[Any] = [None] * len(calls)
-    for i, chunk_results in enumerate(done):
-        results[i::tasks] = chunk_results
-    return results
-
-
-@functools.cache
-def _chunk_runner():
-    import ray
-
-    return ray.remote(num_cpus=1)(_local_map)
 
 
 def summarize(out: Path, per_user: Counter, rows_in: int, redacted: Counter,

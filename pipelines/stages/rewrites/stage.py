@@ -41,13 +41,12 @@ from pipelines.config import RewritesConfig, RunConfig
 from pipelines.persona_join import attach_personas
 from pipelines.rounds import actor_gpus, policy_spec
 from pipelines.schema import FOLLOWUPS, REWRITES, check_schema, stage_dir, table_path
-from pipelines.contract import StageWriter, require_stage
+from pipelines.contract import BATCH, StageWriter, batch_part_name, numbered_batches, require_stage
 
 if TYPE_CHECKING:
     from serve.roles import Endpoint
 
 STAGE = "rewrites"
-BATCH = "_batch"   # the batch number a block carries to its actor: it names the part
 OVER_CAP = "over_cap"          # beyond rewrites.max_followups: no model calls
 NO_USER_TURN = "no_user_turn"  # the context does not end with the user turn answered
 # Columns of the follow-ups fed to the workers (a follow-up plus its persona).
@@ -168,7 +167,7 @@ class RewriteWorker:
                             judge=self.judge, tokenize=self.tokenize, settings=self.settings,
                             from_scratch=self.from_scratch, round_index=self.round_index)
         table = pa.Table.from_pylist(rows, schema=REWRITES)
-        pq.write_table(table, self.out / f"part-{batch.column(BATCH)[0].as_py():06d}.parquet")
+        pq.write_table(table, self.out / batch_part_name(batch))
         return pa.table({"counts": [json.dumps(part_counts(table))]})
 
 
@@ -199,9 +198,7 @@ def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int, out: P
     # One block per batch, so the whole pool gets work and a batch is the same rows on
     # every rerun (sampling is seeded per engine call). Half a CPU per actor: a pool
     # holding every CPU would starve Ray Data's own tasks.
-    blocks = [todo.slice(start, settings.batch_size).append_column(
-                  BATCH, pa.array([index] * min(settings.batch_size, todo.num_rows - start), pa.int64()))
-              for index, start in enumerate(range(0, todo.num_rows, settings.batch_size))]
+    blocks = numbered_batches(todo, settings.batch_size)
     results = ray.data.from_arrow(blocks).map_batches(
         RewriteWorker, fn_constructor_kwargs={
             "policy": policy_spec(config, round_index).model_dump(), "rewriter": config.models.rewriter.model_dump(),
