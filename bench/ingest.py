@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
+import process_tree  # bench/process_tree.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 WILDCHAT_1M = 838_000
@@ -61,36 +61,6 @@ INGEST_MODULES = ("stages/ingest/*.py", "config/*.py", "redact.py", "schema.py",
 
 
 # --- inside the measured subprocess ------------------------------------------------------
-
-def tree_pss_mb(pid: int) -> tuple[float, dict[str, float]]:
-    """PSS of a process and all its descendants in MB, and the same split by process name
-    (Ray names its workers after what they run, e.g. "ray::MapWorker(CheckWorker)")."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return 0.0, {}
-    by_name: dict[str, float] = {}
-    for proc in procs:
-        try:
-            name = "driver" if proc.pid == pid else process_label(proc)
-            by_name[name] = by_name.get(name, 0.0) + proc.memory_full_info().pss / 2**20
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return sum(by_name.values()), by_name
-
-
-def process_label(proc: psutil.Process) -> str:
-    """A short, stable name: Ray workers by their title ("ray::_StatsActor"), other Python
-    processes by their script ("python dashboard.py"), the rest by executable name."""
-    cmd = proc.cmdline()
-    if cmd and cmd[0].startswith("ray::"):
-        return cmd[0].split()[0].removesuffix(".submit")
-    if proc.name().startswith("python") and len(cmd) > 1:
-        script = next((Path(arg).name for arg in cmd[1:] if arg.endswith(".py")), "")
-        return f"python {script}".strip()
-    return proc.name()
-
 
 def _timed(phases: dict[str, float], name: str, fn):
     def wrapper(*args, **kwargs):
@@ -116,7 +86,7 @@ def child(mode: str, input_dir: str, run_dir: str, result_path: str) -> None:
         start = time.perf_counter()
         start_ray(config.resources)
         result["ray_start_s"] = time.perf_counter() - start
-        result["ray_idle_mb"] = tree_pss_mb(os.getpid())[0]
+        result["ray_idle_mb"] = process_tree.tree_pss_mb(os.getpid())[0]
     # Phase timings, by wrapping the stage's own steps (nothing in pipelines/ changes).
     phases: dict[str, float] = {}
     for name in ("plan", "check_with_ray", "check_in_process", "finalize", "summarize"):
@@ -147,24 +117,24 @@ def measure(mode: str, input_dir: Path, workdir: Path, size: int) -> dict[str, A
     shutil.rmtree(run_dir, ignore_errors=True)
     result_path.unlink(missing_ok=True)
     command = [sys.executable, __file__, "--child", mode, str(input_dir), str(run_dir), str(result_path)]
-    wait_for_quiet()
+    process_tree.wait_for_quiet()
     load_start = os.getloadavg()[0]
-    busy_before, own_before = _busy_cpu_s(), _own_cpu_s()
+    busy_before, own_before = process_tree.busy_cpu_s(), process_tree.own_cpu_s()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         samples, cpu_by_pid, peak, peak_split = [], {}, 0.0, {}
         try:
             while proc.poll() is None:
-                pss, split = tree_pss_mb(proc.pid)
+                pss, split = process_tree.tree_pss_mb(proc.pid)
                 samples.append((time.time(), pss))
                 if pss > peak:
                     peak, peak_split = pss, split
-                cpu_by_pid.update(_tree_cpu_s(proc.pid))
+                cpu_by_pid.update(process_tree.tree_cpu_s(proc.pid))
                 time.sleep(SAMPLE_EVERY_S)
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)  # the subprocess's own group: it and what it started
             raise
-    busy_s = _busy_cpu_s() - busy_before - (_own_cpu_s() - own_before)
+    busy_s = process_tree.busy_cpu_s() - busy_before - (process_tree.own_cpu_s() - own_before)
     if proc.returncode != 0 or not result_path.exists():
         tail = log_path.read_text()[-4000:]
         raise SystemExit(f"bench: {mode} run on {size:,} rows failed (exit {proc.returncode}); "
@@ -175,59 +145,11 @@ def measure(mode: str, input_dir: Path, workdir: Path, size: int) -> dict[str, A
                   peak_pss_by_process_mb={k: round(v) for k, v in sorted(peak_split.items(), key=lambda kv: -kv[1])},
                   # CPU the machine spent on anything but this run: other users of the 2 cores.
                   cpu_s=sum(cpu for _, cpu in cpu_by_pid.values()),  # this run's processes, start-up included
-                  cpu_by_process_s=_by_name(cpu_by_pid.values()))
+                  cpu_by_process_s=process_tree.cpu_by_name(cpu_by_pid.values()))
     result["other_cpu_s"] = max(0.0, busy_s - result["cpu_s"])
     result["peak_mb"] = result["peak_rss_mb"] if mode == "single" else result["peak_pss_mb"]
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
-
-
-def _by_name(pairs) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for name, seconds in pairs:
-        totals[name] = totals.get(name, 0.0) + seconds
-    return {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
-
-
-def wait_for_quiet(max_wait_s: float = 180.0, idle_cores: float = 0.25) -> None:
-    """Wait until the machine is nearly idle, so other work on the 2 cores does not skew
-    the timing; give up after `max_wait_s` (the table's "other CPU s" shows what remained)."""
-    deadline = time.monotonic() + max_wait_s
-    while True:
-        before = _busy_cpu_s()
-        time.sleep(1.0)
-        busy = _busy_cpu_s() - before
-        if busy < idle_cores:
-            return
-        if time.monotonic() > deadline:
-            print(f"  (machine still busy: {busy:.1f} cores in use by others; measuring anyway)", flush=True)
-            return
-
-
-def _own_cpu_s() -> float:
-    times = psutil.Process().cpu_times()
-    return times.user + times.system
-
-
-def _busy_cpu_s() -> float:
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
-
-
-def _tree_cpu_s(pid: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds so far of a process and its descendants: pid -> (name, seconds)."""
-    out = {}
-    try:
-        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return out
-    for proc in procs:
-        try:
-            times = proc.cpu_times()
-            out[proc.pid] = ("driver" if proc.pid == pid else process_label(proc), times.user + times.system)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return out
 
 
 def prepare_input(workdir: Path, size: int, seed: int) -> tuple[Path, float]:
