@@ -24,15 +24,17 @@ def join_personas(rows: pd.DataFrame, links: pa.Table) -> pd.Series:
     return rows["conversation_id"].map(by_conversation)
 
 
-def attach_personas(frame: pd.DataFrame, run_dir: Path | str, *, user_agnostic: bool) -> pd.DataFrame:
+def attach_personas(frame: pd.DataFrame, run_dir: Path | str, *, user_agnostic: bool,
+                    round_index: int = 0) -> pd.DataFrame:
     """Add `persona_id` and `persona` to rows with `conversation_id`: the snapshot built from
-    the user's conversations before that one. User-agnostic runs get none."""
+    the user's conversations before that one (the personas stage of `round_index`).
+    User-agnostic runs get none."""
     frame = frame.copy()
     if user_agnostic or frame.empty:
         frame["persona_id"], frame["persona"] = None, ""
         return frame
-    personas = pq.read_table(table_path(run_dir, "personas", "personas"))
-    links = pq.read_table(table_path(run_dir, "personas", "conversation_personas"))
+    personas = pq.read_table(table_path(run_dir, "personas", "personas", round_index))
+    links = pq.read_table(table_path(run_dir, "personas", "conversation_personas", round_index))
     frame["persona_id"] = join_personas(frame, links)
     text = dict(zip(personas.column("persona_id").to_pylist(), personas.column("persona").to_pylist()))
     frame["persona"] = [text.get(pid, "") if isinstance(pid, str) else "" for pid in frame["persona_id"]]
@@ -40,7 +42,7 @@ def attach_personas(frame: pd.DataFrame, run_dir: Path | str, *, user_agnostic: 
     return frame
 
 
-def user_splits(run_dir: Path | str) -> dict[str, str]:
-    """user_id -> "train" or "eval" (the personas stage's split by user)."""
-    users = pq.read_table(table_path(run_dir, "personas", "users"), columns=["user_id", "split"])
+def user_splits(run_dir: Path | str, round_index: int = 0) -> dict[str, str]:
+    """user_id -> "train" or "eval" (the personas stage's split by user, of `round_index`)."""
+    users = pq.read_table(table_path(run_dir, "personas", "users", round_index), columns=["user_id", "split"])
     return dict(zip(users.column("user_id").to_pylist(), users.column("split").to_pylist()))

@@ -28,7 +28,8 @@ class Stage:
     """Dotted configuration keys (sections or sub-keys) whose values its output depends on:
     hashed into its manifest's `config_hash` and the driver's rerun key."""
     per_round: bool
-    """Online rounds rerun it with the newest policy, under `<run_dir>/round-<k>/`."""
+    """Online rounds can rerun it, under `<run_dir>/round-<k>/` (ingest, followups and
+    personas only when a round reads served logs: pipelines/config/learning.py OnlineConfig)."""
     reads: tuple[str, ...]
     """Stages whose tables it reads (a `reward_model` entry only when configured to)."""
     optional: bool = False
@@ -46,11 +47,11 @@ class Stage:
 
 
 STAGES = (
-    Stage("ingest", "pipelines.stages.ingest.stage:run_ingest", ("ingest",), per_round=False, reads=()),
+    Stage("ingest", "pipelines.stages.ingest.stage:run_ingest", ("ingest",), per_round=True, reads=()),
     Stage("followups", "pipelines.stages.followups:run_followups", ("followups", "models.classifier"),
-          per_round=False, reads=("ingest",)),
+          per_round=True, reads=("ingest",)),
     Stage("personas", "pipelines.stages.personas:run_personas", ("personas", "models.persona"),
-          per_round=False, reads=("ingest", "followups")),
+          per_round=True, reads=("ingest", "followups")),
     Stage("rewrites", "pipelines.stages.rewrites.stage:run_rewrites",
           ("rewrites", "ablation", "models.policy", "models.rewriter", "models.judge"),
           per_round=True, reads=("followups", "personas")),

@@ -1,10 +1,11 @@
 """Which policy a round uses, and what its role actors ask Ray for.
 
-Round 0 is the first pass: its rewrites, rewards, pairs and train stages write under the
-run directory itself. Online round k (k >= 1) writes the same stages under
-`<run_dir>/round-<k>/` (pipelines/schema.py `round_dir`), samples with the policy round
-k-1 trained and trains with that policy as reference. Ingest, followups and personas exist
-once, in the run directory.
+Round 0 is the first pass: its stages write under the run directory itself. Online round
+k (k >= 1) reruns `online.stages` under `<run_dir>/round-<k>/` (pipelines/schema.py
+`round_dir`), samples with the newest policy and trains with it as reference. A stage a
+round does not rerun is read from round 0 (`upstream_round`): with `online.source:
+pipeline` ingest, followups and personas exist once, in the run directory; a served_logs
+round has its own (the new log rows, their follow-ups, personas with the new history).
 """
 from __future__ import annotations
 
@@ -12,14 +13,40 @@ from actors.models import ModelSpec
 from pipelines.config import RunConfig
 from pipelines.schema import model_path
 
+def runs_in_round(config: RunConfig, stage: str, round_index: int) -> bool:
+    """Whether round `round_index` runs `stage` (round 0: `stages`; k >= 1: `online.stages`)."""
+    return stage in (config.online.stages if round_index else config.stages)
+
+
+def upstream_round(config: RunConfig, stage: str, round_index: int) -> int:
+    """The round whose `stage` tables round `round_index` reads: its own when it reruns that
+    stage, else round 0."""
+    return round_index if round_index and runs_in_round(config, stage, round_index) else 0
+
+
+def new_turns(config: RunConfig, round_index: int, conversation_ids: list[str],
+              turn_indexes: list[int]) -> list[bool]:
+    """Which (conversation, turn) rows a round may learn from: all of them, except in a
+    served_logs round, where a conversation an earlier round read (it continued since) only
+    contributes the turns that earlier round did not hold."""
+    if not (round_index and runs_in_round(config, "ingest", round_index)):
+        return [True] * len(conversation_ids)
+    from pipelines.stages.ingest.served import earlier_turns
+
+    held = earlier_turns(config.run_dir, round_index)
+    return [turn >= held.get(cid, 0) for cid, turn in zip(conversation_ids, turn_indexes)]
+
+
 def policy_spec(config: RunConfig, round_index: int) -> ModelSpec:
     """The policy round `round_index` samples with: models.policy in round 0, else the
-    model exported by the previous round's train stage (same decoding settings)."""
-    if round_index == 0:
+    model exported by the newest earlier round's train stage (same decoding settings), or
+    models.policy when no earlier round trains (a run whose round 0 only builds data)."""
+    trained = [k for k in range(round_index) if runs_in_round(config, "train", k)]
+    if not trained:
         return config.models.policy
-    folder = model_path(config.run_dir, "train", round_index - 1)
+    folder = model_path(config.run_dir, "train", trained[-1])
     if not (folder / "config.json").is_file():
-        raise RuntimeError(f"round {round_index} samples with the policy round {round_index - 1} "
+        raise RuntimeError(f"round {round_index} samples with the policy round {trained[-1]} "
                            f"trained, but {folder} holds no exported model: run its train stage first")
     return config.models.policy.model_copy(update={"id": str(folder.resolve()), "engine": "transformers"})
 

@@ -18,8 +18,11 @@ a Serve application; `app_builder(args)` is the same for a Serve config YAML
 # No `from __future__ import annotations`: FastAPI reads the route annotations, and the
 # request models are closure variables of make_gateway that string annotations cannot reach.
 import asyncio
+import hashlib
+import json
 import logging
 import uuid
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,10 +34,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import RunConfig, ServeAppConfig, load_config
+from pipelines.contract import code_version
 from pipelines.storage import local_copy
 from serve.chat_rows import ChatTurn
 from serve.guard import Guard, read_token, request_id_of, token_digest
-from serve.replicas import ChatLogReplica, ChatReplica, RewardReplica, RewriteReplica
+from serve.replicas import (ChatLogReplica, ChatReplica, RewardReplica, RewriteReplica, policy_version,
+                            serving_personas_round)
 from serve.schemas import (ChatChoice, ChatChunk, ChatMessageOut, ChatResponse, ChatUsage, Limits,
                            ModelCard, ModelList, RewriteResponse, ScoreResponse, build_schemas)
 from serve.streaming import DONE, chunk_events
@@ -233,6 +238,19 @@ def _scaling(app: ServeAppConfig) -> dict[str, Any]:
     return options
 
 
+def _pinned(deployment, args: tuple, options: dict[str, Any], made_from: Any = None):
+    """`deployment.options(**options).bind(*args)` with a version derived from what its
+    replicas are made from (`made_from`, else `args`), the options and RLHI's code version.
+    Serve gives a deployment without a version a random one on every `serve.run`, so a
+    redeploy (serve/run.py) would restart every deployment, the chat log's writer too; with
+    these versions it replaces only the deployments whose inputs changed. (`version` is a
+    Serve-internal option since 2.x; Ray is pinned in requirements/cpu.lock.)"""
+    blob = json.dumps([deployment.name, args if made_from is None else made_from, options, code_version()],
+                      sort_keys=True, default=str)
+    version = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return deployment.options(version=version, _internal=True, **options).bind(*args)
+
+
 def build_app(config: RunConfig, digest: str):
     """The Serve application of `config.serve` with the models of `config.models`."""
     settings, models = config.serve, config.models
@@ -240,29 +258,38 @@ def build_app(config: RunConfig, digest: str):
                     max_chars=settings.max_chars, max_tokens=settings.max_tokens)
     reward = rewrite = chat = None
     if settings.reward.enabled:
-        reward = RewardReplica.options(**_scaling(settings.reward)).bind(
+        reward = _pinned(RewardReplica, (
             settings.reward.backend, models.reward.model_dump(), settings.reward.max_batch_size,
-            settings.reward.batch_wait_timeout_s, settings.reward.max_batch_tokens)
+            settings.reward.batch_wait_timeout_s, settings.reward.max_batch_tokens), _scaling(settings.reward))
     if settings.rewrite.enabled:
-        rewrite = RewriteReplica.options(**_scaling(settings.rewrite)).bind(
+        rewrite = _pinned(RewriteReplica, (
             models.rewriter.model_dump(), settings.max_tokens, settings.rewrite.max_batch_size,
-            settings.rewrite.batch_wait_timeout_s)
+            settings.rewrite.batch_wait_timeout_s), _scaling(settings.rewrite))
     chat_log = None
     if settings.chat.enabled:
         # A run in object storage is pulled first: the replicas read its personas from disk.
         run_dir = local_copy(settings.run_dir or config.run_dir, config.work_dir)
-        chat = ChatReplica.options(**_scaling(settings.chat)).bind(
-            models.policy.model_dump(), settings.max_tokens, str(run_dir.resolve()))
+        # What the replica is made from includes the personas it loads and the policy's
+        # weights: a new round's personas or weights retrained into the same folder restart it.
+        args = (models.policy.model_dump(), settings.max_tokens, str(run_dir.resolve()),
+                settings.chat.max_batch_size, settings.chat.batch_wait_timeout_s)
+        chat = _pinned(ChatReplica, args, _scaling(settings.chat),
+                       made_from=[args, serving_personas_round(run_dir), policy_version(models.policy)[0]])
         log = settings.chat.log
         if log.enabled:
             # The folder is resolved here, where `rlhi serve` starts, not in a Ray worker.
-            chat_log = ChatLogReplica.options(ray_actor_options={"num_cpus": 0}).bind(
-                log.model_copy(update={"folder": str(Path(log.folder).resolve())}).model_dump())
+            chat_log = _pinned(ChatLogReplica, (
+                log.model_copy(update={"folder": str(Path(log.folder).resolve())}).model_dump(),),
+                {"ray_actor_options": {"num_cpus": 0}})
     gateway = make_gateway(limits, digest, settings.max_body_bytes, settings.request_timeout_s)
-    # The gateway only routes: no CPU reserved, and enough slots for every client at once.
-    return gateway.options(num_replicas=settings.ingress_replicas, max_ongoing_requests=1024,
-                           ray_actor_options={"num_cpus": 0}).bind(
-        reward, rewrite, chat, chat_log, settings.reward.backend)
+    # The gateway only routes (by deployment name, so a replaced deployment is found again):
+    # no CPU reserved, and enough slots for every client at once.
+    made_from = [asdict(limits), digest,
+                 settings.max_body_bytes, settings.request_timeout_s, settings.reward.backend,
+                 [app is not None for app in (reward, rewrite, chat, chat_log)]]
+    return _pinned(gateway, (reward, rewrite, chat, chat_log, settings.reward.backend),
+                   {"num_replicas": settings.ingress_replicas, "max_ongoing_requests": 1024,
+                    "ray_actor_options": {"num_cpus": 0}}, made_from=made_from)
 
 
 def app_builder(args: dict[str, Any]):

@@ -121,9 +121,22 @@ class RewriteReplica:
                  "context_truncated": r.context_truncated} for r in out]
 
 
+def serving_personas_round(run_dir: str | Path) -> tuple[int, str | None]:
+    """(round, its personas manifest's run key) of the newest round of a run that built
+    personas; (0, None) when none did."""
+    from pipelines.contract import read_manifest
+    from pipelines.schema import run_rounds
+
+    found = [(k, m.get("run_key")) for k in (run_rounds(run_dir) if Path(run_dir).is_dir() else [])
+             if (m := read_manifest(run_dir, "personas", k)) is not None]
+    return found[-1] if found else (0, None)
+
+
 def load_serving_personas(run_dir: str | Path | None) -> dict[str, tuple[str, str]]:
     """user_id -> (persona_id, persona text) of the `serving` rows of a run's personas
-    table (pipelines/schema.py PERSONAS). A missing table means no personas."""
+    table (pipelines/schema.py PERSONAS), of the newest round that built personas (a
+    served_logs round rebuilds them with the users' new history). A missing table means
+    no personas."""
     if run_dir is None:
         return {}
     import pyarrow.compute as pc
@@ -131,7 +144,8 @@ def load_serving_personas(run_dir: str | Path | None) -> dict[str, tuple[str, st
 
     from pipelines.schema import PERSONAS, table_path
 
-    table_dir = table_path(run_dir, "personas", "personas")
+    round_index, _ = serving_personas_round(run_dir)
+    table_dir = table_path(run_dir, "personas", "personas", round_index)
     if not table_dir.is_dir():
         return {}
 
@@ -165,7 +179,7 @@ class ChatReplica:
     """Persona-guided inference: the policy answers with the user's serving persona."""
 
     def __init__(self, model: dict[str, Any], max_tokens: int,
-                 run_dir: str | None) -> None:
+                 run_dir: str | None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01) -> None:
         from actors.policy_sampler import PolicySampler
 
         spec = ModelSpec.model_validate(model)
@@ -174,8 +188,10 @@ class ChatReplica:
         self.sampler = PolicySampler(spec.model_copy(update={"max_new_tokens": max_tokens}),
                                      n=1)
         self.personas = load_serving_personas(run_dir)
-        # One generation at a time: requests differ in sampling settings, so they do not
-        # batch, and two concurrent generate() calls would only split the same cores.
+        self._generate.set_max_batch_size(max_batch_size)
+        self._generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # One engine call at a time: two concurrent generate() calls would only split the
+        # same cores.
         self.lock = asyncio.Lock()
 
     async def ready(self) -> bool:
@@ -199,15 +215,34 @@ class ChatReplica:
             top_p=base.top_p if top_p is None else top_p,
             seed=base.seed if seed is None else seed)
         engine = self.sampler.engine
-        async with self.lock:
-            out = await asyncio.to_thread(engine.generate, [prompt.messages], params)
-        completion = out[0][0]
+        if seed is None:
+            completion = await self._generate((prompt.messages, params))
+        else:   # a request's own seed gives its own text only when it is decoded alone
+            async with self.lock:
+                completion = (await asyncio.to_thread(engine.generate, [prompt.messages], params))[0][0]
         prompt_tokens = engine.count_tokens(prompt.messages)
         completion_tokens = completion.num_tokens
         return {"text": completion.text, "finish_reason": completion.finish_reason,
                 "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                 "persona_id": persona_id, "model": self.model_id, "created": int(time.time()),
                 "policy_version": self.policy_version}
+
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _generate(self, requests: list[tuple[list[dict], SamplingParams]]) -> list[Any]:
+        """Concurrent requests with the same sampling settings decode in one engine call
+        (left-padded batch); requests whose settings differ go in separate calls."""
+        groups: dict[SamplingParams, list[int]] = {}
+        for index, (_, params) in enumerate(requests):
+            groups.setdefault(params, []).append(index)
+        out: list[Any] = [None] * len(requests)
+        for params, indexes in groups.items():
+            async with self.lock:
+                results = await asyncio.to_thread(self.sampler.engine.generate,
+                                                  [requests[i][0] for i in indexes], params)
+            for index, result in zip(indexes, results):
+                out[index] = result[0]
+        return out
 
 
 @serve.deployment(name="chat_log", num_replicas=1)

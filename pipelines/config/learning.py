@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from actors.followup_labels import FOLLOWUP_LABELS
 from actors.models import ModelSpec
@@ -175,6 +175,9 @@ class TrainConfig(_Section):
     """Memory of one GPU (80 for an H100 80GB); `rlhi run --dry-run` says which settings fit."""
 
 
+SERVED_ROUND_STAGES = ("ingest", "followups", "personas")
+
+
 class OnlineConfig(_Section):
     """Online rounds after the first training: sample and score with the newest policy,
     build new pairs, train with the previous policy as reference."""
@@ -183,7 +186,31 @@ class OnlineConfig(_Section):
     """Extra rounds after round 0; each writes `<run_dir>/round-<k>/`."""
     stages: list[Literal[ROUND_STAGES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["rewards", "pairs", "train"])
-    """Stages each online round reruns with the newest policy."""
+    """Stages each online round reruns with the newest policy (a `served_logs` round also
+    ingest, followups and personas, first)."""
+    source: Literal["pipeline", "served_logs"] = "pipeline"
+    """What a round learns from. `pipeline`: round 0's conversations again, sampled and
+    scored with the newest policy. `served_logs`: the conversations the chat app logged
+    (`logs`) since the round before: the round ingests only those rows (a ledger in its
+    ingest output records what it read, pipelines/stages/ingest/served.py), rebuilds
+    personas with the users' whole history, makes pairs from the new follow-ups and turns,
+    trains from the current policy and exports it; `stages` must include ingest, followups
+    and personas. Each `rlhi run` with `rounds` one higher runs one more round."""
+    logs: str | None = None
+    """The chat log folder a served_logs round reads; None: `serve.chat.log.folder`."""
+
+    @model_validator(mode="after")
+    def _source_stages(self) -> "OnlineConfig":
+        data_stages = [name for name in SERVED_ROUND_STAGES if name in self.stages]
+        if self.source == "served_logs":
+            missing = [name for name in SERVED_ROUND_STAGES if name not in self.stages]
+            if missing:
+                raise ValueError(f"online.source is served_logs, so online.stages must include {', '.join(missing)} "
+                                 "(a round ingests the new log rows and rebuilds personas before it learns)")
+        elif data_stages:
+            raise ValueError(f"online.stages has {', '.join(data_stages)}, which only a round with "
+                             "online.source: served_logs reruns (round 0 already read ingest.inputs)")
+        return self
 
 
 class BenchmarkConfig(_Section):

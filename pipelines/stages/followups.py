@@ -125,12 +125,15 @@ def classifier_models(config: RunConfig) -> list[dict[str, Any]]:
     return [config.models.classifier.model_dump()]
 
 
-def run_followups(config: RunConfig) -> dict[str, Any]:
-    """Run the stage into `<run_dir>/followups/`; returns its summary."""
-    run_dir = Path(config.run_dir)
-    upstream = require_stage(run_dir, "ingest")
-    parts = sorted(table_path(run_dir, "ingest", "conversations").glob("*.parquet"))
-    with StageWriter(run_dir, STAGE) as stage:
+def run_followups(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
+    """Run the stage into `<run_dir>/followups/` (a served_logs round: its own folder, over
+    its new conversations); returns its summary."""
+    from pipelines.rounds import upstream_round
+
+    run_dir, source = Path(config.run_dir), upstream_round(config, "ingest", round_index)
+    upstream = require_stage(run_dir, "ingest", source)
+    parts = sorted(table_path(run_dir, "ingest", "conversations", source).glob("*.parquet"))
+    with StageWriter(run_dir, STAGE, round_index) as stage:
         table_dir = stage.table_dir("followups")
         if parts:
             written, labels = label_with_ray(parts, config, table_dir)
@@ -149,5 +152,5 @@ def run_followups(config: RunConfig) -> dict[str, Any]:
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         stage.commit(config=config, upstream={"ingest": upstream},
                      models=classifier_models(config), counts=summary)
-    summary["output"] = str(stage_dir(run_dir, STAGE))
+    summary["output"] = str(stage_dir(run_dir, STAGE, round_index))
     return summary

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from pipelines.config import RunConfig
 from pipelines.contract import StageWriter, read_manifest, require_stage
 from pipelines.persona_join import user_splits
+from pipelines.rounds import upstream_round
 from pipelines.schema import PAIRS, REWRITES, SAMPLES, check_schema, stage_dir, table_path
 
 STAGE = "pairs"
@@ -138,8 +139,10 @@ def rewrites_configured(config: RunConfig, round_index: int) -> bool:
 def run_pairs(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     """Run the stage into `<round_dir>/pairs/` (table `pairs`); returns its summary."""
     run_dir, sources = Path(config.run_dir), config.train.sources
-    upstream = {name: require_stage(run_dir, name) for name in ("followups", "personas")}
-    inputs = [table_path(run_dir, "followups", "followups"), table_path(run_dir, "personas", "users")]
+    source = {name: upstream_round(config, name, round_index) for name in ("followups", "personas")}
+    upstream = {name: require_stage(run_dir, name, k) for name, k in source.items()}
+    inputs = [table_path(run_dir, "followups", "followups", source["followups"]),
+              table_path(run_dir, "personas", "users", source["personas"])]
     rows, rewrites_status = [], "not a train source"
     if "rewrite" in sources:
         manifest = read_manifest(run_dir, "rewrites", round_index)
@@ -164,7 +167,8 @@ def run_pairs(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
                  pq.read_table(inputs[0], columns=["followup_id", "message", "context"]).to_pylist()}
     for row in rows:
         check_pair(row, followups.get(row["followup_id"]) if row["source"] == "rewrite" else None)
-    rows = sorted(with_splits(rows, user_splits(run_dir)), key=lambda r: (r["split"], r["source"], r["pair_id"]))
+    rows = sorted(with_splits(rows, user_splits(run_dir, source["personas"])),
+                  key=lambda r: (r["split"], r["source"], r["pair_id"]))
 
     with StageWriter(run_dir, STAGE, round_index) as stage:
         pairs = pa.Table.from_pylist(rows, schema=PAIRS)

@@ -29,8 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import PersonasConfig, RunConfig
-from pipelines.schema import (CONVERSATION_PERSONAS, FEEDBACK_LABELS, PERSONAS, USERS, check_schema, stage_dir,
-                              table_path)
+from pipelines.persona_join import user_splits
+from pipelines.schema import (CONVERSATION_PERSONAS, CONVERSATIONS, FEEDBACK_LABELS, FOLLOWUPS, PERSONAS, USERS,
+                              check_schema, stage_dir, table_path)
 from pipelines.contract import StageWriter, require_stage
 
 STAGE = "personas"
@@ -131,20 +132,23 @@ def feedback_messages(followups: pa.Table) -> dict[str, list[str]]:
 
 
 def split_users(conversation_counts: dict[str, int], *, eval_fraction: float,
-                min_eval_with_history: int, seed: int) -> pa.Table:
+                min_eval_with_history: int, seed: int, earlier: dict[str, str] | None = None) -> pa.Table:
     """Train/eval split by a hash of the user key (stable as users are added), then the
-    train users with history that hash lowest move to eval until the minimum is met."""
+    train users with history that hash lowest move to eval until the minimum is met.
+    `earlier` (an earlier round's split) is kept as it was: a held-out user stays held out,
+    and only users new to this round can move."""
     def rank(user: str) -> float:
         return int(hashlib.sha256(f"{seed}\x1f{user}".encode()).hexdigest()[:12], 16) / 16 ** 12
 
+    earlier = earlier or {}
     users = sorted(conversation_counts, key=rank)
-    split = {u: "eval" if rank(u) < eval_fraction else "train" for u in users}
+    split = {u: earlier.get(u) or ("eval" if rank(u) < eval_fraction else "train") for u in users}
     has_history = {u: conversation_counts[u] >= 2 for u in users}
     missing = min_eval_with_history - sum(1 for u in users if split[u] == "eval" and has_history[u])
     for user in users:
         if missing <= 0:
             break
-        if split[user] == "train" and has_history[user]:
+        if split[user] == "train" and has_history[user] and user not in earlier:
             split[user], missing = "eval", missing - 1
     return pa.Table.from_pylist(
         [{"user_id": u, "split": split[u], "conversations": conversation_counts[u], "has_history": has_history[u]}
@@ -199,17 +203,42 @@ def with_feedback(conversations: pa.Table, followups: pa.Table) -> pa.Table:
     return table.append_column("feedback", column)
 
 
-def run_personas(config: RunConfig) -> dict[str, Any]:
-    """Run the stage into `<run_dir>/personas/` (tables `personas` and `users`)."""
+def history(config: RunConfig, round_index: int) -> tuple[pa.Table, pa.Table]:
+    """The conversations and follow-ups personas are built from: round 0's, and in a
+    served_logs round those of every round up to it that ingested; a conversation read by
+    several rounds (it continued) counts once, as the latest round read it."""
+    from pipelines.rounds import runs_in_round
+
+    run_dir = Path(config.run_dir)
+    rounds = [k for k in range(round_index + 1) if k == 0 or runs_in_round(config, "ingest", k)]
+    conversations = {k: pq.read_table(table_path(run_dir, "ingest", "conversations", k), schema=CONVERSATIONS)
+                     for k in rounds}
+    followups = {k: pq.read_table(table_path(run_dir, "followups", "followups", k), schema=FOLLOWUPS)
+                 for k in rounds}
+    latest = {cid: k for k in rounds for cid in conversations[k].column("conversation_id").to_pylist()}
+
+    def own(table: pa.Table, k: int) -> pa.Table:
+        return table.filter(pa.array([latest[c] == k for c in table.column("conversation_id").to_pylist()],
+                                     pa.bool_()))
+    return (pa.concat_tables([own(conversations[k], k) for k in rounds]),
+            pa.concat_tables([own(followups[k], k) for k in rounds]))
+
+
+def run_personas(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
+    """Run the stage into `<run_dir>/personas/` (tables `personas` and `users`); in a
+    served_logs round into its own folder, from the users' whole history so far."""
     import ray
 
+    from pipelines.rounds import upstream_round
+
     run_dir, settings = Path(config.run_dir), config.personas
-    upstream = {name: require_stage(run_dir, name) for name in ("ingest", "followups")}
-    conversations = pq.read_table(table_path(run_dir, "ingest", "conversations"))
-    followups = pq.read_table(table_path(run_dir, "followups", "followups"))
+    upstream = {(f"round-{k}/" if k else "") + name: require_stage(run_dir, name, k)
+                for name in ("ingest", "followups") for k in sorted({0, upstream_round(config, name, round_index)})}
+    conversations, followups = history(config, round_index)
     table = with_feedback(conversations, followups)
     counts = Counter(table.column("user_id").to_pylist())
-    with StageWriter(run_dir, STAGE) as stage:
+    earlier = user_splits(run_dir, upstream_round(config, STAGE, round_index - 1)) if round_index else None
+    with StageWriter(run_dir, STAGE, round_index) as stage:
         workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
         # Half a CPU per actor leaves room for the groupby's shuffle tasks: a pool holding
         # every CPU would wait forever for them on a small machine.
@@ -227,7 +256,7 @@ def run_personas(config: RunConfig) -> dict[str, Any]:
         links = pq.read_table(links_dir, schema=CONVERSATION_PERSONAS)
         if links.num_rows != table.num_rows:
             raise RuntimeError(f"personas: {table.num_rows} conversations but {links.num_rows} have a persona")
-        users = split_users(dict(counts), eval_fraction=settings.eval_fraction,
+        users = split_users(dict(counts), eval_fraction=settings.eval_fraction, earlier=earlier,
                             min_eval_with_history=settings.min_eval_users_with_history, seed=config.seed)
         pq.write_table(users, stage.table_dir("users") / "part-0.parquet")
         rows = personas.select(["persona", "serving", "redactions"]).to_pylist()
@@ -244,5 +273,5 @@ def run_personas(config: RunConfig) -> dict[str, Any]:
         stage.commit(config=config, upstream=upstream,
                      models=[config.models.persona.model_dump()] if settings.backend == "llm" else [],
                      counts=summary)
-    summary["output"] = str(stage_dir(run_dir, STAGE))
+    summary["output"] = str(stage_dir(run_dir, STAGE, round_index))
     return summary

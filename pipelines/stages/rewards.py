@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from actors.models import ModelSpec
 from pipelines.config import RewardsConfig, RunConfig
 from pipelines.persona_join import attach_personas
-from pipelines.rounds import actor_gpus, policy_spec
+from pipelines.rounds import actor_gpus, new_turns, policy_spec, upstream_round
 from pipelines.stages.reward_threshold import Threshold, decide, select, within_variance
 from pipelines.schema import FEEDBACK_LABELS, MESSAGES, SAMPLES, check_schema, model_path, stage_dir, table_path
 from pipelines.contract import BATCH, StageWriter, batch_part_name, numbered_batches, require_stage
@@ -248,7 +248,8 @@ def connect_reward_model(config: RunConfig) -> Endpoint | None:
 def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     """Run the stage into `<round_dir>/rewards/` (table `samples`); returns its summary."""
     run_dir, settings = Path(config.run_dir), config.rewards
-    upstream = {name: require_stage(run_dir, name) for name in ("ingest", "followups", "personas")}
+    source = {name: upstream_round(config, name, round_index) for name in ("ingest", "followups", "personas")}
+    upstream = {name: require_stage(run_dir, name, k) for name, k in source.items()}
     policy = policy_spec(config, round_index)  # fails early when round k-1 exported no policy
     served = connect_reward_model(config)
     # Scores come from the server's RewardModel when served: its backend, on models.reward.
@@ -256,14 +257,17 @@ def run_rewards(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     reward_spec = config.models.reward.model_dump() if served else None
     if settings.backend == "trained" and not served:
         upstream["reward_model"] = require_stage(run_dir, "reward_model")
-    conversations = pq.read_table(table_path(run_dir, "ingest", "conversations"))
-    followups = pq.read_table(table_path(run_dir, "followups", "followups"))
+    conversations = pq.read_table(table_path(run_dir, "ingest", "conversations", source["ingest"]))
+    followups = pq.read_table(table_path(run_dir, "followups", "followups", source["followups"]))
     found, covered = reward_prompts(conversations, followups, include_first_turns=settings.include_first_turns,
                                     include_no_feedback_turns=settings.include_no_feedback_turns)
+    fresh = new_turns(config, round_index, [p["conversation_id"] for p in found], [p["turn_index"] for p in found])
+    found = [prompt for prompt, new in zip(found, fresh) if new]
     prompts = pd.DataFrame(found, columns=["conversation_id", "user_id", "turn_index", "time", "context", "first_turn"])
     prompts["sample_id"] = [sample_id(conversation, index, round_index)
                             for conversation, index in zip(prompts["conversation_id"], prompts["turn_index"])]
-    prompts = attach_personas(prompts, run_dir, user_agnostic=config.ablation.user_agnostic)
+    prompts = attach_personas(prompts, run_dir, user_agnostic=config.ablation.user_agnostic,
+                              round_index=source["personas"])
     capped = prompts if settings.max_prompts is None else prompts.iloc[: settings.max_prompts]
     with StageWriter(run_dir, STAGE, round_index) as stage:
         out = stage.table_dir("samples")

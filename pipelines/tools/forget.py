@@ -46,7 +46,8 @@ import pyarrow.parquet as pq
 
 from pipelines.config import UserKey
 from pipelines.contract import MANIFEST
-from pipelines.schema import MODEL_FOLDER, run_rounds, stage_dir, table_path
+from pipelines.schema import MODEL_FOLDER, round_dir, run_rounds, stage_dir, table_path
+from pipelines.stages.ingest.served import SNAPSHOT
 from pipelines.stages.ingest.checks import user_id as ingest_user_id
 
 LOG = "forget.jsonl"
@@ -84,6 +85,10 @@ def forget_user(run_dir: Path, user_id: str, chat_log: Path | None = None) -> di
             touched_stages.add(path.parent.parent)
     for folder in sorted(touched_stages):
         mark_manifest(folder)
+    for k in run_rounds(run_dir):   # served_logs rounds' copies of the chat log's rows
+        snapshot = round_dir(run_dir, k) / SNAPSHOT
+        if snapshot.is_dir() and (n := remove_from_chat_log(snapshot, user_id)):
+            removed[str(snapshot.relative_to(run_dir))] += n
 
     total = sum(removed.values())
     summary = {

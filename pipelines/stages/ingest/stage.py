@@ -33,10 +33,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.stages.ingest import drops
+from pipelines.stages.ingest import drops, served
 from pipelines.stages.ingest.checks import check_records, reject_row
 from pipelines.config import IngestConfig, RunConfig
-from pipelines.schema import REJECTS, stage_dir
+from pipelines.schema import REJECTS, round_dir, stage_dir
 from pipelines.stages.ingest.sources import InputError, ReadTask, detect_format, plan_file, read_task_records, resolve_inputs
 from pipelines.contract import StageWriter, fingerprint
 from pipelines.runtime import map_tasks
@@ -193,14 +193,20 @@ def summarize(out: Path, per_user: Counter, rows_in: int, redacted: Counter,
 
 # --- the stage ----------------------------------------------------------------------------
 
-def run_ingest(config: RunConfig, *, use_ray: bool = True,
+def run_ingest(config: RunConfig, round_index: int = 0, *, use_ray: bool = True,
                on_plan: Callable[[list[ReadTask]], None] | None = None) -> dict[str, Any]:
-    """Run the ingest stage into `<run_dir>/ingest/`; returns its summary."""
-    settings = config.ingest
+    """Run the ingest stage into `<run_dir>/ingest/` (round 0: `ingest.inputs`), or into
+    `<run_dir>/round-<k>/ingest/` for a served_logs round (the chat log's rows that arrived
+    since the round before, pipelines/stages/ingest/served.py); returns its summary."""
+    settings, ledger = config.ingest, None
+    if round_index:
+        ledger = served.take_new_rows(served_logs_folder(config), config.run_dir, round_index)
+        snapshot = round_dir(config.run_dir, round_index) / served.SNAPSHOT
+        settings = settings.model_copy(update={"inputs": [str(snapshot)], "format": "wildchat"})
     tasks, files, bad_files = plan(settings)
     if on_plan:
         on_plan(tasks)
-    with StageWriter(Path(config.run_dir), STAGE) as stage:
+    with StageWriter(Path(config.run_dir), STAGE, round_index) as stage:
         work = stage.tmp / "_work"
         (work / "kept").mkdir(parents=True)
         (work / "rejects").mkdir()
@@ -217,8 +223,17 @@ def run_ingest(config: RunConfig, *, use_ray: bool = True,
         per_user = finalize(work, stage.tmp, settings.filters.max_conversations_per_user, rows_in, use_ray)
         shutil.rmtree(work)
         summary = summarize(stage.tmp, per_user, rows_in, redacted, bad_files)
+        if ledger is not None:
+            (stage.tmp / served.LEDGER).write_text(json.dumps(ledger, indent=2))
+            summary["served"] = {"parts": len(ledger["parts"]), "rows": ledger["rows"]}
         (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         stage.commit(config=config, inputs=fingerprint(files),
-                     counts={k: summary[k] for k in ("rows_in", "kept", "filtered", "rejected", "users")})
-    summary["output"] = str(stage_dir(config.run_dir, STAGE))
+                     counts={k: summary[k] for k in ("rows_in", "kept", "filtered", "rejected", "users")
+                             + (("served",) if ledger is not None else ())})
+    summary["output"] = str(stage_dir(config.run_dir, STAGE, round_index))
     return summary
+
+
+def served_logs_folder(config: RunConfig) -> Path:
+    """The chat log a served_logs round reads: `online.logs`, else `serve.chat.log.folder`."""
+    return Path(config.online.logs or config.serve.chat.log.folder)

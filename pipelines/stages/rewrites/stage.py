@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from pipelines.stages.rewrites import quality
 from pipelines.config import RewritesConfig, RunConfig
 from pipelines.persona_join import attach_personas
-from pipelines.rounds import actor_gpus, policy_spec
+from pipelines.rounds import actor_gpus, new_turns, policy_spec, upstream_round
 from pipelines.schema import FOLLOWUPS, REWRITES, check_schema, stage_dir, table_path
 from pipelines.contract import BATCH, StageWriter, batch_part_name, numbered_batches, require_stage
 
@@ -171,15 +171,20 @@ class RewriteWorker:
         return pa.table({"counts": [json.dumps(part_counts(table))]})
 
 
-def eligible_followups(config: RunConfig) -> pa.Table:
-    """Follow-ups whose label is in rewrites.labels, by conversation and turn, with the
-    persona each one sees (INPUT columns)."""
+def eligible_followups(config: RunConfig, round_index: int = 0) -> pa.Table:
+    """Follow-ups whose label is in rewrites.labels (in a served_logs round: new ones only),
+    by conversation and turn, with the persona each one sees (INPUT columns)."""
     run_dir = Path(config.run_dir)
-    followups = pq.read_table(table_path(run_dir, "followups", "followups"), schema=FOLLOWUPS)
+    followups = pq.read_table(table_path(run_dir, "followups", "followups",
+                                         upstream_round(config, "followups", round_index)), schema=FOLLOWUPS)
     followups = followups.filter(pc.is_in(followups.column("label"), pa.array(config.rewrites.labels)))
+    fresh = new_turns(config, round_index, followups.column("conversation_id").to_pylist(),
+                      followups.column("turn_index").to_pylist())
+    followups = followups.filter(pa.array(fresh, pa.bool_()))
     followups = followups.sort_by([("conversation_id", "ascending"), ("turn_index", "ascending")])
     frame = followups.select(["user_id", "conversation_id"]).to_pandas()
-    frame = attach_personas(frame, run_dir, user_agnostic=config.ablation.user_agnostic)
+    frame = attach_personas(frame, run_dir, user_agnostic=config.ablation.user_agnostic,
+                            round_index=upstream_round(config, "personas", round_index))
     table = followups.append_column("persona_id", pa.array(list(frame["persona_id"]), pa.string())) \
                      .append_column("persona", pa.array(list(frame["persona"]), pa.string()))
     return table.select(INPUT.names).cast(INPUT)
@@ -258,10 +263,11 @@ def run_rewrites(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     follow-up gets a row: kept, or filtered with its reason."""
     started = time.time()
     run_dir, settings = Path(config.run_dir), config.rewrites
-    upstream = {name: require_stage(run_dir, name) for name in ("followups", "personas")}
+    upstream = {name: require_stage(run_dir, name, upstream_round(config, name, round_index))
+                for name in ("followups", "personas")}
     policy_spec(config, round_index)  # fails early when round k-1 exported no policy
     served = connect_rewriter(config)
-    eligible = eligible_followups(config)
+    eligible = eligible_followups(config, round_index)
     cap = settings.max_followups if settings.max_followups is not None else eligible.num_rows
     todo, over = eligible.slice(0, cap), eligible.slice(cap)
     skipped = pa.Table.from_pylist(
