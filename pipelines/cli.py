@@ -11,6 +11,7 @@
     rlhi serve --config FILE [--port N]
     rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--family eval|dev] [--json]
     rlhi sim run [--quick] [--users N] [--seed S] [--out DIR] [--json]
+    rlhi sim loop --rounds R [--quick] [--users N] [--seed S] [--out DIR] [--json]
     rlhi sim diagnose [--model DIR] [--n N] [--seed S] [--json]
 
 Every command prints a human summary; with --json its last stdout line is one JSON object.
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim_commands.add_parser(   # dispatched in main() to sim/experiment.py
         "run", help="the experiment: RLHI vs base, SFT and ablations on held-out simulated users "
                     "(rlhi sim run --help)")
+    sim_commands.add_parser(   # dispatched in main() to sim/loop.py
+        "loop", help="the loop, measured: simulated users chat with the served policy over HTTP, R rounds of "
+                     "serve -> log -> train -> redeploy (rlhi sim loop --help)")
     sim_commands.add_parser(   # dispatched in main() to sim/diagnose.py
         "diagnose", help="does the simulation's model follow what its roles are told, against chance "
                          "(rlhi sim diagnose --help)")
@@ -285,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         from sim.experiment import main as experiment_main
 
         return experiment_main(argv[2:])
+    if argv[:2] == ["sim", "loop"]:  # the loop through a served endpoint (sim/loop.py)
+        from sim.loop import main as loop_main
+
+        return loop_main(argv[2:])
     if argv[:2] == ["sim", "diagnose"]:
         from sim.diagnose import main as diagnose_main
 

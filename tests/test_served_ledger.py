@@ -141,3 +141,16 @@ def test_a_round_that_crashed_before_committing_takes_the_same_rows_again(tmp_pa
 def test_a_missing_log_folder_says_what_to_point_at(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"online.logs: .*nowhere is not a folder.*serve.chat.log.folder"):
         take_new_rows(tmp_path / "nowhere", tmp_path / "run", 1)
+
+
+def test_forget_removes_the_user_from_a_rounds_copy_of_the_log(tmp_path, log):
+    from pipelines.tools.forget import forget_user
+
+    run_dir = tmp_path / "run"
+    say(log, "a", "Hi.", user="u1")
+    say(log, "b", "Hello.", user="u2")
+    log.flush()
+    take_new_rows(log.folder, run_dir, 1)
+    summary = forget_user(run_dir, "u1")
+    assert summary["rows_removed"] == {"round-1/served": 1}
+    assert snapshot_rows(run_dir, 1) == [("b", 2)]
