@@ -65,6 +65,7 @@ class LoopSizes:
 
 
 QUICK = replace(LoopSizes(), users=80)
+LOG_BATCH_SECONDS = 5.0   # the chat log writes a batch this long after its first turn; a round waits for it
 
 
 def loop_config(run_dir: Path, history: Path, log: Path, model: str, sizes: LoopSizes, seed: int,
@@ -84,7 +85,7 @@ def loop_config(run_dir: Path, history: Path, log: Path, model: str, sizes: Loop
                        "chat": {"num_cpus": 0.5, "max_batch_size": sizes.client_threads,
                                 "batch_wait_timeout_s": 0.05,
                                 "log": {"enabled": True, "folder": str(log), "max_batch_conversations": 64,
-                                        "max_batch_seconds": 30}}}
+                                        "max_batch_seconds": LOG_BATCH_SECONDS}}}
     return config
 
 
@@ -185,6 +186,7 @@ def run_loop(*, rounds: int, users: int | None = None, seed: int = 0, out: str |
     port, token = free_port(), secrets.token_urlsafe(24)
     config = parse_config(loop_config(run_dir, history / "logs", chat_log, base_model, sizes, seed, 0, port))
     start_ray(config.resources)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})   # its proxy first, while Ray is idle
     run_stages(config)
     splits = user_splits(run_dir)
     held_out = {u for u, s in splits.items() if s == "eval"}
@@ -192,7 +194,6 @@ def run_loop(*, rounds: int, users: int | None = None, seed: int = 0, out: str |
     log(f"history: {len(profiles)} users ({len(held_out)} held out), round 0 personas built "
         f"({time.perf_counter() - t0:.0f}s)")
     bank = load_bank("eval")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config, token_digest(token)), name=APP_NAME, route_prefix="/")
     base_url = f"http://127.0.0.1:{port}"
     figures: list[dict[str, Any]] = []
@@ -206,6 +207,7 @@ def run_loop(*, rounds: int, users: int | None = None, seed: int = 0, out: str |
             entry = {"round": r, "policy_version": version, "seconds_serving": round(time.perf_counter() - started, 1),
                      **round_figures(scores, held_out, train, seed)}
             if r < rounds:
+                time.sleep(LOG_BATCH_SECONDS + 3)   # the last conversations' batch is written
                 # The pipeline's models.policy stays the warm-start (a round trains from the
                 # policy the round before exported); the served config points at the new one.
                 config = config.model_copy(update={"online": config.online.model_copy(update={"rounds": r + 1})})

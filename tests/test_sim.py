@@ -280,3 +280,13 @@ def test_written_logs_pass_ingest_with_nothing_rejected(ray_session, sim_dir, tm
     result = run_ingest(config, use_ray=True)
     assert sum(result["rejected"].values()) == 0 and sum(result["filtered"].values()) == 0
     assert result["kept"] == summary["conversations"] and result["users"] == 12
+
+
+def test_a_loop_rounds_figures_keep_held_out_and_training_users_apart():
+    from sim.loop import round_figures
+
+    scores = {"h1": [1.0, 0.5], "h2": [0.0], "t1": [0.25, 0.75], "t2": [1.0], "never": []}
+    figures = round_figures(scores, held_out={"h1", "h2", "absent"}, train={"t1", "t2"}, seed=0)
+    assert figures["per_user"] == {"h1": 0.75, "h2": 0.0, "t1": 0.5, "t2": 1.0}
+    assert figures["held_out"]["mean"] == pytest.approx(0.375) and figures["held_out"]["users"] == 2
+    assert figures["train"]["mean"] == pytest.approx(0.75) and figures["train"]["users"] == 2
