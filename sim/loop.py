@@ -9,8 +9,8 @@
    grow their personas, but no pair of theirs is trained on.
 2. Serve: the chat app (Ray Serve on 127.0.0.1, bearer token) with the warm-start and those
    personas, logging every conversation (serve/chat_log.py).
-3. Round r = 0..R: every user holds `conversations` conversations with the served endpoint
-   over HTTP with the `openai` client, reacting as in the experiment (feedback on missed
+3. Round r = 0..R: every user holds `conversations` conversations (a held-out user
+   `held_out_conversations`) with the served endpoint over HTTP with the `openai` client, reacting as in the experiment (feedback on missed
    preferences, in the evaluation phrasings). The round's satisfaction of a user is the
    checker's mean score of the first answers to their new requests. Then, while r < R, an
    online round with `online.source: served_logs` ingests the log rows that arrived,
@@ -53,7 +53,8 @@ class LoopSizes:
     """Every size knob of the loop, named once; `QUICK` fits 3 rounds in 30 minutes on 2 cores."""
 
     users: int = 200
-    conversations: int = 2                 # per user per round, over HTTP
+    conversations: int = 2                 # per training user per round, over HTTP
+    held_out_conversations: int = 4        # per held-out user per round: their satisfaction is the measure
     eval_fraction: float = 0.35
     max_new_tokens: int = 160
     dpo_learning_rate: float = 1e-4
@@ -99,15 +100,17 @@ def replace_for_experiment(sizes: LoopSizes):
 
 
 def converse(profiles: list[Profile], base_url: str, token: str, round_index: int, sizes: LoopSizes,
-             bank: Bank, seed: int) -> dict[str, list[float]]:
-    """Every user holds `sizes.conversations` conversations with the served policy over HTTP;
-    returns user id -> checker scores of the first answers to their requests."""
+             bank: Bank, seed: int, held_out: set[str]) -> dict[str, list[float]]:
+    """Every user holds `sizes.conversations` conversations (a held-out user
+    `sizes.held_out_conversations`) with the served policy over HTTP; returns user id ->
+    checker scores of the first answers to their requests."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{base_url}/v1", api_key=token, max_retries=2, timeout=600)
     conversations = []
     for profile in profiles:
-        for c in range(sizes.conversations):
+        count = sizes.held_out_conversations if profile.hashed_ip in held_out else sizes.conversations
+        for c in range(count):
             rng = random.Random(f"{seed}/loop/{round_index}/{profile.hashed_ip}/{c}")
             conv = Conversation(profile, c, rng, datetime.now(timezone.utc))
             conv.request = make_request(_draw_topic(profile, rng), rng)
@@ -123,11 +126,14 @@ def converse(profiles: list[Profile], base_url: str, token: str, round_index: in
                 model="rlhi", messages=[{"role": m["role"], "content": m["content"]} for m in conv.messages],
                 user=conv.profile.hashed_ip, max_tokens=sizes.max_new_tokens,
                 extra_body={"conversation_id": cid})
-            answer = (reply.choices[0].message.content or "").strip() or "(no answer)"
+            # The answer goes back verbatim, as a client would send it: the chat log matches
+            # it to the logged turn (and the policy version that wrote it).
+            text = reply.choices[0].message.content or ""
+            answer = text.strip() or "(no answer)"
             if first_answer:
                 scores.setdefault(conv.profile.hashed_ip, []).append(
                     check_answer(conv.profile.preferences, answer).score)
-            conv.messages.append({"role": "assistant", "content": answer})
+            conv.messages.append({"role": "assistant", "content": text or answer})
             react(conv, answer, bank)
 
     with ThreadPoolExecutor(sizes.client_threads) as pool:
@@ -203,7 +209,7 @@ def run_loop(*, rounds: int, users: int | None = None, seed: int = 0, out: str |
         for r in range(rounds + 1):
             started = time.perf_counter()
             version = policy_version(served.models.policy)[0]
-            scores = converse(list(profiles.values()), base_url, token, r, sizes, bank, seed)
+            scores = converse(list(profiles.values()), base_url, token, r, sizes, bank, seed, held_out)
             entry = {"round": r, "policy_version": version, "seconds_serving": round(time.perf_counter() - started, 1),
                      **round_figures(scores, held_out, train, seed)}
             if r < rounds:
@@ -281,7 +287,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("satisfaction (checker)")
     ax.set_xticks(rounds)
     ax.legend()
-    ax.set_title("The loop: satisfaction by round, 95% CI over users")
+    ax.set_title("Satisfaction by round (95% CI over users)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
