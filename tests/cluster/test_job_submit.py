@@ -35,11 +35,13 @@ def head(tmp_path_factory):
     if ray.is_initialized():
         pytest.skip("a Ray instance is up in this process: run `pytest -m cluster` on its own")
     temp = tmp_path_factory.mktemp("ray-head")
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     started = subprocess.run(
         [RAY, "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
+         # the job agent's own port: Ray's default (52365) is taken by any other Ray on the machine
+         f"--dashboard-agent-listen-port={agent}",
          "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=120)
     assert started.returncode == 0, started.stderr[-2000:]
     try:
