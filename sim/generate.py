@@ -87,7 +87,7 @@ def make_users(n: int, seed: int) -> list[Profile]:
             for i in range(n)]
 
 
-def _draw_topic(profile: Profile, rng: random.Random) -> str:
+def draw_topic(profile: Profile, rng: random.Random) -> str:
     topics = sorted(profile.topics)
     return rng.choices(topics, weights=[profile.topics[t] for t in topics])[0]
 
@@ -120,7 +120,7 @@ def react(conv: Conversation, answer: str, bank: Bank) -> None:
     elif rng.random() < LEAVE_WHEN_SATISFIED:
         conv.done = True
     if not conv.done:
-        conv.request = make_request(_draw_topic(profile, rng), rng)
+        conv.request = make_request(draw_topic(profile, rng), rng)
         conv.feedback_given = 0
         conv.user_says(conv.request, FollowUp(conv.request, "new_request"))
 
@@ -140,7 +140,7 @@ def simulate(profiles: list[Profile], engine: GenerationEngine, params: Sampling
             started = START + timedelta(days=3 * p.user_index / max(len(profiles), 1) + 2 * c,
                                         minutes=rng.randint(0, 600))
             conv = Conversation(p, c, rng, started)
-            conv.request = make_request(_draw_topic(p, rng), rng)
+            conv.request = make_request(draw_topic(p, rng), rng)
             conv.user_says(conv.request)
             convs.append(conv)
     live = convs

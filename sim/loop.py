@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines.bootstrap import mean_interval, paired_difference
-from sim.generate import Conversation, _draw_topic, react
+from sim.generate import Conversation, draw_topic, react
 from sim.phrasings import Bank, load_bank
 from sim.profiles import Profile, check_answer
 from sim.requests import make_request
@@ -113,7 +113,7 @@ def converse(profiles: list[Profile], base_url: str, token: str, round_index: in
         for c in range(count):
             rng = random.Random(f"{seed}/loop/{round_index}/{profile.hashed_ip}/{c}")
             conv = Conversation(profile, c, rng, datetime.now(timezone.utc))
-            conv.request = make_request(_draw_topic(profile, rng), rng)
+            conv.request = make_request(draw_topic(profile, rng), rng)
             conv.user_says(conv.request)
             conversations.append(conv)
     scores: dict[str, list[float]] = {}
