@@ -38,8 +38,6 @@ import json
 import os
 import resource
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -117,36 +115,21 @@ def measure(mode: str, input_dir: Path, workdir: Path, size: int) -> dict[str, A
     shutil.rmtree(run_dir, ignore_errors=True)
     result_path.unlink(missing_ok=True)
     command = [sys.executable, __file__, "--child", mode, str(input_dir), str(run_dir), str(result_path)]
-    process_tree.wait_for_quiet()
-    load_start = os.getloadavg()[0]
-    busy_before, own_before = process_tree.busy_cpu_s(), process_tree.own_cpu_s()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        samples, cpu_by_pid, peak, peak_split = [], {}, 0.0, {}
-        try:
-            while proc.poll() is None:
-                pss, split = process_tree.tree_pss_mb(proc.pid)
-                samples.append((time.time(), pss))
-                if pss > peak:
-                    peak, peak_split = pss, split
-                cpu_by_pid.update(process_tree.tree_cpu_s(proc.pid))
-                time.sleep(SAMPLE_EVERY_S)
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)  # the subprocess's own group: it and what it started
-            raise
-    busy_s = process_tree.busy_cpu_s() - busy_before - (process_tree.own_cpu_s() - own_before)
-    if proc.returncode != 0 or not result_path.exists():
+    sampled = process_tree.run_sampled(command, ROOT, log_path, SAMPLE_EVERY_S)
+    if sampled.returncode != 0 or not result_path.exists():
         tail = log_path.read_text()[-4000:]
-        raise SystemExit(f"bench: {mode} run on {size:,} rows failed (exit {proc.returncode}); "
+        raise SystemExit(f"bench: {mode} run on {size:,} rows failed (exit {sampled.returncode}); "
                          f"log {log_path}:\n{tail}")
     result = json.loads(result_path.read_text())
-    in_stage = [pss for t, pss in samples if result["stage_started"] <= t <= result["stage_ended"]]
-    result.update(size=size, load_avg=(round(load_start, 2), round(os.getloadavg()[0], 2)), peak_pss_mb=peak, peak_pss_stage_mb=max(in_stage, default=0.0),
-                  peak_pss_by_process_mb={k: round(v) for k, v in sorted(peak_split.items(), key=lambda kv: -kv[1])},
+    in_stage = [pss for t, pss in sampled.samples if result["stage_started"] <= t <= result["stage_ended"]]
+    result.update(size=size, load_avg=sampled.load_avg, peak_pss_mb=sampled.peak_pss_mb,
+                  peak_pss_stage_mb=max(in_stage, default=0.0),
+                  peak_pss_by_process_mb={k: round(v) for k, v in sorted(sampled.peak_split.items(),
+                                                                        key=lambda kv: -kv[1])},
+                  cpu_s=sampled.cpu_s,  # this run's processes, start-up included
+                  cpu_by_process_s=sampled.cpu_by_process_s,
                   # CPU the machine spent on anything but this run: other users of the 2 cores.
-                  cpu_s=sum(cpu for _, cpu in cpu_by_pid.values()),  # this run's processes, start-up included
-                  cpu_by_process_s=process_tree.cpu_by_name(cpu_by_pid.values()))
-    result["other_cpu_s"] = max(0.0, busy_s - result["cpu_s"])
+                  other_cpu_s=sampled.other_cpu_s)
     result["peak_mb"] = result["peak_rss_mb"] if mode == "single" else result["peak_pss_mb"]
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
