@@ -13,6 +13,7 @@ from actors.models import ModelSpec
 from pipelines.config import RunConfig
 from pipelines.schema import model_path
 
+
 def runs_in_round(config: RunConfig, stage: str, round_index: int) -> bool:
     """Whether round `round_index` runs `stage` (round 0: `stages`; k >= 1: `online.stages`)."""
     return stage in (config.online.stages if round_index else config.stages)
@@ -24,6 +25,12 @@ def upstream_round(config: RunConfig, stage: str, round_index: int) -> int:
     return round_index if round_index and runs_in_round(config, stage, round_index) else 0
 
 
+def ingest_rounds(config: RunConfig, up_to: int) -> list[int]:
+    """The rounds 0..`up_to` whose ingest holds conversations: round 0, and each served_logs
+    round (it ingests the log rows that arrived before it)."""
+    return [k for k in range(up_to + 1) if k == 0 or runs_in_round(config, "ingest", k)]
+
+
 def new_turns(config: RunConfig, round_index: int, conversation_ids: list[str],
               turn_indexes: list[int]) -> list[bool]:
     """Which (conversation, turn) rows a round may learn from: all of them, except in a
@@ -33,7 +40,7 @@ def new_turns(config: RunConfig, round_index: int, conversation_ids: list[str],
         return [True] * len(conversation_ids)
     from pipelines.stages.ingest.served import earlier_turns
 
-    held = earlier_turns(config.run_dir, round_index)
+    held = earlier_turns(config.run_dir, ingest_rounds(config, round_index - 1))
     return [turn >= held.get(cid, 0) for cid, turn in zip(conversation_ids, turn_indexes)]
 
 

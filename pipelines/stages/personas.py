@@ -203,14 +203,11 @@ def with_feedback(conversations: pa.Table, followups: pa.Table) -> pa.Table:
     return table.append_column("feedback", column)
 
 
-def history(config: RunConfig, round_index: int) -> tuple[pa.Table, pa.Table]:
-    """The conversations and follow-ups personas are built from: round 0's, and in a
-    served_logs round those of every round up to it that ingested; a conversation read by
+def history(config: RunConfig, rounds: list[int]) -> tuple[pa.Table, pa.Table]:
+    """The conversations and follow-ups personas are built from: those of `rounds` (round 0's,
+    and in a served_logs round every round up to it that ingested); a conversation read by
     several rounds (it continued) counts once, as the latest round read it."""
-    from pipelines.rounds import runs_in_round
-
     run_dir = Path(config.run_dir)
-    rounds = [k for k in range(round_index + 1) if k == 0 or runs_in_round(config, "ingest", k)]
     conversations = {k: pq.read_table(table_path(run_dir, "ingest", "conversations", k), schema=CONVERSATIONS)
                      for k in rounds}
     followups = {k: pq.read_table(table_path(run_dir, "followups", "followups", k), schema=FOLLOWUPS)
@@ -229,12 +226,13 @@ def run_personas(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     served_logs round into its own folder, from the users' whole history so far."""
     import ray
 
-    from pipelines.rounds import upstream_round
+    from pipelines.rounds import ingest_rounds, upstream_round
 
     run_dir, settings = Path(config.run_dir), config.personas
+    rounds = ingest_rounds(config, round_index)
     upstream = {(f"round-{k}/" if k else "") + name: require_stage(run_dir, name, k)
-                for name in ("ingest", "followups") for k in sorted({0, upstream_round(config, name, round_index)})}
-    conversations, followups = history(config, round_index)
+                for name in ("ingest", "followups") for k in rounds}
+    conversations, followups = history(config, rounds)
     table = with_feedback(conversations, followups)
     counts = Counter(table.column("user_id").to_pylist())
     earlier = user_splits(run_dir, upstream_round(config, STAGE, round_index - 1)) if round_index else None

@@ -105,18 +105,16 @@ def take_new_rows(folder: Path | str, run_dir: Path | str, round_index: int) -> 
     return ledger
 
 
-def earlier_turns(run_dir: Path | str, round_index: int) -> dict[str, int]:
-    """conversation_id -> how many turns the ingest of rounds before `round_index` held of
-    it: a conversation's turns below that index were read (and learned from) before."""
-    from pipelines.contract import read_manifest
-    from pipelines.schema import table_path
+def earlier_turns(run_dir: Path | str, rounds: list[int]) -> dict[str, int]:
+    """conversation_id -> the most turns the ingest of `rounds` (pipelines/rounds.py
+    `ingest_rounds`, the ones before the reading round) held of it: a conversation's turns
+    below that index were read (and learned from) before."""
+    from pipelines.schema import CONVERSATIONS, table_path
 
     held: dict[str, int] = {}
-    for k in range(round_index):
-        folder = table_path(run_dir, "ingest", "conversations", k)
-        if read_manifest(run_dir, "ingest", k) is None or not any(folder.glob("*.parquet")):
-            continue
-        table = pq.read_table(folder, columns=["conversation_id", "turns"])
+    for k in rounds:
+        table = pq.read_table(table_path(run_dir, "ingest", "conversations", k), schema=CONVERSATIONS,
+                              columns=["conversation_id", "turns"])
         for cid, n in zip(table.column("conversation_id").to_pylist(),
                           pc.list_value_length(table.column("turns")).to_pylist()):
             held[cid] = max(held.get(cid, 0), n or 0)
