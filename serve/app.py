@@ -269,12 +269,12 @@ def build_app(config: RunConfig, digest: str):
     if settings.chat.enabled:
         # A run in object storage is pulled first: the replicas read its personas from disk.
         run_dir = local_copy(settings.run_dir or config.run_dir, config.work_dir)
-        # What the replica is made from includes the personas it loads and the policy's
-        # weights: a new round's personas or weights retrained into the same folder restart it.
-        args = (models.policy.model_dump(), settings.max_tokens, str(run_dir.resolve()),
-                settings.chat.max_batch_size, settings.chat.batch_wait_timeout_s)
-        chat = _pinned(ChatReplica, args, _scaling(settings.chat),
-                       made_from=[args, serving_personas_round(run_dir), policy_version(models.policy)[0]])
+        # What the replica is made from includes the policy's weights (their version is an
+        # argument) and the personas it loads: weights retrained into the same folder or a new
+        # round's personas restart it.
+        args = (models.policy.model_dump(), policy_version(models.policy)[0], settings.max_tokens,
+                str(run_dir.resolve()), settings.chat.max_batch_size, settings.chat.batch_wait_timeout_s)
+        chat = _pinned(ChatReplica, args, _scaling(settings.chat), made_from=[args, serving_personas_round(run_dir)])
         log = settings.chat.log
         if log.enabled:
             # The folder is resolved here, where `rlhi serve` starts, not in a Ray worker.

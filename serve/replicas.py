@@ -159,32 +159,45 @@ def policy_version(spec: ModelSpec) -> tuple[str, int]:
     files (names and bytes, sorted; a retrained folder gets a new version), and the newest
     weight file's modification time. A model without local weights (a Hub id, an `openai`
     engine) is versioned by its id and revision, created now."""
-    folder = Path(resolve_model(spec.id)) if spec.engine != "openai" else None
-    files = sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()) \
-        if folder is not None and folder.is_dir() else []
+    folder, files = _weight_files(spec)
     digest = hashlib.sha256()
     if not files:
         digest.update(f"{spec.id}@{spec.revision or ''}".encode())
-        return digest.hexdigest()[:12], int(time.time())
     for path in files:
         digest.update(str(path.relative_to(folder)).encode())
         with open(path, "rb") as handle:
             while block := handle.read(1 << 20):
                 digest.update(block)
-    return digest.hexdigest()[:12], int(max(p.stat().st_mtime for p in files))
+    return digest.hexdigest()[:12], weights_created(spec)
+
+
+def weights_created(spec: ModelSpec) -> int:
+    """When a policy's weights were made: the newest weight file's modification time (now
+    for a model without local weights). Cheap: no file is read."""
+    _, files = _weight_files(spec)
+    return int(max(p.stat().st_mtime for p in files)) if files else int(time.time())
+
+
+def _weight_files(spec: ModelSpec) -> tuple[Path | None, list[Path]]:
+    folder = Path(resolve_model(spec.id)) if spec.engine != "openai" else None
+    files = sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()) \
+        if folder is not None and folder.is_dir() else []
+    return folder, files
 
 
 @serve.deployment(name="chat")
 class ChatReplica:
     """Persona-guided inference: the policy answers with the user's serving persona."""
 
-    def __init__(self, model: dict[str, Any], max_tokens: int,
+    def __init__(self, model: dict[str, Any], version: str, max_tokens: int,
                  run_dir: str | None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01) -> None:
+        """`version`: `policy_version(model)`, computed once where the application is built
+        (hashing the weights again in every replica would read them twice per deploy)."""
         from actors.policy_sampler import PolicySampler
 
         spec = ModelSpec.model_validate(model)
         self.model_id = spec.id
-        self.policy_version, self.created = policy_version(spec)
+        self.policy_version, self.created = version, weights_created(spec)
         self.sampler = PolicySampler(spec.model_copy(update={"max_new_tokens": max_tokens}),
                                      n=1)
         self.personas = load_serving_personas(run_dir)

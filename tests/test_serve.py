@@ -118,7 +118,7 @@ def test_chat_replica_renders_the_users_serving_persona_into_the_prompt(tiny_mod
 
     _write_personas(tmp_path)
     lm = {"id": str(tiny_models.causal_lm), "engine": "transformers", "max_new_tokens": 8}
-    replica = ChatReplica.func_or_class(lm, 8, str(tmp_path))
+    replica = ChatReplica.func_or_class(lm, "v-test", 8, str(tmp_path))
     replica.sampler.engine = engine = RecordingEngine(replica.sampler.engine)
     known = asyncio.run(replica.complete("u1", CONTEXT, 4, None, None, 0))
     unknown = asyncio.run(replica.complete("nobody", CONTEXT, 4, None, None, 0))
