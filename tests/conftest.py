@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
 WILDCHAT_SAMPLE = DATA / "wildchat" / "train-00000-of-00001.parquet"
 FOLLOWUP_LABELS = DATA / "wildchat" / "followup_labels.jsonl"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import WILDCHAT_SAMPLE
+from tests.conftest import WILDCHAT_SAMPLE
 from pipelines.config import parse_config
 from pipelines.driver import plan, run_pipeline, select_steps, step_key
 
@@ -101,7 +101,7 @@ def test_forget_outlives_a_rerun_of_ingest(run_copy, capsys):
 def test_the_rerun_key_covers_exactly_the_code_each_step_runs(tmp_path):
     """Keys computed over a copy of the source tree: an edit to a module reruns the steps
     whose stage imports it (and, through the chain, every step after), nothing else does."""
-    from conftest import REPO
+    from tests.conftest import REPO
     from pipelines.code_hash import code_hash, module_closure
     from pipelines.driver import step_keys
 

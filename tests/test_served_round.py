@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from tests.conftest import WILDCHAT_SAMPLE
+from tests.conftest import WILDCHAT_SAMPLE, free_port
 
 TOKEN = "served-round-token-0123456789"
 USERS = [f"user-{i}" for i in range(8)]
@@ -28,12 +27,6 @@ ASKS = ["Write a poem about the sea.", "Explain how a bicycle gear works.", "Giv
         "Describe the water cycle.", "How do I make bread at home?", "What is a hash table?",
         "Summarise the plot of Hamlet.", "Plan a weekend in Lisbon."]
 FEEDBACK = "That's way too long. Make it shorter and use bullet points please."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_for(run_dir, policy, port: int, log_folder, tiny_models):
@@ -93,7 +86,7 @@ def served_round(ray_session, pipeline_run, tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("served-round")
     run_dir, log = root / "run", root / "log"
     shutil.copytree(pipeline_run[0], run_dir)          # round 0: ingest, followups, personas of the sample
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     before = config_for(run_dir, tiny_models.causal_lm, port, log, tiny_models)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

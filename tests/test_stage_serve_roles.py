@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import parse_config
+from tests.conftest import free_port
 
 TOKEN = "stage-token-0123456789"
 CONTEXTS = [[{"role": "user", "content": "Write a short story about a robot."}],
@@ -22,12 +22,6 @@ CONTEXTS = [[{"role": "user", "content": "Write a short story about a robot."}],
              {"role": "user", "content": "Another one?"}],
             [{"role": "user", "content": "What is 2 + 2?"}]]
 PERSONAS = ["Likes concise answers about robots.", None, ""]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny(tiny_models, **fields) -> dict:
@@ -50,7 +44,7 @@ def served(ray_session, tiny_models, tmp_path_factory):
     # As in tests/test_rewards.py: the reward judge on a short window.
     sections = {"models": {"reward": _tiny(tiny_models, max_context_tokens=512), "rewriter": tiny,
                            "policy": tiny, "judge": tiny},
-                "serve": {"port": _free_port(), "token_file": str(token_file), "max_tokens": 8,
+                "serve": {"port": free_port(), "token_file": str(token_file), "max_tokens": 8,
                           "request_timeout_s": 60, "reward": app_cfg, "rewrite": app_cfg,
                           "chat": {**app_cfg, "enabled": False}},
                 "resources": {"progress_bars": False}}
@@ -162,7 +156,7 @@ def test_no_server_is_a_clear_error_before_ray_data_starts(stage, pipeline_run, 
     monkeypatch.setattr(rewards, "score_with_ray", must_not_run)
     monkeypatch.setattr(rewrites, "rewrite_with_ray", must_not_run)
     monkeypatch.setenv("RLHI_API_TOKEN", TOKEN)
-    port = _free_port()
+    port = free_port()
     setting = {"rewards": {"reward_via": "serve"}, "rewrites": {"rewriter_via": "serve"}}[stage]
     config = parse_config({"run_dir": str(_copy_run(pipeline_run, tmp_path)), "serve": {"port": port},
                            stage: setting})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,11 @@ import pytest
 import requests
 import yaml
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.cluster
 RLHI = str(Path(sys.executable).parent / "rlhi")
 TOKEN = "sigterm-test-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_line(process: subprocess.Popen, prefix: str, timeout_s: float) -> list[str]:
