@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import free_port
-from endpoint_app import TOKEN, write_personas
+from endpoints.endpoint_app import TOKEN, write_personas
 
 
 @pytest.fixture(scope="package")

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from endpoint_app import CONTEXT, openai_client, post
+from endpoints.endpoint_app import CONTEXT, openai_client, post
 
 
 def _policy_version(config) -> str:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from endpoint_app import CONTEXT, PERSONA_TEXT, TOKEN, post, write_personas
+from endpoints.endpoint_app import CONTEXT, PERSONA_TEXT, TOKEN, post, write_personas
 
 
 # ---------------------------------------------------------------- happy paths
