@@ -22,7 +22,7 @@ from typing import Any, Protocol
 class Redacts(Protocol):
     """What the writer needs of pipelines.redact.Redactor."""
 
-    def redact(self, text: str) -> tuple[str, dict[str, int]]: ...
+    def redact_many(self, texts: list[str]) -> list[tuple[str, dict[str, int]]]: ...
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,8 @@ def carry_over(new: list[Turn], old: list[Turn]) -> list[Turn]:
 
 
 def redact_snapshot(snapshot: Snapshot, redactor: Redacts) -> Snapshot:
-    turns = []
-    for t in snapshot.turns:
-        text, found = redactor.redact(t.content)
-        turns.append(replace(t, content=text, redacted=bool(found)))
+    redacted = redactor.redact_many([t.content for t in snapshot.turns])
+    turns = [replace(t, content=text, redacted=bool(found)) for t, (text, found) in zip(snapshot.turns, redacted)]
     return replace(snapshot, turns=turns, redacted=True)
 
 

@@ -382,3 +382,32 @@ def test_nothing_is_found_in_code_like_digit_runs(redactor):
     texts = code_like_digit_runs()
     assert [(text, redactor.redact(text)) for text in texts if redactor.redact(text)[1]] == []
     assert len(texts) == 30
+
+
+# Text that `re` reads as Unicode and RE2 (the batch prefilters) would read as ASCII: digits
+# that are not 0-9, 'İ' in a keyword, a no-break space before '='. Each is found.
+UNICODE_CASES = {
+    "phone ０３ １２３４ ５６７８": {"phone": 1},
+    "Call +٤٤ ٢٠ ٧٩٤٦ ٠٩٥٨ tonight": {"phone": 1},
+    "Phone: ٤١٥-٥٥٥-٢٦٧١": {"phone": 1},
+    'APİ_KEY = "Zx81kQ2mPa77LwQ"': {"secret": 1},
+    'db_passwd\u00a0= "Zx81kQ2mPa77LwQ"': {"secret": 1},
+    "https://üser:pässwörd@host.com/x": {"secret": 1},
+}
+
+
+def test_unicode_digits_and_keywords_are_found(redactor):
+    assert {text: redactor.redact(text)[1] for text in UNICODE_CASES} == UNICODE_CASES
+
+
+def test_batch_prefilters_skip_no_text_a_detector_would_find_something_in(redactor, synth_corpus):
+    """redact_many runs a kind's detector only on texts its RE2 prefilter matched; on every
+    text here that gives what running every detector on every text gives."""
+    from pipelines.redact import _redact
+
+    bundled = _turn_texts(pq.read_table(ROOT / "data" / "wildchat" / "train-00000-of-00001.parquet"))
+    texts = [text for text, _, _ in synth_corpus[1]] + bundled + list(UNICODE_CASES) + code_like_digit_runs()
+    every_detector = [_redact(text, redactor._detectors) for text in texts]
+    assert redactor.redact_many(texts) == every_detector
+    assert sum((Counter(counts) for _, counts in every_detector), Counter()) == Counter(SYNTH_COUNTS) + Counter(
+        {"phone": 3, "secret": 3})

@@ -134,15 +134,27 @@ def check_records(records: Iterable[dict[str, Any]], settings: IngestConfig, red
         if reason:
             rejects.append(reject_row(record, "filtered", *reason, uid=uid, cid=cid))
             continue
+        kept.append((record, uid, cid))
+    # Redaction over the batch's texts at once (its prefilters are vectorised): every turn,
+    # and the system prompt where there is one.
+    texts = [text for record, _, _ in kept for text in _texts(record)]
+    results = iter(redactor.redact_many(texts))
+    rows = []
+    for record, uid, cid in kept:
         count = 0
         for turn in record["turns"]:
-            turn["content"], found = redactor.redact(turn["content"])
+            turn["content"], found = next(results)
             redacted.update(found)
             count += sum(found.values())
         if record["system"]:
-            record["system"], found = redactor.redact(record["system"])
+            record["system"], found = next(results)
             redacted.update(found)
             count += sum(found.values())
-        kept.append(conversation_row(record, uid, cid, count))
-    return CheckResult(pa.Table.from_pylist(kept, schema=CONVERSATIONS),
+        rows.append(conversation_row(record, uid, cid, count))
+    return CheckResult(pa.Table.from_pylist(rows, schema=CONVERSATIONS),
                        pa.Table.from_pylist(rejects, schema=REJECTS), rows_in, redacted)
+
+
+def _texts(record: dict[str, Any]) -> list[str]:
+    """The texts of a record that redaction reads, in the order check_records puts them back."""
+    return [turn["content"] for turn in record["turns"]] + ([record["system"]] if record["system"] else [])
