@@ -9,6 +9,7 @@
     rlhi eval-preferences --input CONVERSATIONS --labels FILE [--split NAME] [--json]
     rlhi train-followups [--out DIR] [--json]
     rlhi serve --config FILE [--port N]
+    rlhi redeploy --config FILE [--policy DIR] [--json]
     rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--family eval|dev] [--json]
     rlhi sim run [--quick] [--users N] [--seed S] [--out DIR] [--json]
     rlhi sim loop --rounds R [--quick] [--users N] [--seed S] [--out DIR] [--json]
@@ -174,6 +175,12 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     return serve_forever(load_config(args.config), port=args.port)
 
 
+def cmd_redeploy(args: argparse.Namespace) -> dict[str, Any]:
+    from serve.run import redeploy_command
+
+    return redeploy_command(load_config(args.config), policy=args.policy)
+
+
 def cmd_sim_generate(args: argparse.Namespace) -> dict[str, Any]:
     from sim.generate import generate_logs
 
@@ -257,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, metavar="N", help="HTTP port (overrides serve.port)")
     serve.add_argument("--json", action="store_true", help="print what was served as JSON on the last line")
     serve.set_defaults(handler=cmd_serve)
+
+    redeploy = commands.add_parser(
+        "redeploy", help="put a trained policy live in the running `rlhi serve` application, without downtime")
+    redeploy.add_argument("--config", required=True, metavar="FILE",
+                          help="the configuration `rlhi serve` runs (its run_dir names the trained policies)")
+    redeploy.add_argument("--policy", metavar="DIR",
+                          help="exported model folder (default: the newest policy the run trained)")
+    redeploy.add_argument("--json", action="store_true", help="print the served policy as JSON on the last line")
+    redeploy.set_defaults(handler=cmd_redeploy)
 
     sim = commands.add_parser("sim", help="simulated users with hidden, checkable preferences")
     sim_commands = sim.add_subparsers(dest="sim_command", required=True)

@@ -9,6 +9,8 @@ round has its own (the new log rows, their follow-ups, personas with the new his
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from actors.models import ModelSpec
 from pipelines.config import RunConfig
 from pipelines.schema import model_path
@@ -55,7 +57,23 @@ def policy_spec(config: RunConfig, round_index: int) -> ModelSpec:
     if not (folder / "config.json").is_file():
         raise RuntimeError(f"round {round_index} samples with the policy round {trained[-1]} "
                            f"trained, but {folder} holds no exported model: run its train stage first")
-    return config.models.policy.model_copy(update={"id": str(folder.resolve()), "engine": "transformers"})
+    return trained_policy(config, folder)
+
+
+def trained_policy(config: RunConfig, folder: Path | str) -> ModelSpec:
+    """models.policy with its weights replaced by an exported model (same decoding settings)."""
+    return config.models.policy.model_copy(update={"id": str(Path(folder).resolve()), "engine": "transformers"})
+
+
+def last_train_round(config: RunConfig) -> int:
+    """The last round whose train stage finished (online rounds first, then round 0)."""
+    from pipelines.contract import read_manifest, require_stage
+
+    for k in range(config.online.rounds, -1, -1):
+        if read_manifest(config.run_dir, "train", k) is not None:
+            return k
+    require_stage(config.run_dir, "train")   # raises: say what to run
+    return 0
 
 
 def actor_gpus(*specs: ModelSpec | dict | None) -> float:

@@ -4,11 +4,17 @@ Refuses to start without a token, starts (or joins) Ray, binds Serve's HTTP prox
 configured host and port, waits for /healthz, prints the URLs, and on a signal writes the
 chat log's open batch (printing how many conversations it wrote and lost), shuts down
 Serve and, if it started Ray itself, that Ray too.
+
+`rlhi redeploy` (`redeploy_command`): from another shell or a job, put a newly trained
+policy live in that running application without downtime (`redeploy`).
 """
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 from pipelines.config import RunConfig
@@ -78,6 +84,42 @@ def redeploy(config: RunConfig, token: str, timeout_s: float = 600.0) -> dict[st
     info = serve.get_deployment_handle("chat", APP_NAME).info.remote().result(timeout_s=timeout_s)
     print(f"rlhi serve: now serving {info['id']} (policy version {info['policy_version']})", flush=True)
     return info
+
+
+def redeploy_command(config: RunConfig, policy: str | None = None) -> dict[str, Any]:
+    """`rlhi redeploy`: join the cluster that runs `rlhi serve` (resources.address,
+    RAY_ADDRESS, else the local one) and put `policy` live there, by default the newest
+    policy the run trained (the last round whose train stage finished)."""
+    import ray
+    from ray import serve
+
+    from pipelines.rounds import last_train_round, trained_policy
+    from pipelines.schema import model_path
+    from serve.app import APP_NAME
+
+    token = read_token(config.serve.token_file)
+    if policy is None:
+        try:
+            policy = str(model_path(config.run_dir, "train", last_train_round(config)))
+        except RuntimeError as exc:   # no round trained yet: the user's to fix, not a crash
+            raise ValueError(f"nothing to redeploy: {exc}") from exc
+    if not (Path(policy) / "config.json").is_file():
+        raise ValueError(f"--policy {policy}: not an exported model folder (no config.json there)")
+    address = config.resources.address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ValueError(f"no running Ray cluster at {address!r} ({exc}): start `rlhi serve --config FILE` "
+                           "first, or set resources.address / RAY_ADDRESS to the cluster that runs it") from exc
+    try:
+        if APP_NAME not in serve.status().applications:
+            raise ValueError(f"the Ray cluster at {address!r} serves no {APP_NAME!r} application: "
+                               "start `rlhi serve --config FILE` first")
+        config = config.model_copy(update={"models": config.models.model_copy(
+            update={"policy": trained_policy(config, policy)})})
+        return redeploy(config, token)
+    finally:
+        ray.shutdown()
 
 
 def close_chat_log() -> None:

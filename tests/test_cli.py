@@ -11,7 +11,8 @@ from pipelines.tools.followup_eval import evaluate_backend
 from tests.conftest import FOLLOWUP_LABELS, WILDCHAT_SAMPLE
 
 
-@pytest.mark.parametrize("command", ["ingest", "run", "eval-followups", "eval-preferences", "train-followups"])
+@pytest.mark.parametrize("command", ["ingest", "run", "eval-followups", "eval-preferences", "train-followups",
+                                     "serve", "redeploy"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -48,3 +49,20 @@ def test_a_bad_config_exits_2_naming_the_key(tmp_path, capsys):
 def test_a_missing_input_exits_2_naming_it(tmp_path, capsys):
     assert main(["ingest", "--input", str(tmp_path / "none.parquet"), "--out", str(tmp_path / "run")]) == 2
     assert "none.parquet" in capsys.readouterr().err
+
+
+def test_redeploy_of_a_run_that_trained_nothing_exits_2_saying_what_to_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RLHI_API_TOKEN", "a-token-long-enough")
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\n")
+    assert main(["redeploy", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to redeploy" in err and "run the train stage first" in err
+
+
+def test_redeploy_of_a_folder_that_holds_no_model_exits_2_naming_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RLHI_API_TOKEN", "a-token-long-enough")
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\n")
+    assert main(["redeploy", "--config", str(config), "--policy", str(tmp_path)]) == 2
+    assert f"--policy {tmp_path}: not an exported model folder" in capsys.readouterr().err

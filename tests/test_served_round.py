@@ -1,8 +1,9 @@
 """One round of the loop through a real Serve app: users chat with the served policy over
 HTTP, the chat log is written, a served_logs round reads exactly the log rows that arrived
 (ingest -> followups -> personas -> rewrites -> rewards -> pairs -> train, tiny models), and
-the policy it trained goes live while a client keeps chatting: every request answers 200,
-answers switch to the new policy version once, and the log records each turn's version.
+the policy it trained goes live (`rlhi redeploy`, from its own process) while a client keeps
+chatting: every request answers 200, answers switch to the new policy version once, and the
+log records each turn's version.
 The next round would take exactly the rows logged since (nothing twice, nothing skipped).
 Real Ray, Serve on 127.0.0.1, Ray Data and Ray Train; the ledger itself is tested as plain
 functions in test_served_ledger.py.
@@ -10,7 +11,10 @@ functions in test_served_ledger.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,7 +26,9 @@ import requests
 from tests.conftest import WILDCHAT_SAMPLE, free_port
 
 TOKEN = "served-round-token-0123456789"
-USERS = [f"user-{i}" for i in range(8)]
+# user-8, user-9 and user-11 fall in the evaluation split (a user's hash with seed 0 ranks
+# below eval_fraction 0.2; pipelines/stages/personas.py split_users), the others in train.
+USERS = ["user-0", "user-8", "user-1", "user-9", "user-2", "user-11", "user-3", "user-4"]
 ASKS = ["Write a poem about the sea.", "Explain how a bicycle gear works.", "Give me tips for a job interview.",
         "Describe the water cycle.", "How do I make bread at home?", "What is a hash table?",
         "Summarise the plot of Hamlet.", "Plan a weekend in Lisbon."]
@@ -70,6 +76,22 @@ def ledger_rows(ledger: dict) -> set[tuple[str, int]]:
     return {(cid, n) for part in ledger["parts"] for cid, n in part["conversations"].items()}
 
 
+def redeploy_with_the_cli(config, root) -> dict:
+    """`rlhi redeploy --config FILE --json` in its own process, joining this session's Ray as
+    a user's shell joins the cluster that runs `rlhi serve`: it puts the newest policy the
+    run trained live. Returns what it printed as JSON."""
+    import ray
+    import yaml
+
+    path = root / "serve.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**os.environ, "RLHI_API_TOKEN": TOKEN, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "redeploy", "--config", str(path), "--json"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def served_round(ray_session, pipeline_run, tiny_models, tmp_path_factory):
     from ray import serve
@@ -81,7 +103,7 @@ def served_round(ray_session, pipeline_run, tiny_models, tmp_path_factory):
     from serve.client import RLHIClient
     from serve.guard import token_digest
     from serve.replicas import policy_version
-    from serve.run import close_chat_log, redeploy
+    from serve.run import close_chat_log
 
     root = tmp_path_factory.mktemp("served-round")
     run_dir, log = root / "run", root / "log"
@@ -119,7 +141,7 @@ def served_round(ray_session, pipeline_run, tiny_models, tmp_path_factory):
         client.start()
         while len(answers) < 3:
             time.sleep(0.1)
-        out["served"] = redeploy(after, TOKEN)
+        out["served"] = redeploy_with_the_cli(before, root)
         count = len(answers)
         while len(answers) < count + 3:
             time.sleep(0.1)
@@ -134,7 +156,7 @@ def served_round(ray_session, pipeline_run, tiny_models, tmp_path_factory):
     out["versions"] = {row["conversation_hash"]: [t["header"]["user-agent"] for t in row["conversation"]
                                                   if t["role"] == "assistant"]
                        for row in pq.read_table(log).to_pylist()}
-    out["run_dir"] = run_dir
+    out["run_dir"], out["config"] = run_dir, before
     return out
 
 
@@ -192,3 +214,25 @@ def test_the_next_round_takes_exactly_what_was_logged_since(served_round):
     for cid, messages in second:                                    # a conversation read before comes
         assert messages > read_before.get(cid, 0)                   # again only with new turns
     assert {f"live-{i + 1:04d}" for i in range(len(served_round["answers"]))} <= {cid for cid, _ in second}
+
+
+def test_evaluation_reads_every_rounds_conversations_with_the_newest_split_and_personas(served_round):
+    from pipelines.persona_join import user_splits
+    from pipelines.stages.evaluate.items import user_turns
+
+    run_dir, config = served_round["run_dir"], served_round["config"]
+    config = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"max_turns": 10_000})})
+    items = [item for kind in ("first", "followup") for item in user_turns(config)[kind]]
+    eval_users = {u for u, split in user_splits(run_dir, 1).items() if split == "eval"}
+    served = {row["conversation_id"]: row for row in
+              pq.read_table(run_dir / "round-1" / "ingest" / "conversations").to_pylist()}
+    from_log = sorted(item.item_id for item in items if item.item_id.rsplit(":", 1)[0] in served)
+    expected = sorted(f"{cid}:{i}" for cid, row in served.items() if row["user_id"] in eval_users
+                      for i, turn in enumerate(row["turns"]) if turn["role"] == "user")
+    assert from_log == expected and len(expected) >= 2     # the logged conversations of held-out users
+    personas = {row["persona_id"]: row["persona"] for row in
+                pq.read_table(run_dir / "round-1" / "personas" / "personas").to_pylist()}
+    links = {row["conversation_id"]: row["persona_id"] for row in
+             pq.read_table(run_dir / "round-1" / "personas" / "conversation_personas").to_pylist()}
+    assert {item.item_id: item.persona for item in items if item.item_id.rsplit(":", 1)[0] in served} == {
+        item_id: personas.get(links.get(item_id.rsplit(":", 1)[0]), "") for item_id in expected}

@@ -5,6 +5,10 @@ UserEval turns come from the ingest stage's conversations of users in the `eval`
 a user turn right after an assistant answer, its context the conversation up to and
 including it. The persona is the snapshot built from the user's conversations before the
 turn's own (`attach_personas`), so it never contains the turn or anything after it.
+
+In a run whose online rounds read the chat log (`online.source: served_logs`), the users'
+conversations are every round's ingest (a conversation that continued, as last read), and
+splits and personas are the newest round's, which hold that whole history.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import BenchmarkConfig, RunConfig
 from pipelines.persona_join import attach_personas, user_splits
+from pipelines.rounds import ingest_rounds, upstream_round
 from pipelines.schema import table_path
 from pipelines.stages.evaluate import reasoning
 
@@ -44,12 +49,16 @@ def benchmark_path(path: str) -> Path:
 def user_turns(config: RunConfig) -> dict[str, list[EvalItem]]:
     """Evaluation users' first and follow-up turns, at most `max_turns` of each, drawn
     round-robin over users (seeded) so the bootstrap over users has as many users as it can."""
-    run_dir = Path(config.run_dir)
-    eval_users = {u for u, split in user_splits(run_dir).items() if split == "eval"}
-    conversations = pq.read_table(table_path(run_dir, "ingest", "conversations"),
-                                  columns=["conversation_id", "user_id", "timestamp", "turns"]).to_pylist()
+    run_dir, last = Path(config.run_dir), config.online.rounds
+    personas_round = upstream_round(config, "personas", last)
+    eval_users = {u for u, split in user_splits(run_dir, personas_round).items() if split == "eval"}
+    conversations: dict[str, dict[str, Any]] = {}
+    for k in ingest_rounds(config, last):   # oldest first, so a later read of a conversation wins
+        table = pq.read_table(table_path(run_dir, "ingest", "conversations", k),
+                              columns=["conversation_id", "user_id", "timestamp", "turns"])
+        conversations.update((conv["conversation_id"], conv) for conv in table.to_pylist())
     found: dict[str, list[tuple[EvalItem, Any]]] = {"first": [], "followup": []}
-    for conv in conversations:
+    for conv in conversations.values():
         if conv["user_id"] not in eval_users:
             continue
         turns = conv["turns"] or []
@@ -60,7 +69,7 @@ def user_turns(config: RunConfig) -> dict[str, list[EvalItem]]:
             context = [{"role": t["role"], "content": t["content"] or ""} for t in turns[:i + 1]]
             item = EvalItem(f"{conv['conversation_id']}:{i}", conv["user_id"], kind, context)
             found[kind].append((item, conv["conversation_id"]))
-    return {kind: _with_personas(_round_robin(rows, config.evaluate.max_turns, config.seed), run_dir)
+    return {kind: _with_personas(_round_robin(rows, config.evaluate.max_turns, config.seed), run_dir, personas_round)
             for kind, rows in found.items()}
 
 
@@ -79,13 +88,13 @@ def _round_robin(rows: list[tuple[EvalItem, Any]], n: int, seed: int) -> list[tu
     return picked
 
 
-def _with_personas(rows: list[tuple[EvalItem, Any]], run_dir: Path) -> list[EvalItem]:
+def _with_personas(rows: list[tuple[EvalItem, Any]], run_dir: Path, round_index: int) -> list[EvalItem]:
     import pandas as pd
 
     if not rows:
         return []
     frame = pd.DataFrame({"user_id": [r[0].user_id for r in rows], "conversation_id": [r[1] for r in rows]})
-    personas = attach_personas(frame, run_dir, user_agnostic=False)["persona"]
+    personas = attach_personas(frame, run_dir, user_agnostic=False, round_index=round_index)["persona"]
     return [EvalItem(**{**asdict(item), "persona": persona}) for (item, _), persona in zip(rows, personas)]
 
 

@@ -41,8 +41,8 @@ from pipelines.stages.evaluate import reasoning
 from pipelines.stages.evaluate import stats
 from pipelines.config import RunConfig
 from pipelines.stages.evaluate.items import EvalItem, benchmark_items, benchmark_path, known_pairs, user_turns
-from pipelines.contract import StageWriter, fingerprint, read_manifest, require_stage
-from pipelines.rounds import policy_spec
+from pipelines.contract import StageWriter, fingerprint, require_stage
+from pipelines.rounds import ingest_rounds, last_train_round, policy_spec, upstream_round
 from pipelines.schema import stage_dir
 
 STAGE = "evaluate"
@@ -73,15 +73,6 @@ class Judgement:
 
 
 # --- inputs -------------------------------------------------------------------------------
-
-def last_train_round(config: RunConfig) -> int:
-    """The last round whose train stage finished (online rounds first, then round 0)."""
-    for k in range(config.online.rounds, -1, -1):
-        if read_manifest(config.run_dir, "train", k) is not None:
-            return k
-    require_stage(config.run_dir, "train")   # raises: say what to run
-    return 0
-
 
 # --- the two arms -------------------------------------------------------------------------
 
@@ -270,7 +261,12 @@ def run_evaluate(config: RunConfig, engines: dict[str, GenerationEngine] | None 
     keys "base", "trained", "judge") replaces the engines built from the config."""
     run_dir, settings, seed = Path(config.run_dir), config.evaluate, config.seed
     train_round = last_train_round(config)
-    upstream = {"ingest": require_stage(run_dir, "ingest"), "personas": require_stage(run_dir, "personas"),
+    last = config.online.rounds
+    personas_round = upstream_round(config, "personas", last)
+    upstream = {**{(f"round-{k}/" if k else "") + "ingest": require_stage(run_dir, "ingest", k)
+                   for k in ingest_rounds(config, last)},
+                (f"round-{personas_round}/" if personas_round else "") + "personas":
+                    require_stage(run_dir, "personas", personas_round),
                 "train": require_stage(run_dir, "train", train_round)}
     arms = make_arms(config, engines)
     samples = settings.bootstrap_samples
