@@ -1,4 +1,4 @@
-"""Redact identifiers and secrets (e-mail, phone, IP, card numbers, keys) from text.
+r"""Redact identifiers and secrets (e-mail, phone, IP, card numbers, keys) from text.
 
 Every conversation turn and persona passes through here before it goes downstream.
 presidio-analyzer's pattern recognizers (WildChat itself was anonymised with Presidio) find
