@@ -39,7 +39,7 @@ from pipelines.storage import local_copy
 from serve.chat_rows import ChatTurn
 from serve.guard import Guard, read_token, request_id_of, token_digest
 from serve.replicas import (ChatLogReplica, ChatReplica, RewardReplica, RewriteReplica, policy_version,
-                            serving_personas_round)
+                            serving_personas_round, weights_stamp)
 from serve.schemas import (ChatChoice, ChatChunk, ChatMessageOut, ChatResponse, ChatUsage, Limits,
                            ModelCard, ModelList, RewriteResponse, ScoreResponse, build_schemas)
 from serve.streaming import DONE, chunk_events
@@ -257,14 +257,17 @@ def build_app(config: RunConfig, digest: str):
     limits = Limits(max_candidates=settings.max_candidates, max_messages=settings.max_messages,
                     max_chars=settings.max_chars, max_tokens=settings.max_tokens)
     reward = rewrite = chat = None
+    # A reward or rewrite model retrained into the same folder (the reward_model stage, a
+    # rerun) changes its weight files' stamps, so the redeploy replaces that deployment too.
     if settings.reward.enabled:
-        reward = _pinned(RewardReplica, (
-            settings.reward.backend, models.reward.model_dump(), settings.reward.max_batch_size,
-            settings.reward.batch_wait_timeout_s, settings.reward.max_batch_tokens), _scaling(settings.reward))
+        args = (settings.reward.backend, models.reward.model_dump(), settings.reward.max_batch_size,
+                settings.reward.batch_wait_timeout_s, settings.reward.max_batch_tokens)
+        reward = _pinned(RewardReplica, args, _scaling(settings.reward), made_from=[args, weights_stamp(models.reward)])
     if settings.rewrite.enabled:
-        rewrite = _pinned(RewriteReplica, (
-            models.rewriter.model_dump(), settings.max_tokens, settings.rewrite.max_batch_size,
-            settings.rewrite.batch_wait_timeout_s), _scaling(settings.rewrite))
+        args = (models.rewriter.model_dump(), settings.max_tokens, settings.rewrite.max_batch_size,
+                settings.rewrite.batch_wait_timeout_s)
+        rewrite = _pinned(RewriteReplica, args, _scaling(settings.rewrite),
+                          made_from=[args, weights_stamp(models.rewriter)])
     chat_log = None
     if settings.chat.enabled:
         # A run in object storage is pulled first: the replicas read its personas from disk.

@@ -178,6 +178,15 @@ def weights_created(spec: ModelSpec) -> int:
     return int(max(p.stat().st_mtime for p in files)) if files else int(time.time())
 
 
+def weights_stamp(spec: ModelSpec) -> list[tuple[str, int, int]]:
+    """Each local weight file's name, size and modification time (ns): what a deployment's
+    version needs to see a model retrained into the same folder, without reading the
+    weights. [] for a model without local weights."""
+    folder, files = _weight_files(spec)
+    return [(str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns)
+            for path in files for stat in (path.stat(),)]
+
+
 def _weight_files(spec: ModelSpec) -> tuple[Path | None, list[Path]]:
     folder = Path(resolve_model(spec.id)) if spec.engine != "openai" else None
     files = sorted(p for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()) \

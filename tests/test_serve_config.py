@@ -1,6 +1,8 @@
 """Serving configuration, token handling and the Serve config YAML, without starting Ray."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,35 @@ def test_the_chat_log_is_off_by_default_and_its_keys_are_checked():
         parse_config({"serve": {"chat": {"log": {"max_batch_seconds": 0}}}})
     with pytest.raises(ConfigError, match=r'serve.chat.log.redact = \["names"\]: Value error, unknown redaction'):
         parse_config({"serve": {"chat": {"log": {"redact": ["names"]}}}})
+
+
+def deployment_versions(config) -> dict[str, str]:
+    """Each deployment's version in the application `rlhi serve` would run (nothing started)."""
+    from serve.app import build_app
+
+    gateway = build_app(config, "digest")._bound_deployment
+    bound = [arg._bound_deployment for arg in gateway.init_args if hasattr(arg, "_bound_deployment")]
+    return {d.name: d.version for d in [gateway, *bound]}
+
+
+def test_a_reward_or_rewrite_model_retrained_into_the_same_folder_is_replaced_on_redeploy(tmp_path, tiny_models):
+    reward, rewriter = tmp_path / "reward", tmp_path / "rewriter"
+    shutil.copytree(tiny_models.encoder_reward, reward)
+    shutil.copytree(tiny_models.causal_lm, rewriter)
+    config = parse_config({"serve": {"reward": {"backend": "trained"}, "chat": {"enabled": False}},
+                           "models": {"reward": {"id": str(reward)}, "rewriter": {"id": str(rewriter)}}})
+    first = deployment_versions(config)
+    assert set(first) == {"gateway", "reward", "rewrite"} and deployment_versions(config) == first
+
+    def retrain(folder: Path) -> None:   # new weights in the same files, written a second later
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes())
+        stat = weights.stat()
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+    retrain(reward)
+    second = deployment_versions(config)
+    assert [name for name in first if first[name] != second[name]] == ["reward"]
+    retrain(rewriter)
+    third = deployment_versions(config)
+    assert [name for name in first if second[name] != third[name]] == ["rewrite"]
