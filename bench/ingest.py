@@ -55,7 +55,7 @@ PROFILE_ROWS = 2_000  # rows of the larger input the per-detector profile redact
 NUM_CPUS = 2
 SAMPLE_EVERY_S = 0.5
 COUNT_KEYS = ("rows_in", "kept", "filtered", "rejected", "users", "redacted")
-INGEST_MODULES = ("stages/ingest/*.py", "config/*.py", "redact.py", "schema.py", "runtime.py", "contract.py")
+INGEST_MODULES = ("stages/ingest/*.py", "config/*.py", "redact*.py", "schema.py", "runtime.py", "contract.py")
 
 
 # --- inside the measured subprocess ------------------------------------------------------

@@ -14,78 +14,29 @@ with pyarrow's RE2 kernels (a DFA, one C++ pass per kind; about a tenth of `re`'
 a kind's triggers run only on the texts its prefilter matched. Each prefilter is a superset
 of its kind's triggers, written with Unicode classes where `re` is Unicode-aware (`\d`,
 `\w`, `\s`, case folding), so skipping a text never changes what is found
-(tests/test_redact.py checks this on the bundled data, a generated corpus and edge cases).
+(tests/test_redact_corpora.py checks this on the bundled data, a generated corpus and edge cases).
 
-Nothing here touches the network (see `_email_detector`; of detect-secrets only
+The kinds themselves (prefilters, triggers, libraries) are in pipelines/redact_kinds.py.
+Nothing here touches the network (see `_email_detector` there; of detect-secrets only
 `analyze_string` is used, never `verify`, which calls vendors' APIs).
 """
 from __future__ import annotations
 
 import bisect
-import ipaddress
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipelines.redact_kinds import BUILDERS, Detector, Finding, Spans
 
 REDACTION_KINDS: tuple[str, ...] = ("email", "phone", "ip_address", "credit_card", "secret")
 
 # WildChat's own Presidio markers and ours: left exactly as they are, never counted.
 _PLACEHOLDER = re.compile(r"<(?:PRESIDIO_ANONYMIZED|REDACTED)_[A-Z_]+>")
-
-_DIGITS_ONLY, _DOTTED_QUAD = re.compile(r"\d+"), re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
-_SINGLE_DIGIT_QUAD = re.compile(r"\d(?:\.\d){3}")
-_NUMBER_BEFORE, _NUMBER_AFTER = re.compile(r"\d[.,]\Z"), re.compile(r"[.,]\d")
-_TOKEN_BEFORE, _TOKEN_AFTER = re.compile(r"\S{0,64}\Z"), re.compile(r"\S{0,64}")
-_TOKEN_TAIL = re.compile(r"[\w\-+/=]*(?:\.[\w\-+/=]+)*")
-_KEY_BLOCK_END = re.compile(r"-----END[A-Z0-9 ]*-----|\n[ \t]*\n|\Z")
-_EMAIL_LEAD = re.compile(r"[^@]*[!#$%&'*/=?^`{|}~]")
-_GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
-_SECRET_WINDOW = 400  # chars kept either side of a secret trigger on very long lines
-
-Spans = list[tuple[int, int]]
-
-# RE2 (the prefilters) reads \d, \w and \s as ASCII; `re` reads them as Unicode. These
-# classes hold at least what `re`'s do, so a prefilter written with them matches wherever the
-# `re` trigger does. \w is every character but ASCII's non-word ones (a Unicode letter class
-# makes RE2's automaton tens of times slower).
-_RE2_DIGIT = r"\p{Nd}"
-_RE2_WORD = r"^\x00-\x2f\x3a-\x40\x5b-\x5e\x60\x7b-\x7f"   # inside [...]
-_RE2_SPACE = r"\x{09}-\x{0d}\x{1c}-\x{1f}\x{85}\p{Z}"         # str.isspace(), inside [...]
-
-
-class _Finding(NamedTuple):
-    start: int
-    end: int
-    kind: str
-
-
-@dataclass(frozen=True)
-class _Detector:
-    """One kind: where to look (trigger regexes) and what its library finds there."""
-
-    kind: str
-    prefilter: str  # an RE2 pattern matching every text any trigger below matches (a superset)
-    triggers: tuple[re.Pattern, ...]
-    pad: int | None  # context chars around a trigger hit that the library needs; None: the hit alone
-    find: Callable[[str, int, int], Spans]  # (text, lo, hi) -> spans in text coordinates
-    # Run on the lowercased text: case-insensitive regexes are ~20x slower in `re`.
-    lowercase_triggers: tuple[re.Pattern, ...] = ()
-    whole_lines: bool = False  # windows are the lines holding a hit (detect-secrets is line-based)
-    keep_hit: Callable[[str, int, int], bool] | None = None  # drops hits before they open a window
-
-    def findings(self, text: str) -> list[_Finding]:
-        hits = [m.span() for pattern in self.triggers for m in pattern.finditer(text)
-                if self.keep_hit is None or self.keep_hit(text, *m.span())]
-        if self.lowercase_triggers:
-            lowered = text.replace("\u0130", "i").lower()  # 'İ' is the one char lower() widens
-            hits += [m.span() for p in self.lowercase_triggers for m in p.finditer(lowered)]
-        windows = hits if self.pad is None else _windows(text, sorted(hits), self.pad, self.whole_lines)
-        return [_Finding(start, end, self.kind) for lo, hi in windows for start, end in self.find(text, lo, hi)]
 
 
 class Redactor:
@@ -95,9 +46,7 @@ class Redactor:
         unknown = [kind for kind in kinds if kind not in REDACTION_KINDS]
         if unknown:
             raise ValueError(f"unknown redaction kind(s) {unknown}; allowed: {REDACTION_KINDS}")
-        builders = {"email": _email_detector, "phone": _phone_detector, "ip_address": _ip_detector,
-                    "credit_card": _credit_card_detector, "secret": _secret_detector}
-        self._detectors = [builders[kind]() for kind in REDACTION_KINDS if kind in kinds]
+        self._detectors = [BUILDERS[kind]() for kind in REDACTION_KINDS if kind in kinds]
 
     def detector_seconds(self, texts: Sequence[str]) -> dict[str, float]:
         """CPU seconds each kind spends finding its identifiers in `texts` as `redact_many`
@@ -132,7 +81,7 @@ class Redactor:
                 for i, text in enumerate(texts)]
 
 
-def _redact(text: str, detectors: list[_Detector]) -> tuple[str, dict[str, int]]:
+def _redact(text: str, detectors: list[Detector]) -> tuple[str, dict[str, int]]:
     findings = [f for detector in detectors for f in detector.findings(text)]
     if not findings:
         return text, {}
@@ -146,25 +95,7 @@ def _redact(text: str, detectors: list[_Detector]) -> tuple[str, dict[str, int]]
     return "".join(pieces), dict(Counter(f.kind for f in kept))
 
 
-def _windows(text: str, hits: Spans, pad: int, whole_lines: bool) -> Spans:
-    """Merged [lo, hi) windows of `pad` chars (or the whole line) around sorted trigger hits."""
-    windows: Spans = []
-    for start, end in hits:
-        if whole_lines:  # clipped, so one minified 100 KB line does not cost 100 KB per plugin
-            lo = max(text.rfind("\n", 0, start) + 1, start - _SECRET_WINDOW)
-            line_end = text.find("\n", end)
-            hi = min(len(text) if line_end < 0 else line_end, end + _SECRET_WINDOW)
-        else:  # widened to whole tokens: half a number may look like a whole one to a library
-            lo, hi = max(0, start - pad), _TOKEN_AFTER.match(text, min(len(text), end + pad)).end()
-            lo -= len(_TOKEN_BEFORE.search(text, max(0, lo - 64), lo).group())
-        if windows and lo < windows[-1][1]:
-            windows[-1] = (windows[-1][0], max(hi, windows[-1][1]))
-        else:
-            windows.append((lo, hi))
-    return windows
-
-
-def _resolve_overlaps(findings: list[_Finding], protected: Spans) -> list[_Finding]:
+def _resolve_overlaps(findings: list[Finding], protected: Spans) -> list[Finding]:
     """Secrets first, then longest span first; drop anything touching a kept span or a
     placeholder. Returns the kept findings sorted by start."""
     findings.sort(key=lambda f: (f.kind != "secret", f.start - f.end, f.start))
@@ -177,248 +108,3 @@ def _resolve_overlaps(findings: list[_Finding], protected: Spans) -> list[_Findi
         taken.insert(i, (f.start, f.end))
         kept.append(f)
     return sorted(kept)
-
-
-def _inside_longer_number(text: str, start: int, end: int) -> bool:
-    """True for a match that continues a decimal or dotted run: '3.14159265358', '1.3.6.1.4'."""
-    return bool(_NUMBER_BEFORE.search(text, max(0, start - 2), start)
-                or _NUMBER_AFTER.match(text, end))
-
-
-def _presidio_find(recognizer: Any, keep: Callable[[str, int, int], bool] | None = None
-                   ) -> Callable[[str, int, int], Spans]:
-    """Run a presidio recognizer on text[lo:hi]; spans come back in text coordinates."""
-    def find(text: str, lo: int, hi: int) -> Spans:
-        results = recognizer.analyze(text[lo:hi], recognizer.supported_entities, None)
-        spans = [(lo + r.start, lo + r.end) for r in results]
-        return [span for span in spans if keep is None or keep(text, *span)]
-    return find
-
-
-# Triggers start with a digit or a literal so that `re` skips ahead to candidates. Libraries
-# are imported when a Redactor is built: presidio pulls in spaCy (~3.5 s).
-def _email_detector() -> _Detector:
-    import tldextract
-    from presidio_analyzer.predefined_recognizers import EmailRecognizer
-
-    # EmailRecognizer calls the module-level `tldextract.extract`, which downloads the public
-    # suffix list on first use; this extractor reads only the snapshot bundled with tldextract.
-    offline_extract = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
-    offline_extract("example.com")  # loads the snapshot now (~0.2 s), not on the first e-mail
-
-    class OfflineEmailRecognizer(EmailRecognizer):
-        def validate_result(self, pattern_text: str) -> bool:
-            return offline_extract(pattern_text).fqdn != ""
-
-    # presidio admits RFC's rare local-part characters (' = ` { / ...), so in code
-    # "email='a@b.com" would lose its "email='" too: the address starts after the last one.
-    find = _presidio_find(OfflineEmailRecognizer())
-
-    def find_trimmed(text: str, lo: int, hi: int) -> Spans:
-        leads = [(_EMAIL_LEAD.match(text, start, end), start, end) for start, end in find(text, lo, hi)]
-        return [(lead.end() if lead else start, end) for lead, start, end in leads]
-
-    # 128 chars either side covers a 64-char local part and most domains.
-    return _Detector("email", "@", (re.compile("@"),), 128, find_trimmed)
-
-
-def _is_plausible_phone(text: str, start: int, end: int) -> bool:
-    # WildChat is code-heavy: a bare digit run (1681234567, 9876543210) is far more often a
-    # timestamp, an id or a constant than a phone number; people who give a number write it
-    # with separators or a +country code. phonenumbers also takes '192.168.1.100' for one.
-    number = text[start:end]
-    return not (_DIGITS_ONLY.fullmatch(number) or _DOTTED_QUAD.fullmatch(number)
-                or _inside_longer_number(text, start, end))
-
-
-# A number as people write one: '+' and 7-15 digits, or digit groups joined by one space,
-# dash, dot or slash, the first group maybe in parentheses; a whole token (not inside a
-# word, path, decimal, time, version or id). It starts with its first character so that
-# `re` skips ahead to candidates; quantifiers are possessive, so a run that fails is not
-# retried from its middle.
-_PHONE_GROUP = r"(?:[ .\-/]\(?|\)[ \-]?)\d++"
-_PHONE_CANDIDATE = re.compile(rf"""
-    [+(\d] (?<![\w.,/\-#@$%&].)(?<!\d:.)           # a first character that starts a token
-    (?=(?:[ .\-/()+]{{0,2}}\d){{6}})                 # seven or more digits in all
-    (?: (?<=\+)\d{{7,15}}+                          # '+' and digits
-      | (?:(?<=\()\+?+\d++|(?<=\+)\d++|(?<=\d)\d*+) (?:{_PHONE_GROUP})++ \)?+ )  # or groups
-    (?![\w@]|[.,:/\-]\d)                           # and a last one that ends it
-""", re.VERBOSE)
-_DATE = re.compile(r"\d{4}([-/.])\d\d?\1\d\d?|\d\d?([-/.])\d\d?\2\d{2,4}")
-_SPACED_DIGITS = re.compile(r"[\d ]+")
-_NUMERIC_LINE = re.compile(r"[\d\s.,;:|()[\]{}+\-/]*\d[\d\s.,;:|()[\]{}+\-/]*")
-
-
-def _is_phone_candidate(text: str, start: int, end: int) -> bool:
-    """Worth asking phonenumbers about: 7-15 digits; without a '+', groups of at most 8
-    digits and not a date, a dotted quad, a decimal, a version ('10.0.19045.2965') or a row of
-    a table of numbers."""
-    number = text[start:end]
-    groups = _DIGITS_ONLY.findall(number)
-    if not 7 <= sum(map(len, groups)) <= 15:
-        return False
-    if number.startswith(("+", "(+")):
-        return True
-    if _DATE.fullmatch(number.strip("()")) or _DOTTED_QUAD.fullmatch(number.strip("()")):
-        return False
-    if max(map(len, groups)) > 8 or ("." in number and (len(groups) < 3 or min(map(len, groups)) < 2)):
-        return False  # phones written with dots have three groups or more, none of one digit
-    return not (_SPACED_DIGITS.fullmatch(number) and _in_table_of_numbers(text, start, end))
-
-
-def _in_table_of_numbers(text: str, start: int, end: int) -> bool:
-    """True when the line holds only numbers and so does the line before or after it
-    ('94 70 128 2114' in a pasted column): a table, not a number someone gives."""
-    line_start, line_end = text.rfind("\n", 0, start) + 1, text.find("\n", end)
-    line_end = len(text) if line_end < 0 else line_end
-    if not _NUMERIC_LINE.fullmatch(text, line_start, line_end):
-        return False
-    before_start = text.rfind("\n", 0, max(0, line_start - 1)) + 1
-    after_end = text.find("\n", line_end + 1)
-    after_end = len(text) if after_end < 0 else after_end
-    return bool((line_start > 0 and _NUMERIC_LINE.fullmatch(text, before_start, line_start - 1))
-                or (line_end < len(text) and _NUMERIC_LINE.fullmatch(text, line_end + 1, after_end)))
-
-
-def _phone_detector() -> _Detector:
-    import phonenumbers
-    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
-
-    # Presidio's PhoneRecognizer runs phonenumbers' matcher once per region, for 8 regions,
-    # over every window (~0.7 ms). Here a candidate goes to the matcher only in the regions
-    # where a parse (~20 us) says it can be a number:
-    # - with a '+', the country it names, if the number has a length that country's numbers
-    #   have (leniency POSSIBLE): '+' and a country code say "phone number" even where the
-    #   area code is unassigned ('+1 (756) 836-1112'), which Presidio half-redacted;
-    # - without, each region PhoneRecognizer supports by default in which it is valid, with
-    #   PhoneRecognizer's leniency (VALID: national prefix too, where the region needs one).
-    default_regions = tuple(PhoneRecognizer.DEFAULT_SUPPORTED_REGIONS)
-
-    def parse(number: str, region: str | None) -> Any:
-        try:
-            return phonenumbers.parse(number, region)
-        except phonenumbers.NumberParseException:
-            return None
-
-    def matcher_regions(number: str) -> list[tuple[str, Any]]:
-        if number.startswith(("+", "(+")):
-            parsed = parse(number.lstrip("("), None)
-            if parsed is None or not phonenumbers.is_possible_number(parsed):
-                return []
-            return [(phonenumbers.region_code_for_country_code(parsed.country_code), phonenumbers.Leniency.POSSIBLE)]
-        parsed = [parse(number, region) for region in default_regions]
-        return [(region, phonenumbers.Leniency.VALID) for region, n in zip(default_regions, parsed)
-                if n is not None and phonenumbers.is_valid_number(n)]
-
-    def find(text: str, lo: int, hi: int) -> Spans:  # [lo, hi) is one candidate
-        start, end = max(0, lo - 1), min(len(text), hi + 1)  # the matcher checks the characters around
-        spans = {(start + m.start, start + m.end) for region, leniency in matcher_regions(text[lo:hi])
-                 for m in phonenumbers.PhoneNumberMatcher(text[start:end], region, leniency=leniency)}
-        return [span for span in sorted(spans) if _is_plausible_phone(text, *span)]
-
-    # The candidate's first character and the six more digits its lookahead asks for.
-    prefilter = rf"[+({_RE2_DIGIT}](?:[ .\-/()+]{{0,2}}{_RE2_DIGIT}){{6}}"
-    return _Detector("phone", prefilter, (_PHONE_CANDIDATE,), None, find, keep_hit=_is_phone_candidate)
-
-
-def _is_public_ip(text: str, start: int, end: int) -> bool:
-    # Private, loopback and documentation addresses (127.0.0.1, 2001:db8::1) identify nobody
-    # and fill code samples. A dotted quad inside a longer dotted run or of single digits is
-    # a version or section number ('3.5.0.1'), or else a public resolver like 8.8.8.8.
-    if _inside_longer_number(text, start, end) or _SINGLE_DIGIT_QUAD.fullmatch(text, start, end):
-        return False
-    ip = ipaddress.ip_interface(text[start:end]).ip
-    # Only 2000::/3 is global unicast; Python calls 'a::b' (C++) global too.
-    return ip.is_global and (ip.version == 4 or ip in _GLOBAL_UNICAST_V6)
-
-
-def _ip_detector() -> _Detector:
-    from presidio_analyzer.predefined_recognizers import IpRecognizer
-
-    # A dotted quad, or the start of a global IPv6 address: a group starting 2 or 3, then
-    # "::" or more groups ("2a00:1450::", "2001:db8:85a3:"); "std::" and "12:30:45" don't fire.
-    trigger = re.compile(r"\d(?:\d{0,2}\.\d{1,3}\.\d{1,3}\.\d"
-                         r"|(?<=[23])[0-9A-Fa-f]{0,3}:(?::|[0-9A-Fa-f]{1,4}:(?::|[0-9A-Fa-f]{1,4}:)))")
-    prefilter = (rf"{_RE2_DIGIT}{{1,3}}\.{_RE2_DIGIT}{{1,3}}\.{_RE2_DIGIT}{{1,3}}\.{_RE2_DIGIT}"
-                 r"|[23][0-9A-Fa-f]{0,3}:(?::|[0-9A-Fa-f]{1,4}:(?::|[0-9A-Fa-f]{1,4}:))")
-    return _Detector("ip_address", prefilter, (trigger,), 48, _presidio_find(IpRecognizer(), _is_public_ip))
-
-
-def _credit_card_detector() -> _Detector:
-    from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
-
-    # A whole run of 13-19 digits, optionally grouped by spaces or dashes; presidio's
-    # recognizer then checks the issuer prefix and the Luhn checksum.
-    trigger = re.compile(r"\d(?<!\d\d)(?:[ -]?\d){12,18}(?!\d)")
-    prefilter = rf"{_RE2_DIGIT}(?:[ -]?{_RE2_DIGIT}){{12}}"
-    return _Detector("credit_card", prefilter, (trigger,), 2, _presidio_find(CreditCardRecognizer()))
-
-
-def _secret_detector() -> _Detector:
-    from detect_secrets.filters import heuristic
-    from detect_secrets.plugins import (aws, azure_storage_key, basic_auth, discord,
-                                        github_token, gitlab_token, jwt, keyword, openai,
-                                        private_key, pypi_token, sendgrid, slack,
-                                        square_oauth, stripe, telegram_token)
-    from detect_secrets.plugins.base import RegexBasedDetector
-
-    plugins = [aws.AWSKeyDetector(), azure_storage_key.AzureStorageKeyDetector(),
-               basic_auth.BasicAuthDetector(), discord.DiscordBotTokenDetector(),
-               github_token.GitHubTokenDetector(), gitlab_token.GitLabTokenDetector(),
-               jwt.JwtTokenDetector(), keyword.KeywordDetector(), openai.OpenAIDetector(),
-               pypi_token.PypiTokenDetector(), sendgrid.SendGridDetector(), slack.SlackDetector(),
-               square_oauth.SquareOAuthDetector(), stripe.StripeDetector(),
-               telegram_token.TelegramBotTokenDetector()]
-    key_block = private_key.PrivateKeyDetector()
-    # Triggers: each token plugin's fixed prefix, or its shape (basic-auth URL, Telegram and
-    # Discord tokens); and the keyword plugin's denylist (or the AWS plugin's "aws") followed
-    # by an assignment or a call, as in all its patterns ("secrets, and lies" does not fire).
-    token_prefixes = re.compile("|".join(re.escape(prefix) for prefix in (
-        "AKIA", "ASIA", "ABIA", "ACCA", "A3T", "AccountKey=", "ghp_", "gho_", "ghu_", "ghs_",
-        "ghr_", "glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "glimt-", "glft-", "glsoat-",
-        "glagent-", "gloas-", "GR1348941", "eyJ", "T3BlbkFJ", "pypi-", "SG.", "xox",
-        "hooks.slack", "sq0csp-", "k_live_", "PRIVATE KEY", "PuTTY-User-Key")))
-    token_shapes = re.compile(r"://[^\s:/@]+:[^\s/@]+@|:[\w-]{35}|\.[\w-]{6}\.[\w-]{27}")
-    denylist = "|".join(keyword.DENYLIST)
-    keywords = re.compile(f"(?:aws|{denylist})" + r"\w*[\]'\"]{0,2}\s*[:=!(]")
-    names_a_keyword = re.compile(denylist)
-    # detect-secrets' own false-positive heuristics ('${DB_PASS}', '<password>', '*****',
-    # 'abcdef'); a value with spaces is a prompt or a sentence ("Enter your password"); a
-    # value naming a keyword is a placeholder ("YOUR_API_KEY", "password").
-    false_positives = (heuristic.is_templated_secret, heuristic.is_prefixed_with_dollar_sign,
-                       heuristic.is_sequential_string, heuristic.is_not_alphanumeric_string,
-                       lambda secret: any(c.isspace() for c in secret),
-                       lambda secret: names_a_keyword.search(secret.lower()) is not None)
-
-    def find(text: str, lo: int, hi: int) -> Spans:
-        line, spans = text[lo:hi], []
-        for plugin in plugins:
-            # Token plugins may stop short of the token (the JWT pattern stops before the
-            # signature, the Stripe one after 24 chars): the token is taken to its end. A
-            # keyword value is whole already and must not run into a neighbouring word.
-            widen = isinstance(plugin, RegexBasedDetector)
-            word_end = "" if widen else r"(?!\w)"
-            for secret in set(plugin.analyze_string(line)):
-                if any(is_false_positive(secret) for is_false_positive in false_positives):
-                    continue
-                for hit in re.finditer(rf"(?<!\w){re.escape(secret)}{word_end}", line):
-                    end = _TOKEN_TAIL.match(text, lo + hit.end()).end() if widen else lo + hit.end()
-                    spans.append((lo + hit.start(), end))
-        # The plugin reports only the "BEGIN RSA PRIVATE KEY" marker; the whole block goes,
-        # up to its END line (or, for a truncated paste, the first blank line).
-        for marker in key_block.analyze_string(line):
-            for hit in re.finditer(re.escape(marker), line):
-                start = lo + hit.start() - (5 if line.endswith("-----", 0, hit.start()) else 0)
-                end = _KEY_BLOCK_END.search(text, lo + hit.end())
-                spans.append((start, end.end() if end.group().startswith("-") else end.start()))
-        return spans
-
-    # In RE2: the prefixes as they are; the shapes with `re`'s \w; the keywords on the text
-    # itself, case-folded, where 'İ' (which the triggers read as 'i') counts as an 'i'.
-    word = f"(?:[{_RE2_WORD}]|-)"
-    shapes = rf"://[^\s:/@]+:[^\s/@]+@|:{word}{{35}}|\.{word}{{6}}\.{word}{{27}}"
-    folded = f"(?:aws|{denylist})".replace("i", r"(?:i|\x{130})")
-    keyword_prefilter = rf"(?i:{folded}[{_RE2_WORD}]*[\]'\"]{{0,2}}[{_RE2_SPACE}]*[:=!(])"
-    prefilter = "|".join((token_prefixes.pattern, shapes, keyword_prefilter))
-    return _Detector("secret", prefilter, (token_prefixes, token_shapes), 0, find,
-                     lowercase_triggers=(keywords,), whole_lines=True)
