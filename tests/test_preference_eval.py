@@ -45,6 +45,21 @@ def test_only_feedback_labels_are_read_and_a_missing_list_is_an_error(tmp_path):
         load_preference_labels(path)
 
 
+@pytest.mark.parametrize("line, error", [
+    ("{not json", r"labels.jsonl:2: not valid JSON"),
+    ('{"conversation_hash": "c", "message_index": 0, "label": "complaint", "preferences": []}',
+     r"labels.jsonl:2: field 'message_index' must be an integer >= 1"),
+    ('{"conversation_hash": "a", "message_index": 2, "label": "complaint", "preferences": []}',
+     r"labels.jsonl:2: duplicate label for conversation_hash='a' message_index=2"),
+])
+def test_a_bad_label_line_names_the_file_line_and_field(tmp_path, line, error):
+    path = tmp_path / "labels.jsonl"
+    first = {"conversation_hash": "a", "message_index": 2, "label": "complaint", "preferences": []}
+    path.write_text(json.dumps(first) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=error):
+        load_preference_labels(path)
+
+
 def test_extractor_keeps_its_regression_floor_on_the_development_part():
     result = evaluate_extractor(MORE / "train-00000-of-00001.parquet", MORE / "followup_labels.jsonl", split="dev")
     assert (result["messages"], result["pairs"]) == (237, 47)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -63,15 +63,15 @@ def followup_examples(conversations: pa.Table) -> list[dict]:
     return examples
 
 
-def load_gold_labels(path: str | Path, split: str | None = None) -> dict[tuple[str, int], str]:
-    """Read gold labels (JSONL) into {(conversation_hash, message_index): label}.
+def label_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each label line of a gold-label JSONL file as ("file:line", row), checked.
 
     Keys `conversation_hash`, `message_index`, `label` are required; `feedback`,
-    `rationale` and `split` are optional. With `split`, only the labels of that split are
-    read (a file without `split` fields is then an error). A bad line is an error naming the
-    file, line and field.
+    `rationale`, `split` and `preferences` are optional. With `split`, only the rows of that
+    split are yielded (a file without `split` fields is then an error). A bad line is an
+    error naming the file, line and field; so is a second label for the same follow-up.
     """
-    labels: dict[tuple[str, int], str] = {}
+    seen: set[tuple[str, int]] = set()
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -100,11 +100,17 @@ def load_gold_labels(path: str | Path, split: str | None = None) -> dict[tuple[s
                 raise ValueError(f"{where}: no field 'split', but --split {split} was asked for")
             if split is not None and row["split"] != split:
                 continue
-            if (conv_hash, index) in labels:
+            if (conv_hash, index) in seen:
                 raise ValueError(f"{where}: duplicate label for conversation_hash="
                                  f"{conv_hash!r} message_index={index}")
-            labels[(conv_hash, index)] = label
-    return labels
+            seen.add((conv_hash, index))
+            yield where, row
+
+
+def load_gold_labels(path: str | Path, split: str | None = None) -> dict[tuple[str, int], str]:
+    """Read gold labels (JSONL) into {(conversation_hash, message_index): label}; every line
+    checked as `label_rows` says."""
+    return {(row["conversation_hash"], row["message_index"]): row["label"] for _, row in label_rows(path, split)}
 
 
 NONE = "(none)"  # an unclassified follow-up: no label, no feedback

@@ -15,7 +15,6 @@ something; intervals are bootstraps over conversations (pipelines/bootstrap.py).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import numpy as np
 from actors.followup_labels import FEEDBACK_LABELS
 from actors.persona_extractive import message_preferences, stated_languages
 from pipelines.bootstrap import cluster_intervals, format_interval
-from pipelines.tools.followup_eval import followup_examples, read_conversations
+from pipelines.tools.followup_eval import followup_examples, label_rows, read_conversations
 
 HEADLINE = ("precision", "recall", "exact", "exact_stating")
 
@@ -35,21 +34,17 @@ def extracted(message: str, answer: str) -> set[tuple[str, str]]:
 
 
 def load_preference_labels(path: str | Path, split: str | None = None) -> dict[tuple[str, int], set]:
-    """{(conversation_hash, message_index): {(dimension, value)}} for the feedback follow-ups.
-    A line without `preferences` on a feedback label is an error naming the file and line."""
+    """{(conversation_hash, message_index): {(dimension, value)}} for the feedback follow-ups,
+    every line checked as `followup_eval.label_rows` says. A feedback label without
+    `preferences` is an error naming the file and line."""
     gold = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("label") not in FEEDBACK_LABELS or (split is not None and row.get("split") != split):
-                continue
-            if not isinstance(row.get("preferences"), list):
-                raise ValueError(f"{path}:{n}: a feedback label without a 'preferences' list; add one "
-                                 "([] when the message states none)")
-            gold[row["conversation_hash"], int(row["message_index"])] = {
-                (p["dimension"], p["value"]) for p in row["preferences"]}
+    for where, row in label_rows(path, split):
+        if row["label"] not in FEEDBACK_LABELS:
+            continue
+        if not isinstance(row.get("preferences"), list):
+            raise ValueError(f"{where}: a feedback label without a 'preferences' list; add one "
+                             "([] when the message states none)")
+        gold[row["conversation_hash"], row["message_index"]] = {(p["dimension"], p["value"]) for p in row["preferences"]}
     return gold
 
 
