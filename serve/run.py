@@ -95,12 +95,15 @@ def redeploy_command(config: RunConfig, policy: str | None = None) -> dict[str, 
 
     from pipelines.rounds import last_train_round, trained_policy
     from pipelines.schema import model_path
+    from pipelines.storage import local_copy
     from serve.app import APP_NAME
 
     token = read_token(config.serve.token_file)
     if policy is None:
+        # A run in object storage is pulled into its working copy first, as `rlhi serve` does.
+        local = config.model_copy(update={"run_dir": str(local_copy(config.run_dir, config.work_dir))})
         try:
-            policy = str(model_path(config.run_dir, "train", last_train_round(config)))
+            policy = str(model_path(local.run_dir, "train", last_train_round(local)))
         except RuntimeError as exc:   # no round trained yet: the user's to fix, not a crash
             raise ValueError(f"nothing to redeploy: {exc}") from exc
     if not (Path(policy) / "config.json").is_file():
