@@ -56,8 +56,20 @@ def step_key(config: RunConfig, round_index: int, name: str, previous: str | Non
                             "settings": settings_of(config, name),
                             "code": code_hash(registered(name).module, code_root)}
     if name == "ingest":
-        data["inputs"] = [(f["path"], f["sha256"]) for f in fingerprint(resolve_inputs(config.ingest.inputs))]
+        data["settings"]["ingest"]["inputs"] = [input_identity(item, config.run_dir) for item in config.ingest.inputs]
+        data["inputs"] = [(input_identity(f["path"], config.run_dir), f["sha256"])
+                          for f in fingerprint(resolve_inputs(config.ingest.inputs))]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def input_identity(path: str, run_dir: str) -> str:
+    """An input file as the rerun key names it: one downloaded from object storage by its
+    place under the working copy's `.inputs/` (`<hash of its URI>/<name>`, the same on every
+    machine, so a run pulled into another working copy skips what is current), a local file
+    by its path."""
+    downloads = Path(run_dir).resolve() / ".inputs"
+    resolved = Path(path).resolve()
+    return f".inputs/{resolved.relative_to(downloads)}" if resolved.is_relative_to(downloads) else str(path)
 
 
 def step_keys(config: RunConfig, code_root: Path = REPO) -> dict[str, str]:

@@ -44,6 +44,26 @@ def test_keys_chain_along_the_plan():
     assert keys[:2] == changed_keys[:2] and keys[2] != changed_keys[2]
 
 
+def test_inputs_downloaded_into_another_working_copy_give_the_same_ingest_key(tmp_path):
+    """A run in object storage resumed on another machine: its working copy (and the inputs
+    downloaded into it) lies elsewhere, and ingest must still be current."""
+    keys = []
+    for machine in ("a", "b"):
+        work = tmp_path / machine / "work"
+        download = work / ".inputs" / "0123456789abcdef" / "train-00000.parquet"
+        download.parent.mkdir(parents=True)
+        shutil.copy(WILDCHAT_SAMPLE, download)
+        config = config_for(work).model_copy(update={"ingest": config_for(work).ingest.model_copy(
+            update={"inputs": [str(download)]})})
+        keys.append(step_key(config, 0, "ingest", None))
+    assert keys[0] == keys[1]
+    other = tmp_path / "elsewhere.parquet"       # a local input is still named by its path
+    shutil.copy(WILDCHAT_SAMPLE, other)
+    moved = config_for(tmp_path / "a" / "work").model_copy(update={"ingest": config_for(tmp_path).ingest.model_copy(
+        update={"inputs": [str(other)]})})
+    assert step_key(moved, 0, "ingest", None) != keys[0]
+
+
 def test_same_config_twice_does_no_work(run_copy, capsys):
     result = run_pipeline(config_for(run_copy), report=False)
     assert statuses(result) == {"ingest": "skipped", "followups": "skipped", "personas": "skipped"}
