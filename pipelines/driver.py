@@ -25,7 +25,7 @@ from pipelines.code_hash import REPO, code_hash
 from pipelines.config import RunConfig, load_config
 from pipelines.console import format_dry_run, step_lines
 from pipelines.registry import settings_of, stage as registered
-from pipelines.schema import stage_dir
+from pipelines.schema import stage_dir, step_name
 from pipelines.stages.ingest.sources import resolve_inputs
 from pipelines import storage
 
@@ -37,11 +37,6 @@ def plan(config: RunConfig) -> list[tuple[int, str]]:
     for k in range(1, config.online.rounds + 1):
         steps += [(k, name) for name in config.online.stages]
     return steps + [(0, name) for name in config.stages if registered(name).last]
-
-
-def step_name(round_index: int, name: str) -> str:
-    """What the plan, --from/--only and the report call a step: `rewards`, `round-1/rewards`."""
-    return name if round_index == 0 else f"round-{round_index}/{name}"
 
 
 def step_key(config: RunConfig, round_index: int, name: str, previous: str | None,

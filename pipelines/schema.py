@@ -207,6 +207,12 @@ def run_rounds(run_dir: Path | str) -> list[int]:
     return [0, *sorted(later)]
 
 
+def step_name(round_index: int, stage: str) -> str:
+    """What the plan, --from/--only, manifests' upstream and the report call a step of round
+    `round_index` (its folder relative to the run directory): `rewards`, `round-1/rewards`."""
+    return stage if round_index == 0 else f"round-{round_index}/{stage}"
+
+
 def stage_dir(run_dir: Path | str, stage: str, round_index: int = 0) -> Path:
     """A finished stage's folder (its tables, summary.json, manifest.json, models)."""
     return round_dir(run_dir, round_index) / stage

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from pipelines.config import PersonasConfig, RunConfig
 from pipelines.persona_join import user_splits
 from pipelines.schema import (CONVERSATION_PERSONAS, CONVERSATIONS, FEEDBACK_LABELS, FOLLOWUPS, PERSONAS, USERS,
-                              check_schema, stage_dir, table_path)
+                              check_schema, stage_dir, step_name, table_path)
 from pipelines.contract import StageWriter, require_stage
 
 STAGE = "personas"
@@ -230,8 +230,7 @@ def run_personas(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
 
     run_dir, settings = Path(config.run_dir), config.personas
     rounds = ingest_rounds(config, round_index)
-    upstream = {(f"round-{k}/" if k else "") + name: require_stage(run_dir, name, k)
-                for name in ("ingest", "followups") for k in rounds}
+    upstream = {step_name(k, name): require_stage(run_dir, name, k) for name in ("ingest", "followups") for k in rounds}
     conversations, followups = history(config, rounds)
     table = with_feedback(conversations, followups)
     counts = Counter(table.column("user_id").to_pylist())

@@ -35,7 +35,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipelines.contract import MANIFEST  # noqa: E402
 from pipelines.registry import ROUND_STAGES, STAGES  # noqa: E402
-from pipelines.schema import FOLLOWUP_LABELS, run_rounds, stage_dir, table_path  # noqa: E402
+from pipelines.schema import FOLLOWUP_LABELS, run_rounds, stage_dir, step_name, table_path  # noqa: E402
 
 REPORT_DIR = "report"
 NOT_RUN = "_not run_"
@@ -79,7 +79,7 @@ class Run:
         """Every step of the run as (driver step name, folder), in run order."""
         steps = [(s.name, stage_dir(self.dir, s.name)) for s in STAGES if not s.last]
         for k in self.rounds[1:]:
-            steps += [(f"round-{k}/{stage}", stage_dir(self.dir, stage, k)) for stage in ROUND_STAGES]
+            steps += [(step_name(k, stage), stage_dir(self.dir, stage, k)) for stage in ROUND_STAGES]
         steps += [(s.name, stage_dir(self.dir, s.name)) for s in STAGES if s.last]
         return steps
 

@@ -43,7 +43,7 @@ from pipelines.config import RunConfig
 from pipelines.stages.evaluate.items import EvalItem, benchmark_items, benchmark_path, known_pairs, user_turns
 from pipelines.contract import StageWriter, fingerprint, require_stage
 from pipelines.rounds import ingest_rounds, last_train_round, policy_spec, upstream_round
-from pipelines.schema import stage_dir
+from pipelines.schema import stage_dir, step_name
 
 STAGE = "evaluate"
 # Each completes the judge prompt's "decide which of two candidate answers ...".
@@ -263,10 +263,8 @@ def run_evaluate(config: RunConfig, engines: dict[str, GenerationEngine] | None 
     train_round = last_train_round(config)
     last = config.online.rounds
     personas_round = upstream_round(config, "personas", last)
-    upstream = {**{(f"round-{k}/" if k else "") + "ingest": require_stage(run_dir, "ingest", k)
-                   for k in ingest_rounds(config, last)},
-                (f"round-{personas_round}/" if personas_round else "") + "personas":
-                    require_stage(run_dir, "personas", personas_round),
+    upstream = {**{step_name(k, "ingest"): require_stage(run_dir, "ingest", k) for k in ingest_rounds(config, last)},
+                step_name(personas_round, "personas"): require_stage(run_dir, "personas", personas_round),
                 "train": require_stage(run_dir, "train", train_round)}
     arms = make_arms(config, engines)
     samples = settings.bootstrap_samples
