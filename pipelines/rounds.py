@@ -1,4 +1,5 @@
-"""Which policy a round uses, and what its role actors ask Ray for.
+"""Which policy a round uses, which earlier rounds' tables it reads, and what its role actors
+ask Ray for.
 
 Round 0 is the first pass: its stages write under the run directory itself. Online round
 k (k >= 1) reruns `online.stages` under `<run_dir>/round-<k>/` (pipelines/schema.py
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from actors.models import ModelSpec
 from pipelines.config import RunConfig
-from pipelines.schema import model_path
+from pipelines.schema import CONVERSATIONS, model_path, table_path
 
 
 def runs_in_round(config: RunConfig, stage: str, round_index: int) -> bool:
@@ -31,6 +35,24 @@ def ingest_rounds(config: RunConfig, up_to: int) -> list[int]:
     """The rounds 0..`up_to` whose ingest holds conversations: round 0, and each served_logs
     round (it ingests the log rows that arrived before it)."""
     return [k for k in range(up_to + 1) if k == 0 or runs_in_round(config, "ingest", k)]
+
+
+def history(run_dir: Path | str, rounds: list[int]) -> tuple[pa.Table, dict[str, int]]:
+    """The ingest conversations of `rounds` (`ingest_rounds`: round 0's, and in a served_logs
+    run every later round that ingested), a conversation read by several rounds (it
+    continued) once, as the latest round read it; and conversation_id -> that round."""
+    tables = {k: pq.read_table(table_path(run_dir, "ingest", "conversations", k), schema=CONVERSATIONS)
+              for k in rounds}
+    latest = {cid: k for k in rounds for cid in tables[k].column("conversation_id").to_pylist()}
+    return latest_reads(tables, latest), latest
+
+
+def latest_reads(tables: dict[int, pa.Table], latest: dict[str, int]) -> pa.Table:
+    """Round -> a table with `conversation_id` (conversations, follow-ups) as one table: each
+    round's rows of the conversations it read last (`latest`, from `history`)."""
+    return pa.concat_tables([
+        table.filter(pa.array([latest[c] == k for c in table.column("conversation_id").to_pylist()], pa.bool_()))
+        for k, table in tables.items()])
 
 
 def new_turns(config: RunConfig, round_index: int, conversation_ids: list[str],

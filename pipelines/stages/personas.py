@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 
 from pipelines.config import PersonasConfig, RunConfig
 from pipelines.persona_join import user_splits
-from pipelines.schema import (CONVERSATION_PERSONAS, CONVERSATIONS, FEEDBACK_LABELS, FOLLOWUPS, PERSONAS, USERS,
-                              check_schema, stage_dir, step_name, table_path)
+from pipelines.schema import (CONVERSATION_PERSONAS, FEEDBACK_LABELS, FOLLOWUPS, PERSONAS, USERS, check_schema,
+                              stage_dir, step_name, table_path)
 from pipelines.contract import StageWriter, require_stage
 
 STAGE = "personas"
@@ -203,35 +203,19 @@ def with_feedback(conversations: pa.Table, followups: pa.Table) -> pa.Table:
     return table.append_column("feedback", column)
 
 
-def history(config: RunConfig, rounds: list[int]) -> tuple[pa.Table, pa.Table]:
-    """The conversations and follow-ups personas are built from: those of `rounds` (round 0's,
-    and in a served_logs round every round up to it that ingested); a conversation read by
-    several rounds (it continued) counts once, as the latest round read it."""
-    run_dir = Path(config.run_dir)
-    conversations = {k: pq.read_table(table_path(run_dir, "ingest", "conversations", k), schema=CONVERSATIONS)
-                     for k in rounds}
-    followups = {k: pq.read_table(table_path(run_dir, "followups", "followups", k), schema=FOLLOWUPS)
-                 for k in rounds}
-    latest = {cid: k for k in rounds for cid in conversations[k].column("conversation_id").to_pylist()}
-
-    def own(table: pa.Table, k: int) -> pa.Table:
-        return table.filter(pa.array([latest[c] == k for c in table.column("conversation_id").to_pylist()],
-                                     pa.bool_()))
-    return (pa.concat_tables([own(conversations[k], k) for k in rounds]),
-            pa.concat_tables([own(followups[k], k) for k in rounds]))
-
-
 def run_personas(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     """Run the stage into `<run_dir>/personas/` (tables `personas` and `users`); in a
     served_logs round into its own folder, from the users' whole history so far."""
     import ray
 
-    from pipelines.rounds import ingest_rounds, upstream_round
+    from pipelines.rounds import history, ingest_rounds, latest_reads, upstream_round
 
     run_dir, settings = Path(config.run_dir), config.personas
     rounds = ingest_rounds(config, round_index)
     upstream = {step_name(k, name): require_stage(run_dir, name, k) for name in ("ingest", "followups") for k in rounds}
-    conversations, followups = history(config, rounds)
+    conversations, latest = history(run_dir, rounds)
+    followups = latest_reads({k: pq.read_table(table_path(run_dir, "followups", "followups", k), schema=FOLLOWUPS)
+                              for k in rounds}, latest)
     table = with_feedback(conversations, followups)
     counts = Counter(table.column("user_id").to_pylist())
     earlier = user_splits(run_dir, upstream_round(config, STAGE, round_index - 1)) if round_index else None

@@ -18,12 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipelines.config import BenchmarkConfig, RunConfig
 from pipelines.persona_join import attach_personas, user_splits
-from pipelines.rounds import ingest_rounds, upstream_round
-from pipelines.schema import table_path
+from pipelines.rounds import history, ingest_rounds, upstream_round
 from pipelines.stages.evaluate import reasoning
 
 REPO = Path(__file__).resolve().parents[3]
@@ -52,13 +49,9 @@ def user_turns(config: RunConfig) -> dict[str, list[EvalItem]]:
     run_dir, last = Path(config.run_dir), config.online.rounds
     personas_round = upstream_round(config, "personas", last)
     eval_users = {u for u, split in user_splits(run_dir, personas_round).items() if split == "eval"}
-    conversations: dict[str, dict[str, Any]] = {}
-    for k in ingest_rounds(config, last):   # oldest first, so a later read of a conversation wins
-        table = pq.read_table(table_path(run_dir, "ingest", "conversations", k),
-                              columns=["conversation_id", "user_id", "timestamp", "turns"])
-        conversations.update((conv["conversation_id"], conv) for conv in table.to_pylist())
+    conversations, _ = history(run_dir, ingest_rounds(config, last))
     found: dict[str, list[tuple[EvalItem, Any]]] = {"first": [], "followup": []}
-    for conv in conversations.values():
+    for conv in conversations.select(["conversation_id", "user_id", "turns"]).to_pylist():
         if conv["user_id"] not in eval_users:
             continue
         turns = conv["turns"] or []
