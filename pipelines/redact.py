@@ -29,7 +29,6 @@ from collections import Counter
 from typing import Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.redact_kinds import BUILDERS, Detector, Finding, Spans
 
@@ -55,8 +54,7 @@ class Redactor:
         column, seconds = pa.array(texts, type=pa.large_string()), {}
         for detector in self._detectors:
             start = time.process_time()
-            matched = pc.match_substring_regex(column, detector.prefilter).to_numpy(zero_copy_only=False)
-            for text, hit in zip(texts, matched):
+            for text, hit in zip(texts, detector.prefilter_hits(column)):
                 if hit:
                     detector.findings(text)
             seconds[detector.kind] = time.process_time() - start
@@ -75,8 +73,7 @@ class Redactor:
         if not texts:
             return []
         column = pa.array(texts, type=pa.large_string())
-        matched = [pc.match_substring_regex(column, detector.prefilter).to_numpy(zero_copy_only=False)
-                   for detector in self._detectors]
+        matched = [detector.prefilter_hits(column) for detector in self._detectors]
         return [_redact(text, [d for d, hit in zip(self._detectors, matched) if hit[i]])
                 for i, text in enumerate(texts)]
 

@@ -14,6 +14,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 _DIGITS_ONLY, _DOTTED_QUAD = re.compile(r"\d+"), re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _SINGLE_DIGIT_QUAD = re.compile(r"\d(?:\.\d){3}")
 _NUMBER_BEFORE, _NUMBER_AFTER = re.compile(r"\d[.,]\Z"), re.compile(r"[.,]\d")
@@ -55,6 +59,11 @@ class Detector:
     lowercase_triggers: tuple[re.Pattern, ...] = ()
     whole_lines: bool = False  # windows are the lines holding a hit (detect-secrets is line-based)
     keep_hit: Callable[[str, int, int], bool] | None = None  # drops hits before they open a window
+
+    def prefilter_hits(self, texts: pa.Array) -> np.ndarray:
+        """Which of `texts` (an Arrow string array) the prefilter matches: the only texts
+        `findings` can find anything in."""
+        return pc.match_substring_regex(texts, self.prefilter).to_numpy(zero_copy_only=False)
 
     def findings(self, text: str) -> list[Finding]:
         hits = [m.span() for pattern in self.triggers for m in pattern.finditer(text)
