@@ -29,7 +29,7 @@ def snapshots(conversations, feedback=None, cadence=1, max_conversations=20, max
         return [" | ".join(t["turns"][0]["content"] for t in h) for h in histories]
 
     rows = user_snapshots(conversations, feedback or {}, cadence=cadence, max_conversations=max_conversations,
-                          max_tokens=max_tokens, backend="test", build=build, redact=lambda s: (s, {}))
+                          max_tokens=max_tokens, backend="test", build=build, redact=lambda texts: [(t, {}) for t in texts])
     return rows, histories_seen
 
 
@@ -90,7 +90,7 @@ def test_a_conversations_turns_see_a_persona_of_earlier_conversations_only(conve
         return [" | ".join(f for h in history for f in h["feedback"]) for history in histories]
 
     rows = user_snapshots(convs, feedback, cadence=1, max_conversations=20, max_tokens=2000, backend="test",
-                          build=build, redact=lambda s: (s, {}))
+                          build=build, redact=lambda texts: [(t, {}) for t in texts])
     links = conversation_snapshots(convs, rows, cadence=1)
     persona = {r["persona_id"]: r for r in rows}
     seen = {link["conversation_id"]: persona[link["persona_id"]] for link in links}
@@ -165,3 +165,18 @@ def test_feedback_turns_state_preferences_but_are_not_topics():
     persona = extractive_persona(history)
     assert persona.splitlines()[0] == "Stated preferences: does not want examples"
     assert "skip" not in persona.lower().split("topics:")[1]
+
+
+def test_every_persona_is_redacted_and_its_redactions_counted():
+    from pipelines.redact import Redactor
+
+    def build(histories):   # a builder that copies an identifier from the history into the persona
+        return [f"Writes from jane.doe@example.co.uk; {len(h)} conversations" for h in histories]
+
+    rows = user_snapshots([conversation(0, "first"), conversation(1, "second")], {}, cadence=1, max_conversations=20,
+                          max_tokens=2000, backend="test", build=build, redact=Redactor().redact_many)
+    built = [r for r in rows if r["history_conversations"]]
+    assert [(r["persona"], r["redactions"]) for r in built] == [
+        ("Writes from <REDACTED_EMAIL>; 1 conversations", 1), ("Writes from <REDACTED_EMAIL>; 2 conversations", 1),
+        ("Writes from <REDACTED_EMAIL>; 2 conversations", 1)]
+    assert rows[0]["persona"] == "" and rows[0]["redactions"] == 0

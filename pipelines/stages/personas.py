@@ -72,7 +72,7 @@ def select_history(earlier: Sequence[dict[str, Any]], max_conversations: int, ma
 def user_snapshots(conversations: Sequence[dict[str, Any]], feedback: dict[str, list[str]], *,
                    cadence: int, max_conversations: int, max_tokens: int, backend: str,
                    build: Callable[[list[list[dict[str, Any]]]], list[str]],
-                   redact: Callable[[str], tuple[str, dict[str, int]]]) -> list[dict[str, Any]]:
+                   redact: Callable[[list[str]], list[tuple[str, dict[str, int]]]]) -> list[dict[str, Any]]:
     """All persona rows of one user: the empty one, one per `cadence` conversations, the
     serving one. `conversations` are that user's rows of the `conversations` table."""
     ordered = conversation_order(conversations)
@@ -84,10 +84,9 @@ def user_snapshots(conversations: Sequence[dict[str, Any]], feedback: dict[str, 
     for _, count, _ in points:
         chosen = select_history(ordered[:count], max_conversations, max_tokens)
         histories.append([history_item(c, feedback.get(c["conversation_id"], [])) for c in chosen])
-    texts = build([h for h in histories if h])
-    rows, built = [], iter(texts)
+    rows, built = [], iter(redact(build([h for h in histories if h])))   # every persona redacted at once
     for (as_of, count, serving), history in zip(points, histories):
-        text, found = redact(next(built)) if history else ("", {})
+        text, found = next(built) if history else ("", {})
         rows.append({
             "persona_id": persona_id(user, as_of, text, serving), "user_id": user, "as_of": as_of,
             "conversations_before": count,
@@ -177,7 +176,7 @@ class PersonaWorker:
             conversations, feedback, cadence=self.settings.cadence,
             max_conversations=self.settings.history_max_conversations,
             max_tokens=self.settings.history_max_tokens, backend=self.settings.backend,
-            build=self.builder.build_batch, redact=self.redactor.redact)
+            build=self.builder.build_batch, redact=self.redactor.redact_many)
         seen: dict[str, list[tuple[str, int]]] = {}
         for link in conversation_snapshots(conversations, rows, self.settings.cadence):
             seen.setdefault(link["persona_id"], []).append((link["conversation_id"], link["conversation_index"]))
