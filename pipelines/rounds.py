@@ -71,15 +71,28 @@ def new_turns(config: RunConfig, round_index: int, conversation_ids: list[str],
 def policy_spec(config: RunConfig, round_index: int) -> ModelSpec:
     """The policy round `round_index` samples with: models.policy in round 0, else the
     model exported by the newest earlier round's train stage (same decoding settings), or
-    models.policy when no earlier round trains (a run whose round 0 only builds data)."""
+    models.policy when no earlier round trains (a run whose round 0 only builds data). A
+    round whose train stage was skipped (too few pairs, `skipped_train`) exported nothing:
+    the round before it counts."""
     trained = [k for k in range(round_index) if runs_in_round(config, "train", k)]
-    if not trained:
-        return config.models.policy
-    folder = model_path(config.run_dir, "train", trained[-1])
-    if not (folder / "config.json").is_file():
-        raise RuntimeError(f"round {round_index} samples with the policy round {trained[-1]} "
-                           f"trained, but {folder} holds no exported model: run its train stage first")
-    return trained_policy(config, folder)
+    for k in reversed(trained):
+        if skipped_train(config.run_dir, k):
+            continue
+        folder = model_path(config.run_dir, "train", k)
+        if not (folder / "config.json").is_file():
+            raise RuntimeError(f"round {round_index} samples with the policy round {k} "
+                               f"trained, but {folder} holds no exported model: run its train stage first")
+        return trained_policy(config, folder)
+    return config.models.policy
+
+
+def skipped_train(run_dir: Path | str, round_index: int) -> str | None:
+    """Why round `round_index`'s train stage finished without training (an online round
+    with fewer pairs than one global batch), or None when it trained or has not run."""
+    from pipelines.contract import read_manifest
+
+    manifest = read_manifest(run_dir, "train", round_index)
+    return (manifest or {}).get("counts", {}).get("skipped")
 
 
 def trained_policy(config: RunConfig, folder: Path | str) -> ModelSpec:
@@ -88,11 +101,12 @@ def trained_policy(config: RunConfig, folder: Path | str) -> ModelSpec:
 
 
 def last_train_round(config: RunConfig) -> int:
-    """The last round whose train stage finished (online rounds first, then round 0)."""
+    """The last round whose train stage finished and exported a policy (online rounds first,
+    then round 0); rounds that skipped training are passed over."""
     from pipelines.contract import read_manifest, require_stage
 
     for k in range(config.online.rounds, -1, -1):
-        if read_manifest(config.run_dir, "train", k) is not None:
+        if read_manifest(config.run_dir, "train", k) is not None and not skipped_train(config.run_dir, k):
             return k
     require_stage(config.run_dir, "train")   # raises: say what to run
     return 0

@@ -167,7 +167,7 @@ def run_loop(*, rounds: int, users: int | None = None, seed: int = 0, out: str |
     from pipelines.driver import run_stages
     from pipelines.persona_join import user_splits
     from pipelines.runtime import start_ray
-    from pipelines.schema import model_path
+    from pipelines.rounds import policy_spec
     from serve.app import APP_NAME, build_app
     from serve.client import RLHIClient
     from serve.guard import token_digest
@@ -219,7 +219,8 @@ def run_loop(*, rounds: int, users: int | None = None, seed: int = 0, out: str |
                 config = config.model_copy(update={"online": config.online.model_copy(update={"rounds": r + 1})})
                 trained_at = time.perf_counter()
                 results = run_stages(config)
-                policy = served.models.policy.model_copy(update={"id": str(model_path(run_dir, "train", r + 1))})
+                # A round with too few pairs trains nothing and keeps the policy (policy_spec).
+                policy = served.models.policy.model_copy(update={"id": policy_spec(config, r + 2).id})
                 served = config.model_copy(update={"models": config.models.model_copy(update={"policy": policy})})
                 redeploy(served, token)
                 entry |= {"pairs": results[f"round-{r + 1}/pairs"]["pairs"],

@@ -16,16 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from actors.prompts import base_system_prompt
-from pipelines.config import TrainConfig, load_config, parse_config
+from pipelines.config import OnlineConfig, TrainConfig, load_config, parse_config
 from pipelines.stages.train.dpo_worker import coverage, load_pair_datasets, read_ledger
-from pipelines.schema import PAIRS
+from pipelines.schema import MODEL_FOLDER, PAIRS, model_path
 from pipelines.contract import StageWriter
 from pipelines.stages.train.memory import architecture, estimate, memory_report
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_pairs_stage(run_dir: Path, n_train: int = 16, n_eval: int = 4) -> Path:
+def write_pairs_stage(run_dir: Path, n_train: int = 16, n_eval: int = 4, round_index: int = 0) -> Path:
     """A committed `pairs` stage of synthetic pairs: short chosen, rambling rejected."""
     rows = []
     for i in range(n_train + n_eval):
@@ -39,8 +39,8 @@ def write_pairs_stage(run_dir: Path, n_train: int = 16, n_eval: int = 4) -> Path
             "user_id": f"user-{i % 5}" if split == "train" else f"user-{10 + i % 2}", "split": split,
             "source": "rewrite" if i % 2 else "reward", "margin": 0.3, "persona_id": None,
             "conversation_id": f"c{i}", "followup_id": f"f{i}" if i % 2 else None,
-            "sample_id": None if i % 2 else f"s{i}", "round": 0})
-    with StageWriter(run_dir, "pairs") as stage:
+            "sample_id": None if i % 2 else f"s{i}", "round": round_index})
+    with StageWriter(run_dir, "pairs", round_index) as stage:
         (stage.tmp / "pairs").mkdir()
         pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), stage.tmp / "pairs" / "part-0.parquet")
         stage.commit(config_hash="synthetic", inputs=[], counts={"pairs": len(rows)}, seed=0)
@@ -174,6 +174,27 @@ def test_rerun_after_a_failed_run_resumes_from_its_checkpoint(ray_session, tiny_
     summary = run_train(config)                        # same settings, same pairs: resume
     assert summary["resumed_run"] and summary["resumed_from_step"] == 2 and summary["steps"] == 4
     assert summary["pairs_per_epoch"] == {"0": {"seen": 16, "repeated": 0, "missing": 0}}
+
+
+def test_an_online_round_with_too_few_pairs_skips_training_and_keeps_the_policy(tiny_models, tmp_path):
+    from pipelines.rounds import last_train_round, policy_spec
+    from pipelines.stages.train.stage import run_train
+    from pipelines.tools.report import Run, train_section
+
+    run_dir = write_pairs_stage(tmp_path, n_train=3, n_eval=1, round_index=1)
+    with StageWriter(run_dir, "train", 0) as stage:   # round 0 trained and exported a policy
+        shutil.copytree(tiny_models.causal_lm, stage.tmp / MODEL_FOLDER)
+        stage.commit(config_hash="synthetic", inputs=[], counts={"train_pairs": 16}, seed=0)
+    config = train_config(run_dir, tiny_models.causal_lm).model_copy(update={"online": OnlineConfig(rounds=1)})
+    summary = run_train(config, 1)   # no Ray Train: nothing to fit
+    assert "too few pairs to train" in summary["skipped"] and "3 training pairs" in summary["skipped"]
+    assert "one global batch needs 4" in summary["skipped"]
+    assert not model_path(run_dir, "train", 1).exists()
+    round_0 = str(model_path(run_dir, "train", 0).resolve())
+    assert policy_spec(config, 2).id == round_0       # the next round samples with round 0's policy
+    assert last_train_round(config) == 0              # and `rlhi redeploy` serves it
+    section = "\n".join(train_section(Run(run_dir, tmp_path / "report", {})))
+    assert f"- round 1 did not train: {summary['skipped']}" in section
 
 
 def test_too_few_pairs_for_one_global_batch_is_a_clear_error(ray_session, tiny_models, tmp_path):

@@ -287,11 +287,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def train_section(run: Run) -> list[str]:
-    lines, rows, curves, evals, tracked = ["## DPO training", ""], [], {}, {}, []
+    lines, rows, curves, evals, tracked, skipped = ["## DPO training", ""], [], {}, {}, [], []
     for k in run.rounds:
         summary = read_json(stage_dir(run.dir, "train", k) / "summary.json")
         if summary is None:
             continue
+        if summary.get("skipped"):
+            skipped.append(f"- round {k} did not train: {summary['skipped']}")
         if summary.get("mlflow"):
             tracked.append(f"- round {k}: MLflow run `{summary['mlflow']['run_id']}` "
                            f"(experiment `{summary['mlflow']['experiment']}`): {summary['mlflow']['link']}")
@@ -306,6 +308,8 @@ def train_section(run: Run) -> list[str]:
         return lines + [NOT_RUN, ""]
     lines += markdown_table(["round", "train pairs", "steps", "final loss", "train reward accuracy",
                              "eval reward accuracy", "eval loss"], rows)
+    if skipped:
+        lines += ["", *skipped]
     if tracked:
         lines += ["", "Experiment tracking:", *tracked]
     if any(curves.values()):

@@ -15,7 +15,9 @@ the store at the same relative place, and publishing the stage carries them into
 `train/storage/ray` there.
 
 Round k >= 1 starts from the policy round k-1 exported, which is also the reference:
-DPOTrainer copies the starting model as its reference when given none.
+DPOTrainer copies the starting model as its reference when given none. An online round
+with fewer pairs than one global batch finishes without training (`skip_round`) and keeps
+the policy it started from; in round 0 that is an error saying what to change.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.models import resolve_model
+from actors.models import ModelSpec, resolve_model
 from pipelines.config import RunConfig
 from pipelines import storage as run_storage
 from pipelines.stages.train import tracking
@@ -106,6 +108,22 @@ def wait_for_resources(cpus: float, gpus: float, timeout_s: float) -> None:
         "Stop them, or lower train.workers / train.cpus_per_worker.")
 
 
+def skip_round(config: RunConfig, round_index: int, upstream: dict[str, Any], policy: ModelSpec,
+               policy_path: str, reason: str) -> dict[str, Any]:
+    """An online round with too few pairs to train (a quiet period of the served logs)
+    finishes without training: it exports nothing, so the next round and `rlhi redeploy`
+    keep the policy the round started from (`pipelines.rounds.skipped_train`). Rerunning
+    the round after its pairs grew trains it (its pairs are upstream of the stage)."""
+    with StageWriter(config.run_dir, STAGE, round_index) as stage:
+        summary = {"round": round_index, "policy": policy_path, "train_pairs": 0,
+                   "skipped": f"too few pairs to train: {reason}; the round keeps the policy it started from"}
+        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        stage.commit(config=config, upstream=upstream, models=[policy.model_dump()], counts=summary)
+    print(f"train: round {round_index} skipped: {summary['skipped']}", flush=True)
+    summary["output"] = str(stage_dir(config.run_dir, STAGE, round_index))
+    return summary
+
+
 def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | None = None) -> dict[str, Any]:
     """Run the stage into `<round_dir>/train/`; `fail_at_step` kills a worker once (tests;
     else $RLHI_TEST_TRAIN_FAIL_AT_STEP)."""
@@ -124,11 +142,13 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
     train, evaluation, left_out = prepare_pairs(str(pairs_dir), settings.sources, load_policy_tokenizer(policy_path),
                                                 settings.max_length, global_batch)
     if not train:
-        raise RuntimeError(
-            f"train: {pairs_dir} has {len(train) + len(left_out['remainder'])} training pairs from sources "
-            f"{settings.sources} that fit train.max_length={settings.max_length} "
-            f"({len(left_out['too_long'])} prompts are longer); one global batch needs {global_batch} "
-            "(train.workers x train.per_device_batch_size). Lower those, raise max_length, or build more pairs.")
+        found = (f"{pairs_dir} has {len(train) + len(left_out['remainder'])} training pairs from sources "
+                 f"{settings.sources} that fit train.max_length={settings.max_length} "
+                 f"({len(left_out['too_long'])} prompts are longer); one global batch needs {global_batch} "
+                 "(train.workers x train.per_device_batch_size)")
+        if round_index == 0:
+            raise RuntimeError(f"train: {found}. Lower those, raise max_length, or build more pairs.")
+        return skip_round(config, round_index, upstream, policy, policy_path, found)
     key = run_key(config, policy_path, upstream["pairs"])
     storage = out_dir / STORAGE / key
     storage.mkdir(parents=True, exist_ok=True)
