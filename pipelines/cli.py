@@ -14,6 +14,7 @@
     rlhi sim run [--quick] [--users N] [--seed S] [--out DIR] [--json]
     rlhi sim loop --rounds R [--quick] [--users N] [--seed S] [--out DIR] [--json]
     rlhi sim diagnose [--model DIR] [--n N] [--seed S] [--json]
+    rlhi sim sweep --from DIR [--lr L,..] [--beta B,..] [--steps N,..] [--pairs oracle,rlhi] [--json]
 
 Every command prints a human summary; with --json its last stdout line is one JSON object.
 Errors in the configuration or the inputs exit with status 2 and one message naming the
@@ -296,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim_commands.add_parser(   # dispatched in main() to sim/diagnose.py
         "diagnose", help="does the simulation's model follow what its roles are told, against chance "
                          "(rlhi sim diagnose --help)")
+    sim_commands.add_parser(   # dispatched in main() to sim/sweep.py
+        "sweep", help="retrain a development run's DPO arms over a grid of settings, against base_persona "
+                      "(rlhi sim sweep --help)")
     return parser
 
 
@@ -313,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         from sim.diagnose import main as diagnose_main
 
         return diagnose_main(argv[2:])
+    if argv[:2] == ["sim", "sweep"]:  # DPO settings on a development run (sim/sweep.py)
+        from sim.sweep import main as sweep_main
+
+        return sweep_main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         result = args.handler(args)

@@ -66,3 +66,15 @@ def test_redeploy_of_a_folder_that_holds_no_model_exits_2_naming_it(tmp_path, ca
     config.write_text(f"run_dir: {tmp_path / 'run'}\n")
     assert main(["redeploy", "--config", str(config), "--policy", str(tmp_path)]) == 2
     assert f"--policy {tmp_path}: not an exported model folder" in capsys.readouterr().err
+
+
+def test_sim_sweep_refuses_a_run_on_the_evaluation_phrasings(tmp_path, capsys):
+    (tmp_path / "results.json").write_text(json.dumps({"family": "eval", "seed": 0, "per_user": {}}))
+    assert main(["sim", "sweep", "--from", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "'eval' phrasing family" in err and "rlhi sim run --family dev" in err
+
+
+def test_sim_sweep_of_a_folder_with_no_experiment_exits_2_saying_what_to_run(tmp_path, capsys):
+    assert main(["sim", "sweep", "--from", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'results.json'} is missing" in capsys.readouterr().err
