@@ -26,7 +26,6 @@ training code) and the training chats themselves, so an edit that leaves the dat
 """
 from __future__ import annotations
 
-import difflib
 import hashlib
 import inspect
 import json
@@ -49,7 +48,7 @@ FAMILY = "dev"  # the phrasings the warm-start learns from; never the evaluation
 # than chance; at 1500 steps (lr 6e-3), 73% of the time.
 RECIPE = {"examples": 4096, "constrained_share": 0.5, "persona_share": 0.5, "persona_follow": 0.6,
           "vocab_size": 1024, "hidden_size": 128, "layers": 2, "heads": 4, "head_dim": 32,
-          "rewrite_share": 0.5, "correction_share": 0.65, "edit_weight": 8,
+          "rewrite_share": 0.5, "correction_share": 0.65,
           "steps": 3000, "batch_size": 16, "learning_rate": 6e-3, "max_tokens": 768, "seed": 0, "threads": 2}
 # The Rewriter layout the warm-start is trained on and the simulation's rewriter uses.
 REWRITE_PROMPT = "chat"
@@ -188,25 +187,13 @@ def _tokenizer(texts: list[str]):
     return fast
 
 
-def _encode(tok, chat: list[dict]) -> tuple[list[int], list[int], list[float]]:
-    """Token ids of the chat, labels that train on the answer (and its end token) only, and
-    each label's weight: in a rewrite chat, the target's tokens that are not a copy of the
-    answer being rewritten (the edit) weigh `edit_weight`, so the few tokens that act on the
-    feedback are not drowned by the many that copy."""
+def _encode(tok, chat: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of the chat and labels that train on the answer (and its end token) only."""
     prompt = tok.apply_chat_template(chat[:-1], add_generation_prompt=True, tokenize=False)
     full = tok.apply_chat_template(chat, tokenize=False).rstrip("\n")
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     ids = tok(full, add_special_tokens=False)["input_ids"][: RECIPE["max_tokens"]]
-    target = ids[len(p_ids):]
-    weights = [1.0] * len(target)
-    if sum(m["role"] == "assistant" for m in chat) > 1:  # a rewrite: chat[-3] is the answer rewritten
-        before = tok(chat[-3]["content"], add_special_tokens=False)["input_ids"]
-        copied = difflib.SequenceMatcher(None, before, target, autojunk=False).get_matching_blocks()
-        weights = [float(RECIPE["edit_weight"])] * len(target)
-        for block in copied:
-            weights[block.b: block.b + block.size] = [1.0] * block.size
-    return (ids, ([-100] * len(p_ids) + target)[: len(ids)],
-            ([0.0] * len(p_ids) + weights)[: len(ids)])
+    return ids, ([-100] * len(p_ids) + ids[len(p_ids):])[: len(ids)]
 
 
 def build_warmstart(out: Path) -> Path:
@@ -235,15 +222,11 @@ def build_warmstart(out: Path) -> Path:
     model.train()
     for step in range(RECIPE["steps"]):
         batch = rng.sample(encoded, RECIPE["batch_size"])
-        width = max(len(ids) for ids, _, _ in batch)
-        ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab, _ in batch])
-        weights = torch.tensor([w + [0.0] * (width - len(w)) for _, _, w in batch])
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(i) for i, _, _ in batch])[:, None]).long()
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        token_loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="none")
-        loss = (token_loss * weights[:, 1:].reshape(-1)).sum() / weights[:, 1:].sum()
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        mask = (torch.arange(width)[None, :] < torch.tensor([len(i) for i, _ in batch])[:, None]).long()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
