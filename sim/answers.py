@@ -2,17 +2,13 @@
 
 `write_answer` composes an answer from neutral topic sentences plus register-, example- and
 ending-specific pieces until it has exactly the wanted value of every property (checked with
-`profiles.measure`, so the data and the checker can never disagree). The pieces are drawn
-first (`draw_pieces`) and composed after (`compose`), so the same pieces give an answer and
-its edit: the answer again with one value changed and everything else kept, which is what
-the warm-start's rewrite examples teach. Training a tiny model on
+`profiles.measure`, so the data and the checker can never disagree). Training a tiny model on
 answers covering every value makes its own answers vary along the properties, which gives
 preference learning something to move.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from sim.profiles import MIN_BULLETS, PROPERTIES, measure
 
@@ -63,71 +59,42 @@ def _sentences(topic: str, rng: random.Random, words: int) -> list[str]:
     return out
 
 
-@dataclass(frozen=True)
-class Pieces:
-    """Everything random about one answer, drawn once: the opener of either register, the
-    example, the casual tag, the closing line of either ending, and a stream of body
-    sentences longer than the longest band needs. `compose` builds the answer for any
-    property values from them, so two values' answers differ only where the values do."""
-
-    topic: str
-    openers: dict[str, str]
-    example: str
-    tag: str
-    endings: dict[str, str]
-    body: tuple[str, ...]
-
-
-def draw_pieces(topic: str, rng: random.Random) -> Pieces:
-    return Pieces(topic, {r: rng.choice(OPENERS[r]) for r in sorted(OPENERS)}, rng.choice(EXAMPLES),
-                  rng.choice(CASUAL_TAGS), {e: rng.choice(ENDINGS[e]) for e in sorted(ENDINGS)},
-                  tuple(_sentences(topic, rng, 2 * TARGET_WORDS["long"])))
-
-
-def compose(pieces: Pieces, values: dict[str, str]) -> str:
-    """The answer made of `pieces` whose measured properties equal `values` (all five given)."""
+def write_answer(topic: str, values: dict[str, str], rng: random.Random) -> str:
+    """An answer on `topic` whose measured properties equal `values` (all five given)."""
     register, fmt = values["register"], values["format"]
-    head = [pieces.openers[register]]
-    extras = ([pieces.example] if values["example"] == "with_example" else [])
-    extras += [pieces.tag] if register == "casual" else []
-    tail = pieces.endings[values["ending"]]
+    head = [rng.choice(OPENERS[register])]
+    extras = ([rng.choice(EXAMPLES)] if values["example"] == "with_example" else [])
+    extras += [rng.choice(CASUAL_TAGS)] if register == "casual" else []
+    tail = rng.choice(ENDINGS[values["ending"]])
     fixed = sum(len(s.split()) for s in head + extras) + len(tail.split())
-    body, words = [], 0
-    for sentence in pieces.body:  # the stream's first sentences, up to the band's target
-        if words >= max(TARGET_WORDS[values["length"]] - fixed, 3) and len(body) >= MIN_BULLETS:
-            break
-        body.append(sentence)
-        words += len(sentence.split())
+    body = _sentences(topic, rng, max(TARGET_WORDS[values["length"]] - fixed, 3))
+    while len(body) < MIN_BULLETS:  # bullets need two points; prose keeps the same shape
+        body += _sentences(topic, rng, 1)
 
-    def join() -> str:
+    def compose() -> str:
         if fmt == "bullets":
             return "\n".join(head + [f"- {p}" for p in body + extras] + [tail])
         return " ".join(head + body + extras + [tail])
 
     # Trim or pad to the band (the pieces have uneven lengths); bounded, then checked.
     for _ in range(40):
-        text = join()
+        text = compose()
         band = measure(text)["length"]
         if band == values["length"]:
             break
         if TARGET_WORDS[band] < TARGET_WORDS[values["length"]]:
-            body.append(pieces.body[len(body) % len(pieces.body)])
+            body.extend(_sentences(topic, rng, 1))
         elif len(body) > MIN_BULLETS:
             body.pop()
         elif head:
             head = []  # a short answer with every extra has no room for an opener
         else:
-            pool = TOPIC_SENTENCES.get(pieces.topic, []) + GENERAL_SENTENCES
+            pool = TOPIC_SENTENCES.get(topic, []) + GENERAL_SENTENCES
             body = sorted(pool, key=lambda s: len(s.split()))[:MIN_BULLETS]
     got = measure(text)
     if got != values:
         raise AssertionError(f"synthetic answer has {got}, wanted {values}: {text!r}")
     return text
-
-
-def write_answer(topic: str, values: dict[str, str], rng: random.Random) -> str:
-    """An answer on `topic` whose measured properties equal `values` (all five given)."""
-    return compose(draw_pieces(topic, rng), values)
 
 
 def all_value_combinations() -> list[dict[str, str]]:

@@ -13,9 +13,8 @@ along every property. A share of the chats carry a persona (built by the extract
 from a synthetic history, `synthetic_persona`) whose stated values the answer has more often
 than chance (`persona_follow`): a partial persona-guided inference, as an instruct LLM has,
 for RLHI's persona-DPO to strengthen or not. Rewrite chats (`rewrite_share`): a request, an
-answer missing one value, the user's re-attempt or correction naming it, and that answer
-edited, the value fixed and the rest kept word for word: what an instruct LLM does when a
-user replies (a fresh answer with the right values, as before, left the rewriter at chance). `rlhi sim diagnose`
+answer missing one value, the user's re-attempt or correction naming it, and the answer
+with that value fixed: what an instruct LLM does when a user replies. `rlhi sim diagnose`
 measures all three roles against chance.
 
 A plain torch loop (one file, top to bottom) rather than a trainer, deterministic (fixed
@@ -118,17 +117,15 @@ def sft_examples(n: int, rng: random.Random) -> list[list[dict]]:
 def rewrite_example(topic: str, request: str, values: dict[str, str], rng: random.Random) -> list[dict]:
     """One chat in the Rewriter's chat layout (`REWRITE_PROMPT`): a request, an answer with
     `values` but one property's, the user's feedback naming the value wanted (a re-attempt or,
-    at `correction_share`, a correction), and the same answer edited: that one value fixed,
-    every other piece of it kept (the same sentences, opener and closing line)."""
+    at `correction_share`, a correction), and the answer again with that one value fixed."""
     prop = rng.choice(sorted(PROPERTIES))
     missed = values | {prop: rng.choice([v for v in PROPERTIES[prop] if v != values[prop]])}
     kind = "correction" if rng.random() < RECIPE["correction_share"] else "reattempt"
     message = feedback.feedback_message(kind, request, {prop: values[prop]}, missed, rng, load_bank(FAMILY)).text
-    pieces = answers.draw_pieces(topic, rng)  # one answer and its edit: the rest is kept word for word
     role, turns, fields = rewrite_messages(REWRITE_PROMPT, None, [{"role": "user", "content": request}],
-                                           answers.compose(pieces, missed), message)
+                                           answers.write_answer(topic, missed, rng), message)
     return [*prompts.render(role, None, turns, **fields),
-            {"role": "assistant", "content": answers.compose(pieces, values)}]
+            {"role": "assistant", "content": answers.write_answer(topic, values, rng)}]
 
 
 def synthetic_persona(wanted: dict[str, str], rng: random.Random, family: str = FAMILY) -> str:

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from actors.engines import Completion
-from sim.answers import ENDINGS, all_value_combinations, write_answer
+from sim.answers import all_value_combinations, write_answer
 from sim.feedback import feedback_message
 from sim.generate import generate_logs, make_users
 from sim.phrasings import load_bank
@@ -189,14 +189,6 @@ def test_warmstart_rewrite_chats_fix_the_one_value_the_feedback_names():
         got, fixed = measure(answer["content"]), measure(target["content"])
         assert fixed == values
         assert sum(got[p] != values[p] for p in PROPERTIES) == 1
-        # An edit, not a fresh answer: a changed format or ending leaves every other word.
-        before, after = (m["content"].replace("\n- ", " ").replace("\n", " ") for m in (answer, target))
-        if got["format"] != values["format"]:
-            assert before == after
-        if got["ending"] != values["ending"]:  # only the closing line differs
-            closings = [c for lines in ENDINGS.values() for c in lines]
-            assert [c for c in closings if before.endswith(c)] != [c for c in closings if after.endswith(c)]
-            assert {before.removesuffix(c) for c in closings} & {after.removesuffix(c) for c in closings}
 
 
 # The sim's property values as the extractive persona states them (actors/persona_extractive.py).
