@@ -34,6 +34,11 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # Run-level files and folders kept in the store beside the stages: the report, the forget
 # log, the local MLflow store and its artifacts.
 _RUN_ENTRIES = ("report", "forget.jsonl", "mlflow.db", "mlflow-artifacts")
+# A stage's companion: a folder beside it in its round that it read and that belongs to it,
+# published before its manifest and pulled with it. A served_logs round's ingest reads its
+# snapshot of the chat log (`round-<k>/served/`, pipelines/stages/ingest/served.py), which
+# its lineage names and `rlhi forget` rewrites.
+_COMPANIONS = {"ingest": "served"}
 
 
 class StorageError(ValueError):
@@ -182,8 +187,6 @@ class RemoteRun:
     def pull(self) -> list[str]:
         """Download the finished stages the working copy lacks or holds at another version,
         and the run-level files; returns the stage folders downloaded."""
-        import shutil
-
         import pyarrow.fs as pafs
 
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -193,11 +196,10 @@ class RemoteRun:
             mine = local / MANIFEST
             if mine.is_file() and json.loads(mine.read_text()) == manifest:
                 continue
-            incoming = local.parent / f".{local.name}.pull-{uuid.uuid4().hex[:8]}"
-            self._download(self.remote(folder), incoming)
-            if local.exists():
-                shutil.rmtree(local)
-            os.replace(incoming, local)
+            companion = self._companion(folder)
+            if companion and self.filesystem.get_file_info(self.remote(companion)).type == pafs.FileType.Directory:
+                self._replace_local(companion)
+            self._replace_local(folder)
             pulled.append(folder)
         for name in _RUN_ENTRIES:
             if self.filesystem.get_file_info(self.remote(name)).type != pafs.FileType.NotFound:
@@ -223,6 +225,13 @@ class RemoteRun:
         carried = [(prefix, self.remote(dest)) for prefix, dest in self._carried if dest.startswith(relative + "/")]
         self._carried = [entry for entry in self._carried if not entry[1].startswith(relative + "/")]
         moves = [(tmp, final)] + carried
+        companion = self._companion(relative)
+        if companion and (self.work_dir / companion).is_dir():   # uploaded like the stage, moved before its manifest
+            companion_tmp = f"{tmp}.{Path(companion).name}"
+            pafs.copy_files(str(self.work_dir / companion), companion_tmp, destination_filesystem=self.filesystem)
+            if self.filesystem.get_file_info(self.remote(companion)).type == pafs.FileType.Directory:
+                self.filesystem.delete_dir_contents(self.remote(companion))
+            moves.append((companion_tmp, self.remote(companion)))
         for source, target in moves:   # the manifest last of all
             for info in self._listing(source, recursive=True):
                 if info.type == pafs.FileType.File and info.path != f"{tmp}/{MANIFEST}":
@@ -244,6 +253,24 @@ class RemoteRun:
         for name in _RUN_ENTRIES:
             if (self.work_dir / name).exists():
                 pafs.copy_files(str(self.work_dir / name), self.remote(name), destination_filesystem=self.filesystem)
+
+    @staticmethod
+    def _companion(stage_folder: str) -> str | None:
+        """The companion folder of an online round's stage (`_COMPANIONS`), relative to the
+        working copy, or None."""
+        parent, _, name = stage_folder.rpartition("/")
+        return f"{parent}/{_COMPANIONS[name]}" if parent and name in _COMPANIONS else None
+
+    def _replace_local(self, relative: str) -> None:
+        """Download a folder of the store over the working copy's (atomic per folder)."""
+        import shutil
+
+        local = self.work_dir / relative
+        incoming = local.parent / f".{local.name}.pull-{uuid.uuid4().hex[:8]}"
+        self._download(self.remote(relative), incoming)
+        if local.exists():
+            shutil.rmtree(local)
+        os.replace(incoming, local)
 
     def _copy(self, source: str, target: str) -> None:
         self.filesystem.copy_file(source, target)   # server-side: no bytes pass through here

@@ -96,6 +96,32 @@ def test_a_fresh_working_copy_pulls_the_finished_stages_but_not_checkpoints_or_u
     assert second.pull() == []                               # already current
 
 
+def test_a_served_rounds_snapshot_of_the_chat_log_is_published_before_its_ingest_and_pulled_with_it(
+        s3_bucket, tmp_path, monkeypatch):
+    first = storage.RemoteRun(f"{s3_bucket}/served", tmp_path / "machine-a")
+    ingest = finished_stage(first.work_dir / "round-1", "ingest", rows=3, marker="r1")
+    snapshot = first.work_dir / "round-1" / "served"
+    snapshot.mkdir()
+    pq.write_table(pa.table({"conversation_hash": ["c-1", "c-2"]}), snapshot / "part-000004.parquet")
+    copies, real_copy = [], first._copy
+    monkeypatch.setattr(first, "_copy", lambda source, target: (copies.append(target), real_copy(source, target)))
+    first.publish(ingest)
+    assert copies[-1] == f"{first.root}/round-1/ingest/manifest.json"          # the manifest last
+    assert f"{first.root}/round-1/served/part-000004.parquet" in copies[:-1]
+    assert sorted(store_files(first)) == ["round-1/ingest/manifest.json", "round-1/ingest/table/part-000000.parquet",
+                                          "round-1/served/part-000004.parquet"]  # no temporary prefix left
+
+    # `rlhi forget` rewrites the snapshot and republishes the stage: the store follows.
+    pq.write_table(pa.table({"conversation_hash": ["c-2"]}), snapshot / "part-000004.parquet")
+    first.publish(ingest)
+    second = storage.RemoteRun(f"{s3_bucket}/served", tmp_path / "machine-b")
+    assert second.pull() == ["round-1/ingest"]
+    pulled = second.work_dir / "round-1" / "served" / "part-000004.parquet"
+    assert pq.read_table(pulled).column("conversation_hash").to_pylist() == ["c-2"]
+    # A round-0 stage named like a companion's owner has none.
+    assert storage.RemoteRun._companion("ingest") is None
+
+
 def test_inputs_given_as_uris_are_downloaded_keeping_their_names(s3_bucket, tmp_path, wildchat_sample):
     filesystem, root = storage.open_uri(f"{s3_bucket}/datasets")
     pafs.copy_files(str(wildchat_sample), f"{root}/wildchat/{wildchat_sample.name}", destination_filesystem=filesystem)
