@@ -106,9 +106,9 @@ def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
 
     run_dir, remote = existing_run(args.run_dir)
     summary = forget_user(run_dir, args.user, Path(args.chat_log) if args.chat_log else None)
-    if remote is not None:   # every stage may have lost rows: republish them all
-        for folder in remote.local_stages():
-            remote.publish(folder)
+    if remote is not None:   # republish the stages that lost rows (with their companions)
+        for folder in summary["stages_changed"]:
+            remote.publish(run_dir / folder)
         remote.publish_run_files()
     print(f"forget {args.user}: {summary['total_rows_removed']} rows removed")
     for table, count in summary["rows_removed"].items():

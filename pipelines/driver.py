@@ -107,6 +107,9 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
 
     requested_run_dir = config.run_dir
     config, remote = working_copy(config)
+    if remote is not None:   # a stage that committed here but whose publication failed or was killed
+        for folder in remote.unpublished():
+            print(f"published {remote.publish(folder)} (its last publication had not finished)", flush=True)
     steps = select_steps(config, start, only)
     if any(stage_name == "ingest" for _, stage_name, mode in steps if mode != "keep"):
         resolve_inputs(config.ingest.inputs)  # a missing input fails before Ray starts

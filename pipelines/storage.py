@@ -39,6 +39,7 @@ _RUN_ENTRIES = ("report", "forget.jsonl", "mlflow.db", "mlflow-artifacts")
 # snapshot of the chat log (`round-<k>/served/`, pipelines/stages/ingest/served.py), which
 # its lineage names and `rlhi forget` rewrites.
 _COMPANIONS = {"ingest": "served"}
+_CHECKPOINTS = "storage/ray"   # Ray Train's checkpoints in a train stage's folder
 
 
 class StorageError(ValueError):
@@ -220,10 +221,15 @@ class RemoteRun:
                 self.filesystem.delete_dir(stale.path)
         pafs.copy_files(str(local_stage), tmp, destination_filesystem=self.filesystem)
         self._delete_if_present(f"{final}/{MANIFEST}")
-        if self.filesystem.get_file_info(final).type == pafs.FileType.Directory:
-            self.filesystem.delete_dir_contents(final)
         carried = [(prefix, self.remote(dest)) for prefix, dest in self._carried if dest.startswith(relative + "/")]
         self._carried = [entry for entry in self._carried if not entry[1].startswith(relative + "/")]
+        # The old files go, but not the store's checkpoints when nothing replaces them: the
+        # working copy never holds them (`_download`), so a republish of a stage that did not
+        # retrain (`rlhi forget`) must not delete them.
+        keep = "" if carried or (local_stage / _CHECKPOINTS).exists() else f"{final}/{_CHECKPOINTS}/"
+        for old in self._listing(final, recursive=True):
+            if old.type == pafs.FileType.File and not (keep and old.path.startswith(keep)):
+                self.filesystem.delete_file(old.path)
         moves = [(tmp, final)] + carried
         companion = self._companion(relative)
         if companion and (self.work_dir / companion).is_dir():   # uploaded like the stage, moved before its manifest
@@ -245,6 +251,14 @@ class RemoteRun:
         """The finished stage folders of the working copy (round 0 and online rounds)."""
         return sorted(path.parent for pattern in (f"*/{MANIFEST}", f"round-*/*/{MANIFEST}")
                       for path in self.work_dir.glob(pattern) if not path.parent.name.startswith("."))
+
+    def unpublished(self, published: dict[str, dict[str, Any]] | None = None) -> list[Path]:
+        """The finished stages of the working copy that the store does not hold as they are
+        (a publication that failed or was killed after the stage committed locally), against
+        `published` (`finished_stages()`, read now if not given)."""
+        published = self.finished_stages() if published is None else published
+        return [folder for folder in self.local_stages()
+                if published.get(self.relative(folder)) != json.loads((folder / MANIFEST).read_text())]
 
     def publish_run_files(self) -> None:
         """Upload the run-level files the working copy holds (report, forget log, MLflow store)."""
@@ -282,7 +296,7 @@ class RemoteRun:
 
         for info in self._listing(folder, recursive=True):
             relative = info.path[len(folder) + 1:]
-            if info.type != pafs.FileType.File or relative.startswith("storage/ray/"):
+            if info.type != pafs.FileType.File or relative.startswith(f"{_CHECKPOINTS}/"):
                 continue
             (local / relative).parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(info.path, str(local / relative), source_filesystem=self.filesystem)

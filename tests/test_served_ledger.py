@@ -154,3 +154,23 @@ def test_forget_removes_the_user_from_a_rounds_copy_of_the_log(tmp_path, log):
     summary = forget_user(run_dir, "u1")
     assert summary["rows_removed"] == {"round-1/served": 1}
     assert snapshot_rows(run_dir, 1) == [("b", 2)]
+
+
+def test_a_rebuilt_rounds_snapshot_loses_users_forgotten_before_and_forget_names_its_stage(tmp_path, log):
+    from pipelines.tools.forget import LOG, forget_user, reapply_forgets
+
+    run_dir = tmp_path / "run"
+    say(log, "a", "Hi.", user="u1")
+    log.flush()
+    commit(run_dir, 1, take_new_rows(log.folder, run_dir, 1))
+    summary = forget_user(run_dir, "u1")               # forgotten from the run, not from the log
+    assert summary["rows_removed"] == {"round-1/served": 1}
+    assert summary["stages_changed"] == ["round-1/ingest"]   # what a run in object storage republishes
+    say(log, "b", "Hello again.", user="u1")         # the log still holds u1, who chats again
+    say(log, "c", "Hey.", user="u2")
+    log.flush()
+    commit(run_dir, 2, take_new_rows(log.folder, run_dir, 2))   # round 2's ingest, just built
+    assert snapshot_rows(run_dir, 2) == [("b", 2), ("c", 2)]
+    assert (run_dir / LOG).is_file()
+    assert reapply_forgets(run_dir, ledger_path(run_dir, 2).parent) == 1
+    assert snapshot_rows(run_dir, 2) == [("c", 2)]

@@ -65,10 +65,37 @@ def test_republishing_replaces_the_old_files_and_a_crash_mid_publish_leaves_noth
     monkeypatch.setattr(remote, "_copy", real_copy)
     assert remote.finished_stages() == {}                    # no manifest: nothing looks finished
     assert copies == [f"{remote.root}/rewrites/table/part-000000.parquet"]
+    assert remote.unpublished() == [folder]                  # what the driver publishes when it starts again
 
     remote.publish(folder)                                   # the rerun publishes and cleans up
+    assert remote.unpublished() == []
     assert sorted(store_files(remote)) == ["rewrites/manifest.json", "rewrites/table/part-000000.parquet"]
     assert remote.finished_stages()["rewrites"]["marker"] == "new"
+
+
+def test_republishing_a_stage_keeps_the_checkpoints_only_the_store_holds_unless_new_ones_replace_them(
+        s3_bucket, tmp_path):
+    remote = storage.RemoteRun(f"{s3_bucket}/keep", tmp_path / "work")
+    train = finished_stage(remote.work_dir, "train", rows=2, marker="trained")
+    with remote.filesystem.open_output_stream(f"{remote.root}/.ray-run/ray/checkpoint_000002/model.bin") as out:
+        out.write(b"weights")                                # where Ray Train wrote them, in the store
+    remote.carry_on_publish(f"{remote.root}/.ray-run/ray", train / "storage" / "ray")
+    remote.publish(train)
+    checkpoint = "train/storage/ray/checkpoint_000002/model.bin"
+    assert checkpoint in store_files(remote)
+
+    # `rlhi forget` rewrites the table and republishes the stage; the working copy has no checkpoints.
+    finished_stage(remote.work_dir, "train", rows=1, marker="forgot one user")
+    remote.publish(train)
+    assert sorted(store_files(remote)) == ["train/manifest.json", checkpoint, "train/table/part-000000.parquet"]
+    assert pq.read_table(f"{remote.root}/train/table", filesystem=remote.filesystem).num_rows == 1
+
+    # A retrained stage brings its own checkpoints: the old ones go.
+    with remote.filesystem.open_output_stream(f"{remote.root}/.ray-run2/ray/checkpoint_000001/model.bin") as out:
+        out.write(b"new weights")
+    remote.carry_on_publish(f"{remote.root}/.ray-run2/ray", train / "storage" / "ray")
+    remote.publish(train)
+    assert [f for f in store_files(remote) if "checkpoint" in f] == ["train/storage/ray/checkpoint_000001/model.bin"]
 
 
 def test_a_fresh_working_copy_pulls_the_finished_stages_but_not_checkpoints_or_unfinished_ones(s3_bucket, tmp_path):

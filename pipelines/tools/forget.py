@@ -89,12 +89,16 @@ def forget_user(run_dir: Path, user_id: str, chat_log: Path | None = None) -> di
         snapshot = round_dir(run_dir, k) / SNAPSHOT
         if snapshot.is_dir() and (n := remove_from_chat_log(snapshot, user_id)):
             removed[str(snapshot.relative_to(run_dir))] += n
+            touched_stages.add(round_dir(run_dir, k) / "ingest")  # the stage it is published with
 
     total = sum(removed.values())
     summary = {
         "user_id": user_id,
         "rows_removed": dict(sorted(removed.items())),
         "total_rows_removed": total,
+        # stage folders whose files changed (relative to the run): what a run kept in object
+        # storage republishes
+        "stages_changed": sorted(str(folder.relative_to(run_dir)) for folder in touched_stages),
         "checkpoints_trained_on_user": trained,
         "derived_checkpoints": derived,
         "note": NOTE if total else f"user {user_id!r} has no rows in {run_dir}: nothing was removed.",
@@ -243,4 +247,9 @@ def reapply_forgets(run_dir: Path, folder: Path) -> int:
             removed += sum(remove_rows(path, user) for user in users)
     if removed:
         mark_manifest(Path(folder))
+    # A served_logs round's ingest read its copy of the chat log, which may hold rows of a
+    # user forgotten since (the log kept them, or the user chatted again): it goes too.
+    snapshot = Path(folder).parent / SNAPSHOT
+    if Path(folder).name == "ingest" and snapshot.is_dir():
+        removed += sum(remove_from_chat_log(snapshot, user) for user in users)
     return removed
