@@ -150,12 +150,12 @@ class ChatLogWriter:
 
     def __init__(self, folder: str | Path, redactor: Redacts, *, max_batch_conversations: int = 256,
                  max_batch_seconds: float = 60.0, language: str = "English",
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, wait_for_folder_s: float = 0.0) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.redactor, self.language, self.clock = redactor, language, clock
         self.max_batch_conversations, self.max_batch_seconds = max_batch_conversations, max_batch_seconds
-        self._owner = _own(self.folder)
+        self._owner = _own(self.folder, wait_for_folder_s)
         with folder_lock(self.folder):
             self.recovered_lost = recover_lost(self.folder)
             """Conversations a previous writer lost when it was killed mid-batch."""
@@ -276,14 +276,20 @@ class ChatLogWriter:
         return {"written": len(self.written), "lost": self.lost}
 
 
-def _own(folder: Path) -> Any:
+def _own(folder: Path, wait_s: float = 0.0) -> Any:
     """Hold the folder for this writer's lifetime (released by the kernel if it dies): two
-    writers would number parts and supersede rows over each other."""
+    writers would number parts and supersede rows over each other. Waits up to `wait_s` for
+    a writer that is stopping (a replica Serve replaces starts before the old one has closed)."""
     handle = open(folder / ".writer", "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RuntimeError(f"chat log folder {folder} is in use by another writer: give each "
-                           "server its own serve.chat.log.folder") from None
-    return handle
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                handle.close()
+                raise RuntimeError(f"chat log folder {folder} is in use by another writer"
+                                   + (f" (waited {wait_s:g} s)" if wait_s else "") + ": give each "
+                                   "server its own serve.chat.log.folder") from None
+            time.sleep(0.1)

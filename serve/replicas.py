@@ -267,6 +267,9 @@ class ChatReplica:
         return out
 
 
+FOLDER_WAIT_S = 60.0  # how long a new chat-log replica waits for the one it replaces
+
+
 @serve.deployment(name="chat_log", num_replicas=1)
 class ChatLogReplica:
     """Conversation capture (serve/chat_log.py): one replica owns the log folder, so parts
@@ -278,10 +281,13 @@ class ChatLogReplica:
         from serve.chat_log import ChatLogWriter
 
         config = ChatLogConfig.model_validate(settings)
+        # A redeploy that replaces this deployment (its folder or RLHI's code changed) starts
+        # the new replica while the old one still drains and closes (Serve's graceful
+        # shutdown, 20 s by default): the new writer waits for the folder rather than failing.
         self.writer = ChatLogWriter(config.folder, Redactor(config.redact),
                                     max_batch_conversations=config.max_batch_conversations,
                                     max_batch_seconds=config.max_batch_seconds,
-                                    language=config.language)
+                                    language=config.language, wait_for_folder_s=FOLDER_WAIT_S)
         # Checks often enough that a batch is written close to max_batch_seconds.
         self.period_s = min(1.0, config.max_batch_seconds / 4)
         self.ticker: asyncio.Task | None = None

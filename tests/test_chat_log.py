@@ -192,6 +192,21 @@ def test_a_second_writer_on_the_same_folder_is_refused(tmp_path, redactor):
     writer(tmp_path, redactor).close()  # free again once the first has closed
 
 
+def test_a_replacing_writer_waits_for_the_one_still_closing(tmp_path, redactor):
+    import threading
+
+    old = writer(tmp_path, redactor)
+    old.add(turn("a"))
+    threading.Timer(0.5, old.close).start()     # the replaced replica drains, then closes
+    new = ChatLogWriter(tmp_path, redactor, wait_for_folder_s=30)
+    assert [[r["conversation_hash"] for r in part] for part in rows(tmp_path)] == [["a"]]  # its batch was written
+    new.close()
+    held = writer(tmp_path, redactor)
+    with pytest.raises(RuntimeError, match=r"in use by another writer \(waited 0.3 s\)"):
+        ChatLogWriter(tmp_path, redactor, wait_for_folder_s=0.3)
+    held.close()
+
+
 def test_ingest_reads_the_log_back_without_rejects(tmp_path, redactor):
     from pipelines.config import IngestConfig
     from pipelines.stages.ingest.checks import check_records
