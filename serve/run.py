@@ -24,6 +24,17 @@ ENDPOINTS = ("POST /v1/score", "POST /v1/rewrite", "POST /v1/chat/completions",
              "GET /v1/models", "GET /healthz", "GET /docs")
 
 
+def stop_handler(stop: threading.Event, serving: threading.Event):
+    """The SIGINT/SIGTERM handler of `serve_forever`: once serving, ask it to stop (it closes
+    the chat log, then shuts Serve down); while it is still starting (models loading, a
+    replica failing health checks for up to 10 minutes), interrupt the start at once."""
+    def handle(signum: int, frame: Any) -> None:
+        stop.set()
+        if not serving.is_set():
+            raise KeyboardInterrupt(f"rlhi serve: stopped while starting (signal {signum})")
+    return handle
+
+
 def serve_forever(config: RunConfig, port: int | None = None,
                   stop: threading.Event | None = None) -> dict[str, Any]:
     """Serve `config` until a signal (or `stop` is set); returns what was served."""
@@ -38,8 +49,8 @@ def serve_forever(config: RunConfig, port: int | None = None,
     settings = config.serve.model_copy(update={"port": port}) if port else config.serve
     started_ray = not ray.is_initialized()
     start_ray(config.resources)
-    stop = stop or threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+    stop, serving = stop or threading.Event(), threading.Event()
+    previous = {sig: signal.signal(sig, stop_handler(stop, serving))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     base = f"http://{settings.host}:{settings.port}"
     try:
@@ -53,6 +64,7 @@ def serve_forever(config: RunConfig, port: int | None = None,
             method, path = endpoint.split()
             print(f"  {method:5} {base}{path}", flush=True)
         print("  (Authorization: Bearer $RLHI_API_TOKEN; Ctrl-C to stop)", flush=True)
+        serving.set()
         if settings.chat.enabled and settings.chat.log.enabled:
             print(f"  chat log: {settings.chat.log.folder}", flush=True)
         stop.wait()

@@ -95,3 +95,20 @@ def test_a_reward_or_rewrite_model_retrained_into_the_same_folder_is_replaced_on
     retrain(rewriter)
     third = deployment_versions(config)
     assert [name for name in first if second[name] != third[name]] == ["rewrite"]
+
+
+def test_ctrl_c_interrupts_a_server_still_starting_and_stops_one_serving_gracefully():
+    import signal
+    import threading
+
+    from serve.run import stop_handler
+
+    stop, serving = threading.Event(), threading.Event()
+    handle = stop_handler(stop, serving)
+    with pytest.raises(KeyboardInterrupt, match="stopped while starting"):
+        handle(signal.SIGINT, None)          # models still loading: the start is abandoned at once
+    assert stop.is_set()
+    stop.clear()
+    serving.set()
+    handle(signal.SIGTERM, None)            # serving: it returns, the server closes the chat log and stops
+    assert stop.is_set()
