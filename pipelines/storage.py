@@ -100,10 +100,19 @@ def local_copy(location: str, work_dir: str | None = None) -> Path:
     return remote.work_dir
 
 
+def _same_object(local: Path, entry: Any) -> bool:
+    """Whether a downloaded file is the store's object as it is now: the same size and, where
+    the store gives one, the same modification time (an object re-uploaded with the same
+    size, an edited label file, is downloaded again)."""
+    if not local.is_file() or local.stat().st_size != entry.size:
+        return False
+    return entry.mtime is None or local.stat().st_mtime_ns == entry.mtime_ns
+
+
 def download_inputs(inputs: list[str], work_dir: Path) -> list[str]:
     """Local paths for ingest's inputs: each URI (a file or a prefix) is downloaded into
-    `<work_dir>/.inputs/<hash>/`, keeping its file names, and a file already there at the same
-    size is not downloaded again; local paths pass through."""
+    `<work_dir>/.inputs/<hash>/`, keeping its file names, and a file already there as the
+    store holds it (`_same_object`) is not downloaded again; local paths pass through."""
     import pyarrow.fs as pafs
 
     local = []
@@ -124,10 +133,12 @@ def download_inputs(inputs: list[str], work_dir: Path) -> list[str]:
             local.append(str(target))
         for entry in files:
             destination = target / entry.path[len(base) + 1:]
-            if entry.type != pafs.FileType.File or (destination.is_file() and destination.stat().st_size == entry.size):
+            if entry.type != pafs.FileType.File or _same_object(destination, entry):
                 continue
             destination.parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(entry.path, str(destination), source_filesystem=filesystem)
+            if entry.mtime is not None:   # what `_same_object` compares the next time
+                os.utime(destination, ns=(entry.mtime_ns, entry.mtime_ns))
     return local
 
 

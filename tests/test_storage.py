@@ -165,6 +165,19 @@ def test_inputs_given_as_uris_are_downloaded_keeping_their_names(s3_bucket, tmp_
         storage.download_inputs([f"{s3_bucket}/datasets/missing.parquet"], tmp_path)
 
 
+def test_an_input_reuploaded_with_the_same_size_is_downloaded_again(s3_bucket, tmp_path):
+    import time
+
+    filesystem, root = storage.open_uri(f"{s3_bucket}/labels")
+    uri = f"{s3_bucket}/labels/followup_labels.jsonl"
+    for label in ("feedback", "new_task"):        # an edited label: the same number of bytes
+        with filesystem.open_output_stream(f"{root}/followup_labels.jsonl") as out:
+            out.write(f'{{"label": "{label}"}}\n'.encode())
+        [local] = storage.download_inputs([uri], tmp_path)
+        assert Path(local).read_text() == f'{{"label": "{label}"}}\n'
+        time.sleep(1.1)                            # S3 modification times are in whole seconds
+
+
 @pytest.mark.parametrize("key, value", [("run_dir", "s4://bucket/run"), ("run_dir", "hdfs://namenode/run")])
 def test_a_run_dir_with_a_scheme_rlhi_cannot_open_is_an_error_naming_it(key, value):
     with pytest.raises(ConfigError, match=f"run_dir = \"{value}\".*scheme '{value.split(':')[0]}' is not supported"):
