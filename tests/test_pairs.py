@@ -166,6 +166,7 @@ def test_pairs_load_as_a_trl_conversational_preference_dataset(rewarded_run, tmp
 
 def test_without_a_configured_rewrites_stage_there_are_zero_rewrite_pairs(rewarded_run, tmp_path):
     config = copy_run(rewarded_run, tmp_path, stages=["ingest", "followups", "personas", "rewards", "pairs"])
+    write_rewrites(config.run_dir)    # left by an earlier configuration that ran the stage
     summary = run_pairs(config)
     assert summary["by_source"]["rewrite"] == {"train": 0, "eval": 0}
     assert summary["rewrites"].startswith("absent")

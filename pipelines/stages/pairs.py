@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import RunConfig
-from pipelines.contract import StageWriter, read_manifest, require_stage
+from pipelines.contract import StageWriter, require_stage
 from pipelines.persona_join import user_splits
-from pipelines.rounds import upstream_round
+from pipelines.rounds import runs_in_round, upstream_round
 from pipelines.schema import PAIRS, REWRITES, SAMPLES, check_schema, stage_dir, table_path
 
 STAGE = "pairs"
@@ -132,10 +132,6 @@ def with_splits(rows: list[dict[str, Any]], splits: dict[str, str]) -> list[dict
 
 # --- the stage ----------------------------------------------------------------------------
 
-def rewrites_configured(config: RunConfig, round_index: int) -> bool:
-    return "rewrites" in (config.stages if round_index == 0 else config.online.stages)
-
-
 def run_pairs(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     """Run the stage into `<round_dir>/pairs/` (table `pairs`); returns its summary."""
     run_dir, sources = Path(config.run_dir), config.train.sources
@@ -145,13 +141,12 @@ def run_pairs(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
               table_path(run_dir, "personas", "users", source["personas"])]
     rows, rewrites_status = [], "not a train source"
     if "rewrite" in sources:
-        manifest = read_manifest(run_dir, "rewrites", round_index)
-        if manifest is None and rewrites_configured(config, round_index):
-            require_stage(run_dir, "rewrites", round_index)   # configured but not run: say so
-        if manifest is None:
+        # Only a configured rewrites stage is read: a folder an earlier configuration left
+        # (an ablation that dropped the stage) holds pairs this run did not make.
+        if not runs_in_round(config, "rewrites", round_index):
             rewrites_status = "absent: the rewrites stage is not configured, so no rewrite pairs"
         else:
-            upstream["rewrites"] = manifest
+            upstream["rewrites"] = require_stage(run_dir, "rewrites", round_index)  # configured but not run: say so
             inputs.append(table_path(run_dir, "rewrites", "rewrites", round_index))
             rewrites_status = "read"
     if "reward" in sources:
