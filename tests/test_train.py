@@ -17,7 +17,7 @@ import pytest
 
 from actors.prompts import base_system_prompt
 from pipelines.config import OnlineConfig, TrainConfig, load_config, parse_config
-from pipelines.stages.train.dpo_worker import coverage, load_pair_datasets, read_ledger
+from pipelines.stages.train.dpo_worker import coverage, load_pair_datasets, read_ledger, steps_per_epoch
 from pipelines.schema import MODEL_FOLDER, PAIRS, model_path
 from pipelines.contract import StageWriter
 from pipelines.stages.train.memory import architecture, estimate, memory_report
@@ -85,6 +85,17 @@ def test_ledger_keeps_the_latest_attempt_of_each_step(tmp_path):
     assert [(r["step"], r["attempt"]) for r in kept] == [(1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
     assert coverage(kept, 8, 4) == {0: {"seen": 8, "repeated": 0, "missing": 0}}
     assert coverage(kept[:3], 8, 4)[0]["missing"] == 2
+
+
+def test_epoch_coverage_counts_steps_as_the_trainer_does_with_gradient_accumulation():
+    # 40 pairs, a global batch of 8: 5 batches an epoch; with 2 accumulated, 3 optimizer steps
+    # (the last one of a single batch), as transformers counts them.
+    assert steps_per_epoch(40, 8, 2) == 3 and steps_per_epoch(40, 8, 1) == 5 and steps_per_epoch(4, 8, 2) == 1
+    batches = [list(range(i, i + 8)) for i in range(0, 40, 8)]
+    steps = [batches[0] + batches[1], batches[2] + batches[3], batches[4]]
+    ledger = [{"step": epoch * 3 + i + 1, "pairs": pairs} for epoch in range(2) for i, pairs in enumerate(steps)]
+    assert coverage(ledger, 40, steps_per_epoch(40, 8, 2)) == {
+        0: {"seen": 40, "repeated": 0, "missing": 0}, 1: {"seen": 40, "repeated": 0, "missing": 0}}
 
 
 def test_memory_estimate_paper_config_fits_8_h100s_and_says_what_would_not():

@@ -15,6 +15,7 @@ exactly once per epoch (the fault test checks this).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -319,6 +320,12 @@ def read_ledger(storage: Path | str) -> list[dict[str, Any]]:
         latest = max(r["attempt"] for r in records)
         kept.extend(r for r in records if r["attempt"] == latest)
     return sorted(kept, key=lambda r: (r["step"], r["rank"]))
+
+
+def steps_per_epoch(train_pairs: int, global_batch: int, accumulation: int) -> int:
+    """Optimizer steps in one epoch, as transformers' Trainer counts them: a last, partial
+    accumulation still makes a step (ceiling), at least one."""
+    return max(1, math.ceil((train_pairs // global_batch) / accumulation))
 
 
 def coverage(records: list[dict[str, Any]], train_pairs: int, steps_per_epoch: int) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from pipelines.config import RunConfig
 from pipelines import storage as run_storage
 from pipelines.stages.train import tracking
 from pipelines.stages.train.dpo_worker import (EXPORT, RESULT, coverage, load_policy_tokenizer, prepare_pairs,
-                                  read_ledger, train_loop_per_worker)
+                                  read_ledger, steps_per_epoch, train_loop_per_worker)
 from pipelines.rounds import policy_spec
 from pipelines.schema import MODEL_FOLDER, round_dir, stage_dir, table_path
 from pipelines.contract import StageWriter, require_stage
@@ -183,8 +183,8 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
             if result.error is not None:
                 raise RuntimeError(f"train: Ray Train failed: {result.error}") from result.error
             final = json.loads((storage / RESULT).read_text())
-            steps_per_epoch = max(1, (len(train) // global_batch) // settings.gradient_accumulation_steps)
-            seen = coverage(read_ledger(storage), len(train), steps_per_epoch)
+            seen = coverage(read_ledger(storage), len(train),
+                            steps_per_epoch(len(train), global_batch, settings.gradient_accumulation_steps))
             history = final.pop("log_history")
             shutil.move(str(storage / EXPORT), stage.tmp / MODEL_FOLDER)
             with open(stage.tmp / "metrics.jsonl", "w") as handle:
