@@ -101,12 +101,15 @@ def trained_policy(config: RunConfig, folder: Path | str) -> ModelSpec:
 
 
 def last_train_round(config: RunConfig) -> int:
-    """The last round whose train stage finished and exported a policy (online rounds first,
-    then round 0); rounds that skipped training are passed over."""
+    """The last round whose train stage the configuration runs, finished and exported a
+    policy (online rounds first, then round 0); rounds that skipped training are passed
+    over, and so is a train folder an earlier configuration left in a round that no longer
+    trains."""
     from pipelines.contract import read_manifest, require_stage
 
     for k in range(config.online.rounds, -1, -1):
-        if read_manifest(config.run_dir, "train", k) is not None and not skipped_train(config.run_dir, k):
+        if (runs_in_round(config, "train", k) and read_manifest(config.run_dir, "train", k) is not None
+                and not skipped_train(config.run_dir, k)):
             return k
     require_stage(config.run_dir, "train")   # raises: say what to run
     return 0

@@ -207,6 +207,15 @@ def test_an_online_round_with_too_few_pairs_skips_training_and_keeps_the_policy(
     section = "\n".join(train_section(Run(run_dir, tmp_path / "report", {})))
     assert f"- round 1 did not train: {summary['skipped']}" in section
 
+    # A round 1 that trained under an earlier configuration, in a run whose rounds no longer
+    # train: its folder is not what evaluate or `rlhi redeploy` serve.
+    with StageWriter(run_dir, "train", 1) as stage:
+        shutil.copytree(tiny_models.causal_lm, stage.tmp / MODEL_FOLDER)
+        stage.commit(config_hash="synthetic", inputs=[], counts={"train_pairs": 16}, seed=0)
+    assert last_train_round(config) == 1
+    no_online_training = config.online.model_copy(update={"stages": [s for s in config.online.stages if s != "train"]})
+    assert last_train_round(config.model_copy(update={"online": no_online_training})) == 0
+
 
 def test_too_few_pairs_for_one_global_batch_is_a_clear_error(ray_session, tiny_models, tmp_path):
     from pipelines.stages.train.stage import run_train
