@@ -43,10 +43,11 @@ def split_of(user: str) -> str:
     return "eval" if user.startswith("u-eval") else "train"
 
 
-def rewrite_row(user: str, index: int, *, status: str = "kept") -> dict:
+def rewrite_row(user: str, index: int, *, status: str = "kept", system: str | None = None) -> dict:
     topic = TOPICS[user]
     persona = f"Cares about {topic}; likes detailed, step-by-step answers."
     context = [{"role": "user", "content": f"Question {index} about {topic}, please."}]
+    context = [{"role": "system", "content": system}, *context] if system else context
     return {
         "followup_id": f"{user}-f{index}", "conversation_id": f"{user}-c{index}",
         "user_id": user, "persona_id": f"{user}-p", "turn_index": 0,
@@ -179,6 +180,20 @@ def test_training_encodes_pairs_exactly_as_scoring_does(encoder, tiny_models, tm
         [[c, r] for c, r in zip(pairs["chosen"], pairs["rejected"])])
     scoring_view = [s[0] for s in scores] + [s[1] for s in scores]
     assert trained_view == pytest.approx(scoring_view, abs=1e-4)
+
+
+def test_a_conversations_own_system_message_is_in_the_training_text_as_in_the_scoring_text(tmp_path):
+    from pipelines.stages.train_reward_model import rewrite_pairs
+
+    write_run(tmp_path, ["u-train-0"], kept_for=set())
+    with StageWriter(tmp_path, "rewrites") as stage:   # replaces write_run's with one kept pair
+        (stage.tmp / "rewrites").mkdir()
+        pq.write_table(pa.Table.from_pylist([rewrite_row("u-train-0", 0, system="You are a pirate assistant.")],
+                                            schema=REWRITES), stage.tmp / "rewrites" / "part-0.parquet")
+        stage.commit(config_hash="test", inputs=[], counts={}, seed=0)
+    [context] = list(rewrite_pairs(tmp_path)["context"])
+    assert [(m["role"], m["content"]) for m in context] == [
+        ("system", "You are a pirate assistant."), ("user", "Question 0 about Python code, please.")]
 
 
 def test_the_stage_is_deterministic_for_a_seed(trained_run, tiny_models, tmp_path):

@@ -54,8 +54,9 @@ PAIR_COLUMNS = ["user_id", "split", "persona", "context", "chosen", "rejected"]
 def rewrite_pairs(run_dir: Path | str) -> pd.DataFrame:
     """Kept rewrite pairs of round 0, one row each, with the user's split and persona text.
 
-    Columns `PAIR_COLUMNS`. `context` is the prompt without its system message (which the
-    scorer renders again from the persona, as it does at scoring time). Pairs of users the
+    Columns `PAIR_COLUMNS`. `context` is the prompt without the policy's system message, its
+    first (the scorer renders it again from the persona, as it does at scoring time); a
+    system message of the conversation itself stays, as the rewards stage scores with it. Pairs of users the
     personas stage did not split are dropped (there are none in a consistent run).
     """
     run_dir = Path(run_dir)
@@ -67,7 +68,7 @@ def rewrite_pairs(run_dir: Path | str) -> pd.DataFrame:
     splits = user_splits(run_dir)
     rows = [{"user_id": row["user_id"], "split": splits[row["user_id"]],
              "persona": persona_text.get(row["persona_id"], "") if row["persona_id"] else "",
-             "context": [m for m in as_messages(row["prompt"]) if m["role"] != "system"],
+             "context": as_messages(row["prompt"])[1:],   # the conversation's own system message stays
              "chosen": row["chosen"], "rejected": row["rejected"]}
             for row in kept if row["user_id"] in splits]
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)
