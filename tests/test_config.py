@@ -64,3 +64,9 @@ def test_a_stage_settings_hash_changes_with_its_own_settings_only():
     # models.policy is a train setting, not a followups one
     assert settings_hash(base, "train") != settings_hash(policy_changed, "train")
     assert settings_hash(base, "followups") == settings_hash(policy_changed, "followups")
+
+
+def test_lora_with_fsdp_is_refused_naming_both_settings():
+    with pytest.raises(ConfigError, match="train.lora with train.fsdp is not supported"):
+        parse_config({"train": {"fsdp": True, "lora": {"r": 8}}})
+    assert parse_config({"train": {"fsdp": True}}).train.fsdp

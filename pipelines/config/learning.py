@@ -174,6 +174,13 @@ class TrainConfig(_Section):
     gpu_memory_gib: float | None = Field(None, gt=0)
     """Memory of one GPU (80 for an H100 80GB); `rlhi run --dry-run` says which settings fit."""
 
+    @model_validator(mode="after")
+    def _export_is_possible(self) -> "TrainConfig":
+        if self.fsdp and self.lora is not None:
+            raise ValueError("train.lora with train.fsdp is not supported: the exported policy merges the "
+                             "adapter into weights one rank holds; use FSDP without LoRA, or LoRA without FSDP")
+        return self
+
 
 SERVED_ROUND_STAGES = ("ingest", "followups", "personas")
 

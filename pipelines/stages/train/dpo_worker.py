@@ -268,12 +268,19 @@ def train_loop_per_worker(job: dict[str, Any]) -> None:
     final["resumed_from_step"] = resumed_from
     if eval_set is not None:
         final.update(trainer.evaluate())
+    export = storage / EXPORT
+    sharded = trainer.is_fsdp_enabled   # train.fsdp on GPUs (on CPU the Trainer does not shard)
+    if sharded:
+        # The weights are sharded over the ranks: every rank takes part in gathering them
+        # (a full state dict), and the Trainer writes it from rank 0 (safetensors).
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(export))
     if rank == 0:
-        export = storage / EXPORT
-        to_save = trainer.model
-        if settings.lora is not None:
-            to_save = trainer.model.merge_and_unload()
-        to_save.save_pretrained(export, safe_serialization=True)
+        if not sharded:
+            to_save = trainer.model
+            if settings.lora is not None:
+                to_save = trainer.model.merge_and_unload()
+            to_save.save_pretrained(export, safe_serialization=True)
         tokenizer.save_pretrained(export)
         final.update(global_step=trainer.state.global_step, train_wall_seconds=round(train_seconds, 3),
                      log_history=trainer.state.log_history)
