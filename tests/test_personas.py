@@ -100,6 +100,30 @@ def test_a_conversations_turns_see_a_persona_of_earlier_conversations_only(conve
     assert [link["conversation_index"] for link in links] == [0, 1, 2]
 
 
+def test_two_conversations_at_once_never_see_each_others_later_turns():
+    """The chat app's log stamps a conversation with its last turn: A (turns at 0:01 and
+    1:40) continued past B's start (0:50). Ordered by when they began, A comes first and sees
+    nothing; B began while A went on, so it does not see A (A's snapshot holds a turn from
+    after B began) but the one before; C, after both, sees both."""
+    def conv(cid: str, minutes: list[int]) -> dict:
+        turns = [{"role": r, "content": f"{cid} {r} {m}", "timestamp": T0 + timedelta(minutes=m)}
+                 for m, r in zip(minutes, ["user", "assistant"] * len(minutes))]
+        return {"conversation_id": cid, "user_id": "u1", "language": "English", "toxic": False,
+                "turns": turns, "timestamp": turns[-1]["timestamp"]}
+
+    convs = [conv("A", [1, 2, 100, 101]), conv("B", [50, 51]), conv("C", [200, 201])]
+
+    def build(histories):
+        return [" | ".join(h["turns"][0]["content"] for h in history) for history in histories]
+
+    rows = user_snapshots(convs, {}, cadence=1, max_conversations=20, max_tokens=2000, backend="test",
+                          build=build, redact=lambda texts: [(t, {}) for t in texts])
+    persona = {r["persona_id"]: r["persona"] for r in rows}
+    seen = {link["conversation_id"]: persona[link["persona_id"]]
+            for link in conversation_snapshots(convs, rows, cadence=1)}
+    assert seen == {"A": "", "B": "", "C": "B user 50 | A user 1"}
+
+
 def test_the_join_gives_each_row_its_conversations_persona():
     links = pa.Table.from_pylist([{"conversation_id": "c0", "user_id": "u1", "persona_id": "p-empty",
                                    "conversation_index": 0},

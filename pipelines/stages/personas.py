@@ -97,9 +97,17 @@ def user_snapshots(conversations: Sequence[dict[str, Any]], feedback: dict[str, 
     return rows
 
 
+def conversation_start(conversation: dict[str, Any]) -> datetime:
+    """When a conversation began: its first turn's timestamp where turns carry one (logs
+    disagree on whether a conversation's own timestamp is its first turn or its last: the
+    chat app's log stamps the last), else the conversation's timestamp."""
+    times = [t["timestamp"] for t in conversation["turns"] if t.get("timestamp")]
+    return min(times) if times else conversation["timestamp"]
+
+
 def conversation_order(conversations: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One user's conversations in the order snapshots follow them: by timestamp, then id."""
-    return sorted(conversations, key=lambda c: (c["timestamp"], c["conversation_id"]))
+    """One user's conversations in the order snapshots follow them: by when they began, then id."""
+    return sorted(conversations, key=lambda c: (conversation_start(c), c["conversation_id"]))
 
 
 def _after(conversations: Sequence[dict[str, Any]]) -> datetime:
@@ -113,11 +121,20 @@ def conversation_snapshots(conversations: Sequence[dict[str, Any]], rows: Sequen
                            cadence: int) -> list[dict[str, Any]]:
     """CONVERSATION_PERSONAS rows of one user: conversation i sees snapshot k, the largest
     multiple of `cadence` <= i, built from conversations 0..k-1 (`rows` in the order
-    `user_snapshots` wrote them: k = 0, cadence, 2 cadence, ..., then the serving one)."""
+    `user_snapshots` wrote them: k = 0, cadence, 2 cadence, ..., then the serving one), and
+    never one holding a turn from after it began: where an earlier conversation went on past
+    its start (two conversations at once), an earlier snapshot (`as_of` one tick after the
+    last turn it holds, at or before the conversation's first turn)."""
     ordered = conversation_order(conversations)
     snapshots = [r for r in rows if not r["serving"]]
-    return [{"conversation_id": c["conversation_id"], "user_id": c["user_id"], "conversation_index": i,
-             "persona_id": snapshots[i // cadence]["persona_id"]} for i, c in enumerate(ordered)]
+    links = []
+    for i, c in enumerate(ordered):
+        k = i // cadence
+        while k > 0 and snapshots[k]["as_of"] > conversation_start(c):
+            k -= 1
+        links.append({"conversation_id": c["conversation_id"], "user_id": c["user_id"], "conversation_index": i,
+                      "persona_id": snapshots[k]["persona_id"]})
+    return links
 
 
 def feedback_messages(followups: pa.Table) -> dict[str, list[str]]:
