@@ -228,7 +228,7 @@ class ChatReplica:
                        temperature: float | None, top_p: float | None,
                        seed: int | None) -> dict[str, Any]:
         """One completion; returns text, finish reason, token counts and the persona id."""
-        persona_id, persona = self.personas.get(user or "", (None, None))
+        persona_id, persona = self.personas.get(user, (None, None)) if user else (None, None)
         prompt = self.sampler.prompt(persona, messages)
         base = self.sampler.params
         params = SamplingParams(

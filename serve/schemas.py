@@ -194,7 +194,7 @@ def build_schemas(limits: Limits) -> Schemas:
                                                  "wins when both are given.")
         temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
         top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-        seed: int | None = None
+        seed: Annotated[int, Field(ge=-2**63, le=2**63 - 1)] | None = None   # int64, as engines seed
         n: Literal[1] = 1
         stream: bool = False
         stream_options: StreamOptions | None = None

@@ -188,13 +188,21 @@ def test_jsonl_malformed_lines_are_rejected_with_their_reason(redactor):
         b'{"user_id": "u1", "timestamp": "yesterday", "messages": [{"role": "user", "content": "hi"}]}',
         b'{"timestamp": 1700000000, "messages": [{"role": "user", "content": "hi"}]}',
         b'{"user_id": "u1", "timestamp": 1700000000}',
+        b'{"user_id": "u1", "timestamp": 1e20, "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"user_id": "u1", "timestamp": NaN, "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"user_id": "u1", "model": 5, "timestamp": 1700000000, "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"user_id": "u1", "language": ["en"], "timestamp": 1, "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"user_id": ' + b'[' * 100_000 + b']' * 100_000 + b'}',
+        b'{"user_id": " ", "timestamp": 1700000000, "messages": [{"role": "user", "content": "hi"}]}',
     ]
-    result = check_records(jsonl(*lines), IngestConfig(), redactor)
-    assert result.rows_in == 6 and result.conversations.num_rows == 0
+    result = check_records(jsonl(*lines), IngestConfig(), redactor)   # none of them stops the stage
+    assert result.rows_in == 12 and result.conversations.num_rows == 0
     reasons = result.rejects.column("reason").to_pylist()
     assert reasons == ["non_string_content", "invalid_json", "invalid_json", "bad_timestamp",
-                       "missing_user", "missing_conversation"]
-    assert result.rejects.column("source_index").to_pylist() == list(range(6))
+                       "missing_user", "missing_conversation", "bad_timestamp", "bad_timestamp",
+                       "non_string_field", "non_string_field", "invalid_json", "missing_user"]
+    assert result.rejects.column("source_index").to_pylist() == list(range(12))
+    assert result.rejects.column("detail").to_pylist()[8] == "model is int, not a string"
 
 
 def test_identifiers_are_redacted_before_anything_downstream(redactor):

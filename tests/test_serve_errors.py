@@ -68,3 +68,16 @@ def test_a_score_request_must_end_with_the_user_turn():
         build_schemas(Limits()).ScoreRequest(
             persona="", candidates=["a"],
             messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+
+
+def test_a_chat_seed_outside_int64_is_a_validation_error_not_a_replica_error():
+    from pydantic import ValidationError
+
+    from serve.schemas import build_schemas
+
+    chat = build_schemas(Limits()).ChatRequest
+    messages = [{"role": "user", "content": "hi"}]
+    for seed in (2**64, -2**63 - 1):
+        with pytest.raises(ValidationError, match="seed"):
+            chat(messages=messages, seed=seed)
+    assert chat(messages=messages, seed=2**63 - 1).seed == 2**63 - 1

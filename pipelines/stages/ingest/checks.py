@@ -30,12 +30,15 @@ def structure_error(record: dict[str, Any]) -> tuple[str, str] | None:
         return "empty_conversation", "the conversation has no turns"
     if record["source_format"] == "wildchat" and not (record["language"] or "").strip():
         return "unknown_language", "the language field is null or empty"
-    if record["source_format"] == "jsonl" and not isinstance(record["user_id"], str):
-        return "missing_user", "user_id is missing or not a string"
+    if record["source_format"] == "jsonl" and not (isinstance(record["user_id"], str) and record["user_id"].strip()):
+        return "missing_user", "user_id is missing, blank or not a string"
     if record["source_format"] == "wildchat" and not record["user_parts"][0]:
         return "missing_user", "hashed_ip is null"
     if record["timestamp"] is None:
         return "bad_timestamp", f"timestamp {record.get('raw_timestamp')!r} is missing or unreadable"
+    for field in ("model", "language"):
+        if record[field] is not None and not isinstance(record[field], str):
+            return "non_string_field", f"{field} is {type(record[field]).__name__}, not a string"
     if record["system"] is not None and not isinstance(record["system"], str):
         return "non_string_content", "the system message's content is not a string"
     for index, turn in enumerate(turns):

@@ -224,7 +224,10 @@ def parse_timestamp(value: Any) -> datetime | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, timezone.utc)
+        try:
+            return datetime.fromtimestamp(value, timezone.utc)
+        except (OverflowError, ValueError, OSError):   # NaN, inf, years past 9999
+            return None
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -244,7 +247,7 @@ def jsonl_records(data: bytes, source_file: str, first_index: int) -> Iterator[d
                                   "source_format": "jsonl", "error": None}
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             row, record["error"] = {}, ("invalid_json", f"line {first_index + offset + 1}: {exc}")
         if not isinstance(row, dict):
             row, record["error"] = {}, ("invalid_json", f"line {first_index + offset + 1}: not a JSON object")
