@@ -33,6 +33,14 @@ from pipelines.driver import add_run_arguments
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from pipelines.driver import run_stages
+
+    return run_stages(ingest_config(args))["ingest"]
+
+
+def ingest_config(args: argparse.Namespace) -> RunConfig:
+    """`rlhi ingest`'s configuration: the ingest stage alone (no online rounds), its inputs
+    and options from the command line over `--config`'s."""
     base = load_config(args.config) if args.config else RunConfig()
     ingest = base.ingest.model_dump()
     ingest["inputs"] = args.input
@@ -41,11 +49,9 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
             ingest[key] = getattr(args, key)
     if args.skip_bad_files:
         ingest["skip_bad_files"] = True
-    data = base.model_dump() | {"ingest": ingest, "run_dir": args.out, "stages": ["ingest"]}
-    config = parse_config(data, "command line")
-    from pipelines.driver import run_stages
-
-    return run_stages(config)["ingest"]
+    data = base.model_dump() | {"ingest": ingest, "run_dir": args.out, "stages": ["ingest"],
+                                "online": base.online.model_dump() | {"rounds": 0}}
+    return parse_config(data, "command line")
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any]:

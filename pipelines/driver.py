@@ -118,15 +118,23 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
         print(f"Ray dashboard: {dashboard}", flush=True)
     results: dict[str, Any] = {}
     previous, dirty = None, False
+    if only is not None:   # chain the key as a whole run would, so the next plain run finds it current
+        names = [step_name(k, s) for k, s in plan(config)]
+        if (position := names.index(only)) > 0:
+            k, before = plan(config)[position - 1]
+            previous = (read_manifest(config.run_dir, before, k) or {}).get("run_key")
     for round_index, stage_name, mode in steps:
         name, entry = step_name(round_index, stage_name), registered(stage_name)
-        key = step_key(config, round_index, stage_name, previous)
-        previous = key
         manifest = read_manifest(config.run_dir, stage_name, round_index)
-        current = manifest is not None and manifest.get("run_key") == key
-        if mode == "keep" or (mode == "auto" and current and not dirty):
+        if mode == "keep":   # before --from: reused as it is, keyed as it was recorded (its inputs may be gone)
             if manifest is None:
                 raise RuntimeError(f"--from: step {name} before it has not finished; run without --from first")
+            key = manifest.get("run_key")
+        else:
+            key = step_key(config, round_index, stage_name, previous)
+        previous = key
+        current = manifest is not None and manifest.get("run_key") == key
+        if mode == "keep" or (mode == "auto" and current and not dirty):
             output = stage_dir(config.run_dir, stage_name, round_index)
             results[name] = {"status": "skipped", "seconds": 0.0, "counts": manifest["counts"],
                              "output": f"{remote.uri}/{remote.relative(output)}" if remote else str(output)}

@@ -78,3 +78,13 @@ def test_sim_sweep_refuses_a_run_on_the_evaluation_phrasings(tmp_path, capsys):
 def test_sim_sweep_of_a_folder_with_no_experiment_exits_2_saying_what_to_run(tmp_path, capsys):
     assert main(["sim", "sweep", "--from", str(tmp_path)]) == 2
     assert f"{tmp_path / 'results.json'} is missing" in capsys.readouterr().err
+
+
+def test_rlhi_ingest_with_a_config_that_has_online_rounds_runs_ingest_alone(tmp_path):
+    from pipelines.cli import build_parser, ingest_config
+    from pipelines.driver import plan
+
+    args = build_parser().parse_args(["ingest", "--config", "configs/paper-8b.yaml", "--input", "data/x.parquet",
+                                      "--out", str(tmp_path / "run")])
+    config = ingest_config(args)
+    assert plan(config) == [(0, "ingest")] and config.ingest.inputs == ["data/x.parquet"]

@@ -95,6 +95,17 @@ def test_changed_setting_reruns_from_that_stage_and_a_killed_stage_is_redone(run
     assert statuses(again) == {"ingest": "skipped", "followups": "skipped", "personas": "skipped"}
 
 
+def test_a_step_run_alone_is_current_for_the_next_plain_run_and_from_needs_no_kept_inputs(run_copy):
+    result = run_pipeline(config_for(run_copy), only="personas", report=False)
+    assert statuses(result) == {"personas": "ran"}
+    again = run_pipeline(config_for(run_copy), report=False)   # --only chained its key as a plain run does
+    assert statuses(again) == {"ingest": "skipped", "followups": "skipped", "personas": "skipped"}
+    # Ingest is kept by --from: its input file, since moved away, is not read again.
+    moved = config_for(run_copy, ingest={"inputs": [str(run_copy / "moved-away.parquet")]})
+    result = run_pipeline(moved, start="personas", report=False)
+    assert statuses(result) == {"ingest": "skipped", "followups": "skipped", "personas": "ran"}
+
+
 def test_from_and_only_select_steps():
     config = config_for("/tmp/x", stages=["ingest", "followups", "personas", "rewards", "pairs", "train"],
                         online={"rounds": 1})
