@@ -174,3 +174,27 @@ def test_a_rebuilt_rounds_snapshot_loses_users_forgotten_before_and_forget_names
     assert (run_dir / LOG).is_file()
     assert reapply_forgets(run_dir, ledger_path(run_dir, 2).parent) == 1
     assert snapshot_rows(run_dir, 2) == [("c", 2)]
+
+
+def test_a_rerun_of_a_committed_round_rereads_its_own_rows_not_later_rounds(tmp_path, log):
+    from pipelines.stages.ingest.served import round_input
+
+    def commit_stage(round_index: int, ledger: dict) -> None:   # the ingest stage, finished
+        commit(run_dir, round_index, ledger)
+        (ledger_path(run_dir, round_index).parent / "manifest.json").write_text("{}")
+
+    run_dir = tmp_path / "run"
+    say(log, "a", "Hi.")
+    say(log, "b", "Hello.")
+    log.flush()
+    first = round_input(log.folder, run_dir, 1)
+    commit_stage(1, first)
+    say(log, "c", "Hey.")
+    log.flush()
+    commit_stage(2, round_input(log.folder, run_dir, 2))
+    say(log, "d", "Late.")
+    log.flush()
+    # Round 1 reruns (a setting upstream changed): the rows it read then, from its snapshot.
+    assert round_input(log.folder, run_dir, 1) == first
+    assert snapshot_rows(run_dir, 1) == [("a", 2), ("b", 2)]
+    assert taken(round_input(log.folder, run_dir, 3)) == {"part-000002.parquet": {"d": 2}}  # not committed: new rows

@@ -105,6 +105,20 @@ def take_new_rows(folder: Path | str, run_dir: Path | str, round_index: int) -> 
     return ledger
 
 
+def round_input(folder: Path | str, run_dir: Path | str, round_index: int) -> dict[str, Any]:
+    """The round's ledger, its snapshot in place: a round whose ingest committed before (a
+    rerun: a setting or code upstream changed) reads again exactly the rows it read then,
+    from its own snapshot; else it takes the log's new rows (`take_new_rows`). Taking new
+    rows on a rerun would also take the rows later rounds read, and leave them nothing."""
+    from pipelines.contract import read_manifest
+
+    snapshot = round_dir(run_dir, round_index) / SNAPSHOT
+    ledger = ledger_path(run_dir, round_index)
+    if read_manifest(run_dir, "ingest", round_index) is not None and ledger.is_file() and snapshot.is_dir():
+        return json.loads(ledger.read_text())
+    return take_new_rows(folder, run_dir, round_index)
+
+
 def earlier_turns(run_dir: Path | str, rounds: list[int]) -> dict[str, int]:
     """conversation_id -> the most turns the ingest of `rounds` (pipelines/rounds.py
     `ingest_rounds`, the ones before the reading round) held of it: a conversation's turns

@@ -200,7 +200,7 @@ def run_ingest(config: RunConfig, round_index: int = 0, *, use_ray: bool = True,
     since the round before, pipelines/stages/ingest/served.py); returns its summary."""
     settings, ledger = config.ingest, None
     if round_index:
-        ledger = served.take_new_rows(served_logs_folder(config), config.run_dir, round_index)
+        ledger = served.round_input(served_logs_folder(config), config.run_dir, round_index)
         snapshot = round_dir(config.run_dir, round_index) / served.SNAPSHOT
         settings = settings.model_copy(update={"inputs": [str(snapshot)], "format": "wildchat"})
     tasks, files, bad_files = plan(settings)
