@@ -74,6 +74,17 @@ ROUND_STAGES = tuple(stage.name for stage in STAGES if stage.per_round)
 DEFAULT_STAGES = tuple(stage.name for stage in STAGES if not stage.optional)
 
 
+def in_pipeline_order(stages: list[str], key: str) -> list[str]:
+    """`stages` unchanged if each appears once, in the pipeline's order; else a ValueError
+    naming `key` and the order they must be in (the driver runs them as listed)."""
+    ordered = [name for name in STAGE_NAMES if name in stages]
+    if len(set(stages)) != len(stages):
+        raise ValueError(f"{key} lists a stage twice: {stages}")
+    if list(stages) != ordered:
+        raise ValueError(f"{key} must list its stages in pipeline order: {ordered} (got {list(stages)})")
+    return stages
+
+
 def stage(name: str) -> Stage:
     """The stage called `name`; an error listing the stages otherwise."""
     try:

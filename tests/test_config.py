@@ -70,3 +70,12 @@ def test_lora_with_fsdp_is_refused_naming_both_settings():
     with pytest.raises(ConfigError, match="train.lora with train.fsdp is not supported"):
         parse_config({"train": {"fsdp": True, "lora": {"r": 8}}})
     assert parse_config({"train": {"fsdp": True}}).train.fsdp
+
+
+def test_stages_out_of_pipeline_order_or_twice_are_refused_with_the_order_to_use():
+    with pytest.raises(ConfigError, match=r"online.stages must list its stages in pipeline order: \['rewards', 'pairs', 'train'\]"):
+        parse_config({"online": {"stages": ["train", "pairs", "rewards"]}})
+    with pytest.raises(ConfigError, match=r"stages must list its stages in pipeline order: \['ingest', 'pairs', 'train'\]"):
+        parse_config({"stages": ["train", "pairs", "ingest"]})
+    with pytest.raises(ConfigError, match="lists a stage twice"):
+        parse_config({"stages": ["ingest", "ingest"]})

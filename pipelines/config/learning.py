@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from actors.followup_labels import FOLLOWUP_LABELS
 from actors.models import ModelSpec
-from pipelines.registry import ROUND_STAGES
+from pipelines.registry import ROUND_STAGES, in_pipeline_order
 
 FEEDBACK_LABEL_NAMES = FOLLOWUP_LABELS[:3]
 
@@ -205,6 +205,11 @@ class OnlineConfig(_Section):
     and personas. Each `rlhi run` with `rounds` one higher runs one more round."""
     logs: str | None = None
     """The chat log folder a served_logs round reads; None: `serve.chat.log.folder`."""
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_in_order(cls, value: list[str]) -> list[str]:
+        return in_pipeline_order(value, "online.stages")
 
     @model_validator(mode="after")
     def _source_stages(self) -> "OnlineConfig":

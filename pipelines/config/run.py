@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, PositiveInt, ValidationError, field_valid
 from actors.models import ModelSpec
 from pipelines.redact import REDACTION_KINDS
 from pipelines.storage import check_location
-from pipelines.registry import DEFAULT_STAGES, STAGE_NAMES
+from pipelines.registry import DEFAULT_STAGES, STAGE_NAMES, in_pipeline_order
 from pipelines.config.learning import (_Section, AblationConfig, BenchmarkConfig, EvaluateConfig,  # noqa: F401
                                       LoraSettings, OnlineConfig, QualityFilterConfig, RewardModelConfig,
                                       RewardsConfig, RewritesConfig, TrainConfig)
@@ -313,6 +313,11 @@ class RunConfig(_Section):
     def _openable_run_dir(cls, value: str) -> str:
         check_location(value, "run_dir")
         return value
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_in_order(cls, value: list[str]) -> list[str]:
+        return in_pipeline_order(value, "stages")
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
