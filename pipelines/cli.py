@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.handler(args)
-    except ValueError as exc:  # ConfigError, InputError and bad label files: the user's to fix
-        print(f"rlhi {args.command}: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError, InputError, bad label files, a
+        print(f"rlhi {args.command}: {exc}", file=sys.stderr)   # missing folder: the user's to fix
         return 2
     if args.json:
         print(json.dumps(result, default=str))

@@ -88,3 +88,13 @@ def test_rlhi_ingest_with_a_config_that_has_online_rounds_runs_ingest_alone(tmp_
                                       "--out", str(tmp_path / "run")])
     config = ingest_config(args)
     assert plan(config) == [(0, "ingest")] and config.ingest.inputs == ["data/x.parquet"]
+
+
+def test_rlhi_forget_with_a_missing_folder_exits_2_naming_it(tmp_path, capsys):
+    from pipelines.cli import main
+
+    (tmp_path / "run").mkdir()
+    assert main(["forget", "--run-dir", str(tmp_path / "run"), "--user", "u1",
+                 "--chat-log", str(tmp_path / "no-such-log")]) == 2
+    assert f"chat log folder {tmp_path / 'no-such-log'} does not exist" in capsys.readouterr().err
+    assert main(["forget", "--run-dir", str(tmp_path / "gone"), "--user", "u1"]) == 2
