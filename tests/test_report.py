@@ -85,3 +85,16 @@ def test_report_survives_an_unreadable_table(tmp_path):
     markdown = write_report(run_dir).read_text()
     assert "could not be written" in markdown
     assert "## DPO training" in markdown
+
+
+def test_report_labels_a_later_rounds_rewrite_pairs_from_that_rounds_followups(tmp_path):
+    from tests.test_forget import pair, write_stage
+
+    run_dir = build_run(tmp_path / "run")
+    round_2 = run_dir / "round-2"      # a served_logs round: its own follow-ups, its own pairs
+    write_stage(round_2, "followups", {"followups": [{"followup_id": "f-carol", "user_id": "carol",
+                                                      "label": "complaint"}]}, {"followups": 1})
+    write_stage(round_2, "pairs", {"pairs": [pair("alice", "rewrite", 2) | {"followup_id": "f-carol"}]}, {"pairs": 1})
+    markdown = write_report(run_dir).read_text()
+    assert "| rewrite: complaint |" in section(markdown, "Preference pairs")
+    assert "unknown" not in section(markdown, "Preference pairs")

@@ -246,8 +246,10 @@ def reward_model_section(run: Run) -> list[str]:
 
 def pairs_section(run: Run) -> list[str]:
     lines = ["## Preference pairs", ""]
-    followups = run.table(table_path(run.dir, "followups", "followups"), ["followup_id", "label"]) or []
-    label_of = {r["followup_id"]: r["label"] for r in followups}
+    label_of = {}   # every round's follow-ups: a served_logs round labels its own
+    for k in run.rounds:
+        followups = run.table(table_path(run.dir, "followups", "followups", k), ["followup_id", "label"]) or []
+        label_of.update({r["followup_id"]: r["label"] for r in followups})
     by_split, by_label = Counter(), Counter()
     for k in run.rounds:
         rows = run.table(table_path(run.dir, "pairs", "pairs", k), ["source", "split", "followup_id"])
