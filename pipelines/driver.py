@@ -119,9 +119,10 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
     results: dict[str, Any] = {}
     previous, dirty = None, False
     if only is not None:   # chain the key as a whole run would, so the next plain run finds it current
-        names = [step_name(k, s) for k, s in plan(config)]
-        if (position := names.index(only)) > 0:
-            k, before = plan(config)[position - 1]
+        planned = plan(config)
+        position = [step_name(k, s) for k, s in planned].index(only)
+        if position > 0:
+            k, before = planned[position - 1]
             previous = (read_manifest(config.run_dir, before, k) or {}).get("run_key")
     for round_index, stage_name, mode in steps:
         name, entry = step_name(round_index, stage_name), registered(stage_name)

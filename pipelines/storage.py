@@ -263,11 +263,10 @@ class RemoteRun:
         return sorted(path.parent for pattern in (f"*/{MANIFEST}", f"round-*/*/{MANIFEST}")
                       for path in self.work_dir.glob(pattern) if not path.parent.name.startswith("."))
 
-    def unpublished(self, published: dict[str, dict[str, Any]] | None = None) -> list[Path]:
+    def unpublished(self) -> list[Path]:
         """The finished stages of the working copy that the store does not hold as they are
-        (a publication that failed or was killed after the stage committed locally), against
-        `published` (`finished_stages()`, read now if not given)."""
-        published = self.finished_stages() if published is None else published
+        (a publication that failed or was killed after the stage committed locally)."""
+        published = self.finished_stages()
         return [folder for folder in self.local_stages()
                 if published.get(self.relative(folder)) != json.loads((folder / MANIFEST).read_text())]
 
