@@ -11,6 +11,9 @@ lines:
     Topics: python, pandas, essay, marketing
     Style: short requests (about 14 words)
 
+Topics are the user's most frequent request words, never a name: a word the user only ever
+wrote Capitalised ('Martha', 'Paris') is left out, and so are addresses, links and handles.
+
 "Stated preferences" come only from the user's own feedback turns (follow-ups labelled
 reattempt_feedback, correction or complaint), the strongest signal a log holds, so they come
 first (a persona cut to its budget loses its last lines). Each is one value of a dimension
@@ -77,6 +80,8 @@ we were what when where which while who whom why will with would you your yours 
 make tell use using need want like help know get one two new also could would should thanks thank
 hi hello ok okay yes sure let can't don't i'm it's""".split())
 _WORD = re.compile(r"[a-zA-Z][a-zA-Z+#\-]{2,}")
+# Text whose words are addresses, not topics: e-mails, links, @handles, redaction placeholders.
+_ADDRESS = re.compile(r"\S+@\S+|\b(?:https?://|www\.)\S+|(?<!\w)@\w+|<REDACTED_\w+>")
 _TASKS = {name: re.compile(p, re.IGNORECASE | re.MULTILINE) for name, p in TASK_PATTERNS.items()}
 
 
@@ -131,6 +136,7 @@ def extractive_persona(history: Sequence[dict[str, Any]], max_chars: int = 600) 
     languages: Counter = Counter(item.get("language") or "unknown" for item in history)
     tasks: Counter = Counter()
     words: Counter = Counter()
+    common: set[str] = set()  # words the user wrote at least once other than Capitalised
     request_lengths = []
     feedback: list[str] = []
     for item in reversed(history):  # oldest first, so the latest statement wins a tie
@@ -141,7 +147,9 @@ def extractive_persona(history: Sequence[dict[str, Any]], max_chars: int = 600) 
         requests = [t["content"] for t in item["turns"] if t["role"] == "user" and t["content"] not in said]
         for request in requests:
             request_lengths.append(len(request.split()))
-            words.update(w.lower() for w in _WORD.findall(request) if w.lower() not in STOPWORDS)
+            found = _WORD.findall(_ADDRESS.sub(" ", request))
+            words.update(w.lower() for w in found if w.lower() not in STOPWORDS)
+            common.update(w.lower() for w in found if not w.istitle())
         first = requests[0] if requests else ""
         tasks.update(name for name, pattern in _TASKS.items() if pattern.search(first))
     preferences = stated_preferences(feedback)
@@ -149,7 +157,9 @@ def extractive_persona(history: Sequence[dict[str, Any]], max_chars: int = 600) 
     lines.append(f"Languages: {_ranked(languages, 3)}")
     if tasks:
         lines.append(f"Recurring tasks: {_ranked(tasks, 4)}")
-    topics = [w for w, n in words.most_common(8) if n >= 1][:6]
+    # A word the user only ever wrote Capitalised is taken for a name (a person, a place, a
+    # firm: 'John', 'Smith') and never becomes a topic; 'Python' counts once written 'python'.
+    topics = [w for w, _ in words.most_common() if w in common][:6]
     if topics:
         lines.append(f"Topics: {', '.join(topics)}")
     mean = sum(request_lengths) / max(len(request_lengths), 1)
