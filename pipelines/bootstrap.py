@@ -46,8 +46,8 @@ def cluster_intervals(statistic: Callable[[np.ndarray], Sequence[float]], cluste
     for row, cluster in enumerate(clusters):
         groups.setdefault(cluster, []).append(row)
     members = [np.asarray(rows) for rows in groups.values()]
-    if len(members) == 1:  # one cluster: every draw is the same sample
-        return [(float(v), float(v)) for v in statistic(members[0])]
+    if len(members) == 1:  # one user says nothing of how the figure varies between users:
+        return [(float("nan"), float("nan"))] * len(statistic(members[0]))  # no interval, not a zero-width one
 
     def over_clusters(drawn: np.ndarray) -> np.ndarray:
         return np.asarray(statistic(np.concatenate([members[c] for c in drawn])), dtype=float)

@@ -53,3 +53,12 @@ def test_paired_difference_removes_the_shared_user_effect():
 def test_paired_difference_uses_only_users_both_arms_scored():
     iv = paired_difference({"u1": 1.0, "u2": 0.0}, {"u1": 0.5}, seed=0)
     assert iv.mean == pytest.approx(0.5)
+
+
+def test_one_user_has_no_interval_rather_than_a_certain_one():
+    # Three different scores of one user: every draw of users is that user again, so a
+    # percentile interval would be zero wide and read as certain; there is no interval.
+    iv = mean_interval([0.2, 0.9, 0.4], ["u1", "u1", "u1"], seed=0)
+    assert iv.mean == pytest.approx(0.5)
+    assert np.isnan(iv.ci_low) and np.isnan(iv.ci_high)
+    assert not iv.ci_low > 0   # a "significant" check cannot pass on one user
