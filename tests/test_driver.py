@@ -64,6 +64,36 @@ def test_inputs_downloaded_into_another_working_copy_give_the_same_ingest_key(tm
     assert step_key(moved, 0, "ingest", None) != keys[0]
 
 
+def test_weights_exported_again_into_the_same_folder_rerun_the_steps_that_use_them(tmp_path):
+    model = tmp_path / "policy"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"weights of round one")
+    config = config_for(tmp_path / "run", stages=["ingest", "followups", "personas", "rewrites", "train"],
+                        models={"policy": {"id": str(model)}})
+    (tmp_path / "run").mkdir()
+    first = step_key(config, 0, "train", "previous")
+    assert step_key(config, 0, "train", "previous") == first
+    (model / "model.safetensors").write_bytes(b"weights of round two")   # same size, new content
+    second = step_key(config, 0, "train", "previous")
+    assert second != first
+    # The same bytes copied in again (a new mtime) keep the key; the digests are cached by
+    # path, size and mtime, so an unchanged model is not read again.
+    (model / "model.safetensors").write_bytes(b"weights of round two")
+    assert step_key(config, 0, "train", "previous") == second
+    cached = json.loads((tmp_path / "run" / ".model-digests.json").read_text())
+    assert sorted(cached) == [str((model / "config.json").resolve()), str((model / "model.safetensors").resolve())]
+    # Training from the changed weights never resumes the checkpoints of the old ones.
+    from pipelines.stages.train.stage import run_key
+    (model / "model.safetensors").write_bytes(b"weights of round one")
+    before = run_key(config, str(model), {"started_at": "pairs-1"})
+    (model / "model.safetensors").write_bytes(b"weights of round two")
+    assert run_key(config, str(model), {"started_at": "pairs-1"}) != before
+    # A stage whose settings name no model folder keeps its key whatever the folder holds.
+    assert step_key(config, 0, "personas", "previous") == step_key(
+        config_for(tmp_path / "run", stages=config.stages), 0, "personas", "previous")
+
+
 def test_same_config_twice_does_no_work(run_copy, capsys):
     result = run_pipeline(config_for(run_copy), report=False)
     assert statuses(result) == {"ingest": "skipped", "followups": "skipped", "personas": "skipped"}

@@ -38,7 +38,7 @@ from pipelines.stages.train.dpo_worker import (EXPORT, RESULT, coverage, load_po
                                   read_ledger, steps_per_epoch, train_loop_per_worker)
 from pipelines.rounds import policy_spec
 from pipelines.schema import MODEL_FOLDER, round_dir, stage_dir, table_path
-from pipelines.contract import StageWriter, require_stage
+from pipelines.contract import StageWriter, model_content, require_stage
 
 STAGE = "train"
 STORAGE = ".train-storage"
@@ -48,9 +48,12 @@ FAIL_AT_STEP_ENV = "RLHI_TEST_TRAIN_FAIL_AT_STEP"
 
 
 def run_key(config: RunConfig, policy: str, pairs_manifest: dict[str, Any]) -> str:
-    """Names the training run: same settings, pairs and policy -> same checkpoints."""
+    """Names the training run: same settings, pairs and policy -> same checkpoints. The
+    policy counts by what its folder holds too, so a model exported again into the same
+    folder never resumes checkpoints trained from the old one."""
     blob = json.dumps({"train": config.train.model_dump(mode="json"), "seed": config.seed,
-                       "policy": policy, "pairs": pairs_manifest["started_at"]}, sort_keys=True)
+                       "policy": policy, "policy_content": model_content(policy, config.run_dir),
+                       "pairs": pairs_manifest["started_at"]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
