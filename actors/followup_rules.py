@@ -48,13 +48,15 @@ THANKS = _start(
     r"perfeito|ótimo", r"谢谢|感谢|多谢|太好了|很好|好的|不错|完美|ありがとう|감사|고마워")
 THANKS_ANYWHERE = Cues(r"thanks?|thx|appreciate|спасибо|gracias|merci|danke?|obrigad[oa]",
                        r"谢谢|感谢|ありがとう|감사")
-# What may follow thanks in a message that is only thanks.
+# What may follow thanks in a message that is only thanks. Each word sequence parses one way
+# ('this is' is 'this' then 'is'; it was once an alternative of its own, and 'thanks this is
+# this is ... x' took seconds) and the loop is possessive, so a near miss fails in linear time.
 FILLER = re.compile(
     r"^[\W_\d]*(?:(?:so much|a lot|very much|again|man|bro|buddy|dude|chatgpt|gpt|mate|sir|"
-    r"that'?s|it'?s|this is|is|was|very|really|great|good|helpful|perfect|nice|awesome|amazing|"
+    r"that'?s|it'?s|is|was|very|really|great|good|helpful|perfect|nice|awesome|amazing|"
     r"work(?:s|ed)?|answer|response|help|for|the|your|you|it|that|this|and|enough|all|i see|"
     r"understood|alright|i need(?:ed)?|beaucoup|mucho|muchas|vielen|большое|muito|много)"
-    r"\b[\W_]*)*$")
+    r"\b[\W_]*)*+$")
 # A verdict that opens the message: correction if content follows, else complaint.
 NEGATION = _start(
     r"no(?! (?:problem|worries|need|doubt|thanks|matter|way)\b)|nope|nah|wrong|incorrect|not quite|not really|not exactly|actually,? (?:it|that|this|"

@@ -106,6 +106,18 @@ def test_thanks_followed_by_a_new_request_is_a_new_request():
     assert label("Thanks! Now write a poem about spring") == "new_request"
 
 
+def test_thanks_then_many_fillers_and_a_request_is_decided_at_once():
+    # 24 repeats of "this is" fit the 200 characters the filler check reads; with two ways
+    # to parse each, a near miss once took the regex 10-40 s of backtracking (holding the
+    # GIL, hence a child process with a deadline).
+    import subprocess
+    import sys
+    code = ("from actors.followup_rules import classify_followup; "
+            "print(classify_followup(None, 'An answer.', 'thanks ' + 'this is ' * 24 + 'x')[0])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=4)
+    assert done.stdout.strip() == "new_request"
+
+
 @pytest.mark.parametrize("message", [
     "How do I bake sourdough bread?", "What is the difference between TCP and UDP?",
     "continue", "Why is the sky blue?", "Actually, can you write a haiku about dogs?",
