@@ -92,15 +92,18 @@ def label_with_ray(parts: list[Path], config: RunConfig, out: Path) -> tuple[int
     returns the rows written and the label counts (None: unclassified)."""
     import ray
 
+    from pipelines.rounds import pool_size
+
     settings = config.followups
     workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    gpus = classifier_gpus(config)
     results = ray.data.from_items([{"path": str(p)} for p in parts], override_num_blocks=len(parts)).map_batches(
         LabelWorker, fn_constructor_kwargs={"backend": settings.backend, "batch_size": settings.batch_size,
                                             "model": config.models.classifier.model_dump(), "out": str(out),
                                             "cascade_model": settings.cascade_model,
                                             "learned_model": settings.learned_model},
-        batch_size=1, batch_format="pyarrow", num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(size=min(workers, len(parts))))
+        batch_size=1, batch_format="pyarrow", num_cpus=1, num_gpus=gpus,
+        compute=ray.data.ActorPoolStrategy(size=pool_size(min(workers, len(parts)), gpus)))
     rows, labels = 0, Counter()
     for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
         for result in batch.to_pylist():
@@ -109,13 +112,21 @@ def label_with_ray(parts: list[Path], config: RunConfig, out: Path) -> tuple[int
     return rows, labels
 
 
+def classifier_gpus(config: RunConfig) -> float:
+    """GPUs one labelling actor asks for: one when the backend runs models.classifier on a
+    GPU (`llm`, or `cascade` with the LLM behind the rules), else none."""
+    from pipelines.rounds import actor_gpus
+
+    return actor_gpus(*[model for model in classifier_models(config) if model.get("kind") != "learned-followups"])
+
+
 def classifier_models(config: RunConfig) -> list[dict[str, Any]]:
     """The models the configured backend runs, for the manifest: the LLM classifier, or the
     learned artifact with the hash of its training data."""
     settings = config.followups
     if settings.backend == "rules":
         return []
-    if settings.backend == "learned" or settings.cascade_model == "learned":
+    if settings.backend == "learned" or (settings.backend == "cascade" and settings.cascade_model == "learned"):
         from actors.followup_learned import ARTIFACT
 
         folder = Path(settings.learned_model) if settings.learned_model else ARTIFACT

@@ -224,7 +224,7 @@ def run_personas(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     served_logs round into its own folder, from the users' whole history so far."""
     import ray
 
-    from pipelines.rounds import history, ingest_rounds, latest_reads, upstream_round
+    from pipelines.rounds import actor_gpus, history, ingest_rounds, latest_reads, pool_size, upstream_round
 
     run_dir, settings = Path(config.run_dir), config.personas
     rounds = ingest_rounds(config, round_index)
@@ -237,13 +237,14 @@ def run_personas(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     earlier = user_splits(run_dir, upstream_round(config, STAGE, round_index - 1)) if round_index else None
     with StageWriter(run_dir, STAGE, round_index) as stage:
         workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+        gpus = actor_gpus(config.models.persona) if settings.backend == "llm" else 0.0
         # Half a CPU per actor leaves room for the groupby's shuffle tasks: a pool holding
         # every CPU would wait forever for them on a small machine.
         dataset = ray.data.from_arrow(table).groupby("user_id").map_groups(
-            PersonaWorker, batch_format="pyarrow", num_cpus=0.5,
+            PersonaWorker, batch_format="pyarrow", num_cpus=0.5, num_gpus=gpus,
             fn_constructor_kwargs={"settings_json": settings.model_dump_json(),
                                    "model": config.models.persona.model_dump()},
-            compute=ray.data.ActorPoolStrategy(size=min(workers, max(len(counts), 1))))
+            compute=ray.data.ActorPoolStrategy(size=pool_size(min(workers, max(len(counts), 1)), gpus)))
         personas_dir, links_dir = stage.table_dir("personas"), stage.table_dir("conversation_personas")
         for index, batch in enumerate(dataset.iter_batches(batch_format="pyarrow", batch_size=None)):
             pq.write_table(batch.select(PERSONAS.names), personas_dir / f"part-{index:06d}.parquet")

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from actors.models import ModelSpec
 from pipelines.config import RewardsConfig, RunConfig
 from pipelines.persona_join import attach_personas
-from pipelines.rounds import actor_gpus, new_turns, policy_spec, upstream_round
+from pipelines.rounds import actor_gpus, new_turns, policy_spec, pool_size, upstream_round
 from pipelines.stages.reward_threshold import Threshold, decide, select, within_variance
 from pipelines.schema import FEEDBACK_LABELS, MESSAGES, SAMPLES, check_schema, model_path, stage_dir, table_path
 from pipelines.contract import BATCH, StageWriter, batch_part_name, numbered_batches, require_stage
@@ -186,13 +186,13 @@ def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec, 
     # Half a CPU per actor: a pool holding every CPU starves Ray Data's own tasks.
     # One block per batch, so every actor of the pool gets work.
     blocks = numbered_batches(table, settings.batch_size)
+    gpus = actor_gpus(policy, None if served else reward_model_spec(config))
     dataset = ray.data.from_arrow(blocks).map_batches(
-        RewardWorker, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5,
-        num_gpus=actor_gpus(policy, None if served else reward_model_spec(config)),
+        RewardWorker, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5, num_gpus=gpus,
         fn_constructor_kwargs={"policy": policy.model_dump(), "n": settings.n, "backend": settings.backend,
                                "reward": reward_model_spec(config), "out": str(out),
                                "round_index": round_index, "served": served},
-        compute=ray.data.ActorPoolStrategy(size=min(workers, batches)))
+        compute=ray.data.ActorPoolStrategy(size=pool_size(min(workers, batches), gpus)))
     parts = list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
     return pa.concat_tables(parts) if parts else SELECTION.empty_table()
 
