@@ -33,7 +33,8 @@ class VLLMEngine:
         self.tokenizer = load_tokenizer(spec)
         source = resolve_model(spec.id)
         self.llm = vllm.LLM(
-            model=source, tokenizer=source, revision=spec.revision,
+            model=source, tokenizer=source, revision=spec.revision, tokenizer_revision=spec.revision,
+            load_format="safetensors",   # vLLM's default falls back to pickled .bin weights
             trust_remote_code=False, dtype="auto" if spec.dtype == "auto" else spec.dtype,
             seed=spec.seed, max_model_len=spec.max_context_tokens,
             gpu_memory_utilization=spec.gpu_memory_utilization,
