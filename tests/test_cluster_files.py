@@ -198,6 +198,11 @@ def test_dockerfile_builds_the_gpu_extra_on_the_pinned_ray_image():
     text = (CLUSTER / "Dockerfile").read_text()
     assert re.search(rf"^FROM rayproject/ray:{re.escape(pinned_ray_version())}-\S*gpu$", text, re.M)
     assert 'pip install --no-cache-dir -e ".[gpu]"' in text
+    # Every package pyproject installs is in the image (serve's chat log imports sim).
+    import tomllib
+    packages = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    copied = set(re.findall(r"^COPY \S+ (\w+) \1$", text, re.M))
+    assert {name.rstrip("*") for name in packages["include"]} <= copied
 
 
 # Secure by default, everywhere under cluster/ -------------------------------------------------
