@@ -21,6 +21,14 @@ def test_the_default_serves_the_judge_reward_on_smollm2_bound_to_localhost():
     assert cfg.serve.max_body_bytes == 1 << 20 and cfg.serve.max_candidates == 16
 
 
+def test_each_app_keeps_its_batching_defaults_when_its_section_sets_something_else():
+    sections = {"reward": {"num_cpus": 0}, "rewrite": {"num_cpus": 0}, "chat": {"num_cpus": 0}}
+    for serve in ({}, sections):
+        cfg = parse_config({"run_dir": "/tmp/x", "serve": serve}).serve
+        assert (cfg.reward.max_batch_size, cfg.reward.max_ongoing_requests) == (32, 128)
+        assert (cfg.rewrite.max_batch_size, cfg.chat.max_batch_size) == (4, 16)
+
+
 def test_an_unknown_serve_key_is_named():
     with pytest.raises(ConfigError, match=r"serve.reward.max_batch: unknown key"):
         parse_config({"serve": {"reward": {"max_batch": 4}}})

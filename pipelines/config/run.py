@@ -195,6 +195,8 @@ class ServeAppConfig(_Section):
 class RewardAppConfig(ServeAppConfig):
     """The reward app (`POST /v1/score`)."""
 
+    max_ongoing_requests: PositiveInt = 128
+    max_batch_size: PositiveInt = 32
     backend: Literal["judge", "classifier", "trained"] = "judge"
     """RewardModel backend run on `models.reward` (actors/reward_model.py)."""
     max_batch_tokens: PositiveInt = 16384
@@ -231,8 +233,15 @@ class ChatLogConfig(_Section):
         return known_redaction_kinds(value)
 
 
+class RewriteAppConfig(ServeAppConfig):
+    """The rewrite app (`POST /v1/rewrite`): small batches of long generations."""
+
+    max_batch_size: PositiveInt = 4
+
+
 class ChatAppConfig(ServeAppConfig):
-    """The chat app (`POST /v1/chat/completions`, `GET /v1/models`)."""
+    """The chat app (`POST /v1/chat/completions`, `GET /v1/models`). Concurrent requests with
+    equal sampling settings share a model call; a request with its own seed decodes alone."""
 
     log: ChatLogConfig = ChatLogConfig()
     """Conversation capture; off by default."""
@@ -268,9 +277,9 @@ class ServeConfig(_Section):
     """The gateway gives up on a replica after this long (504)."""
     ingress_replicas: PositiveInt = 1
     """Replicas of the HTTP gateway (auth, validation, routing; no model)."""
-    reward: RewardAppConfig = RewardAppConfig(max_batch_size=32, max_ongoing_requests=128)
-    rewrite: ServeAppConfig = ServeAppConfig(max_batch_size=4)
-    chat: ChatAppConfig = ChatAppConfig(max_batch_size=1)
+    reward: RewardAppConfig = RewardAppConfig()
+    rewrite: RewriteAppConfig = RewriteAppConfig()
+    chat: ChatAppConfig = ChatAppConfig()
 
     @field_validator("run_dir")
     @classmethod
