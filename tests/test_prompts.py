@@ -235,6 +235,22 @@ def test_budget_on_the_longest_wildchat_conversation_with_smollm2(smollm2_spec,
     _check_budget(lambda ms: len(chat_token_ids(tok, ms)), _longest(wildchat_sample))
 
 
+def test_a_judge_over_budget_keeps_the_request_and_cuts_both_answers_alike(tiny_engine):
+    words = " ".join(f"w{i}" for i in range(900))
+    context = [{"role": "user", "content": "Old question"}, {"role": "assistant", "content": "Old answer"},
+               {"role": "user", "content": "Explain photosynthesis"}]
+    answer_a, answer_b = "A " + words, "B " + words[: len(words) * 2 // 3]
+    prompt = fit_to_budget("judge", PERSONA, context, answer_a=answer_a, answer_b=answer_b,
+                           count_tokens=tiny_engine.count_tokens, max_tokens=1200, reserve_tokens=2)
+    text = prompt.messages[-1]["content"]
+    assert prompt.tokens <= 1198 and prompt.context_truncated == 2 + 1   # two old turns, then a clip
+    assert "Explain photosynthesis" in text and "Old question" not in text
+    # Both answers are cut to one length: neither is whole, and the kept parts are equal.
+    kept_a = text[text.index("A w0"):text.index("A w0") + 1 + text[text.index("A w0"):].index(" [...] ")]
+    kept_b = text[text.index("B w0"):text.index("B w0") + 1 + text[text.index("B w0"):].index(" [...] ")]
+    assert len(kept_a) == len(kept_b) and answer_b not in text
+
+
 def test_a_template_role_drops_context_but_keeps_answer_and_follow_up(tiny_engine,
                                                                         wildchat_sample):
     conversation = _longest(wildchat_sample)

@@ -106,13 +106,15 @@ def fit_to_budget(role: str, persona: str | None, context: Sequence[Any], *,
     """Render `role`'s prompt within `max_tokens` minus `reserve_tokens` (the completion).
 
     The one budget rule for every stage: the persona, the last user turn (a chat role's
-    last turns, `CHAT_ROLES`) and the whole completion are kept; the oldest context turns go
-    first (whole turns, and never leaving an assistant turn first). Only if the prompt still
-    does not fit is the longest remaining text (the last user turn, an answer, a candidate)
-    clipped in the middle.
+    last turns, `CHAT_ROLES`; for a quoting role, the request its context ends with) and the
+    whole completion are kept; the oldest context turns go first (whole turns, and never
+    leaving an assistant turn first). Only if the prompt still does not fit are the longest
+    remaining texts (the last user turn, answers, candidates) clipped in the middle, all to
+    one length, the largest that fits: two answers a judge compares are cut alike.
     """
     turns = as_messages(context)
-    keep = CHAT_ROLES.get(role, 0)   # a chat role's own last turns (the user turn to answer)
+    # A chat role's own last turns (the user turn to answer); a quoting role's request.
+    keep = CHAT_ROLES.get(role, 1 if turns and turns[-1]["role"] == "user" else 0)
     limit = max_tokens - reserve_tokens
     dropped = 0
     while True:
@@ -133,32 +135,25 @@ def fit_to_budget(role: str, persona: str | None, context: Sequence[Any], *,
 def _clip_to_budget(role: str, persona: str | None, turns: list[Message],
                     fields: dict[str, Any], count_tokens: Callable[[Sequence[Message]], int],
                     limit: int, dropped: int) -> Prompt:
-    """Clip the longest texts, longest first, each by binary search on its kept length."""
-    turns, fields = list(turns), dict(fields)
+    """Clip every text longer than one common length, the largest that fits (binary search)."""
+    texts = [t["content"] for t in turns] + [v for v in fields.values() if isinstance(v, str)]
 
-    def attempt(kind: str, key: Any, text: str) -> list[Message]:
-        if kind == "turn":
-            turns[key] = Message(role=turns[key]["role"], content=text)
+    def clipped(cap: int) -> list[Message]:
+        return render(role, persona, [Message(role=t["role"], content=_clip_middle(t["content"], cap)) for t in turns],
+                      **{k: _clip_middle(v, cap) if isinstance(v, str) else v for k, v in fields.items()})
+
+    lo, hi = 0, max(map(len, texts), default=0)   # invariant: a cap of `hi` characters is too long
+    if count_tokens(clipped(lo)) > limit:
+        raise ValueError(f"the {role!r} prompt does not fit {limit} tokens even with every "
+                         "droppable text removed; raise max_context_tokens or lower max_new_tokens")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count_tokens(clipped(mid)) <= limit:
+            lo = mid
         else:
-            fields[key] = text
-        return render(role, persona, turns, **fields)
-
-    texts = [("turn", i, t["content"]) for i, t in enumerate(turns)]
-    texts += [("field", k, v) for k, v in fields.items() if isinstance(v, str)]
-    for kind, key, original in sorted(texts, key=lambda t: -len(t[2])):
-        lo, hi = 0, len(original)   # invariant: keeping `hi` characters is too long
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if count_tokens(attempt(kind, key, _clip_middle(original, mid))) <= limit:
-                lo = mid
-            else:
-                hi = mid
-        messages = attempt(kind, key, _clip_middle(original, lo))
-        tokens = count_tokens(messages)
-        if tokens <= limit:
-            return Prompt(messages, dropped + 1, tokens)
-    raise ValueError(f"the {role!r} prompt does not fit {limit} tokens even with every "
-                     "droppable text removed; raise max_context_tokens or lower max_new_tokens")
+            hi = mid
+    messages = clipped(lo)
+    return Prompt(messages, dropped + 1, count_tokens(messages))
 
 
 def _clip_middle(text: str, size: int) -> str:
