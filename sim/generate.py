@@ -80,10 +80,13 @@ class Conversation:
         self.messages.append({"role": "user", "content": text})
 
 
-def make_users(n: int, seed: int) -> list[Profile]:
-    """`n` hidden profiles, the same for the same seed."""
-    return [sample_profile(random.Random(f"{seed}/user/{i}"), i,
-                           hashlib.sha256(f"sim/{seed}/{i}".encode()).hexdigest())
+def make_users(n: int, seed: int, family: str = "eval") -> list[Profile]:
+    """`n` hidden profiles, the same for the same seed and family. Another family's users
+    are other people (other profiles, ids, conversations, held-out requests and split):
+    tuning on `--family dev --seed 0` never sees the users reported at the evaluation seed 0."""
+    population = str(seed) if family == "eval" else f"{family}/{seed}"
+    return [sample_profile(random.Random(f"{population}/user/{i}"), i,
+                           hashlib.sha256(f"sim/{population}/{i}".encode()).hexdigest())
             for i in range(n)]
 
 
@@ -230,7 +233,7 @@ def generate_logs(users: int, out: str | Path, *, seed: int = 0, model: str | No
             model = str(ensure_warmstart(log))
         engine = make_engine(ModelSpec(id=model, engine="transformers", batch_size=batch_size,
                                        max_new_tokens=max_new_tokens, seed=seed))
-    profiles = make_users(users, seed)
+    profiles = make_users(users, seed, family)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95,
                             seed=seed)
     convs = simulate(profiles, engine, params, load_bank(family), log)

@@ -98,3 +98,10 @@ def test_rlhi_forget_with_a_missing_folder_exits_2_naming_it(tmp_path, capsys):
                  "--chat-log", str(tmp_path / "no-such-log")]) == 2
     assert f"chat log folder {tmp_path / 'no-such-log'} does not exist" in capsys.readouterr().err
     assert main(["forget", "--run-dir", str(tmp_path / "gone"), "--user", "u1"]) == 2
+
+
+def test_from_and_only_together_are_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--config", "configs/default.yaml", "--from", "rewards", "--only", "pairs"])
+    assert exit_.value.code == 2
+    assert "argument --only: not allowed with argument --from" in capsys.readouterr().err
