@@ -34,7 +34,7 @@ from typing import Any, Callable
 import pyarrow.parquet as pq
 
 from pipelines.persona_join import user_splits
-from pipelines.schema import model_path, table_path
+from pipelines.schema import model_path, stage_dir, table_path
 from sim import decompose
 from sim.arms import Arm, EvalUser, evaluate_arm, sft_rows, train_sft
 from sim.diagnose import CHECKS, diagnose_model
@@ -153,7 +153,8 @@ def eval_users(run_dir: Path, profiles: dict[str, Profile]) -> list[EvalUser]:
 
 def train_oracle_pairs(out: Path, runs: dict[str, Path], logs: Path, model: str, sizes: Sizes, seed: int,
                        profiles: dict[str, Profile]) -> tuple[Path, int]:
-    """DPO (the run's settings) on checker-ranked pairs of the rlhi run's own samples."""
+    """DPO (the run's settings) on checker-ranked pairs of the rlhi run's own samples; returns
+    the exported model and the pairs it trained on (those that fill whole global batches)."""
     from pipelines.config import parse_config
     from pipelines.contract import StageWriter
     from pipelines.runtime import start_ray
@@ -163,16 +164,17 @@ def train_oracle_pairs(out: Path, runs: dict[str, Path], logs: Path, model: str,
     import pyarrow as pa
 
     run_dir = out / "runs" / "oracle_pairs"
-    if not run_dir.exists():
-        shutil.copytree(runs["rlhi"], run_dir)
+    if run_dir.exists():   # an earlier experiment's copy: its samples and split may be stale
+        shutil.rmtree(run_dir)
+    shutil.copytree(runs["rlhi"], run_dir)
     config = parse_config(pipeline_config(run_dir, logs, model, sizes, seed, {}, ("reward",)))
     rows = decompose.oracle_pairs(run_dir, profiles)
     with StageWriter(run_dir, "pairs") as stage:
         pq.write_table(pa.Table.from_pylist(rows, schema=PAIRS), stage.table_dir("pairs") / "part-0.parquet")
         stage.commit(config=config, counts={"pairs": len(rows), "source": "oracle (checker-ranked samples)"})
     start_ray(config.resources)
-    run_train(config)
-    return model_path(run_dir, "train"), len(rows)
+    trained = run_train(config)["train_pairs"]   # a remainder short of a global batch is left out
+    return model_path(run_dir, "train"), trained
 
 
 def build_arms(out: Path, runs: dict[str, Path], base_model: str, sizes: Sizes, seed: int) -> list[Arm]:
@@ -229,7 +231,9 @@ def run_experiment(*, users: int | None = None, seed: int = 0, out: str | Path =
         decomposition = {"personas": decompose.persona_accuracy(runs["rlhi"], profiles),
                          "rewriter": decompose.rewriter_rates(runs["rlhi"], profiles, sim / "followup_labels.jsonl"),
                          "pairs": pairs, "reward_model": decompose.reward_model_agreement(runs["rlhi"], profiles),
-                         "oracle_pairs": n_oracle, "rlhi_train_pairs": sum(q["pairs"] for q in pairs.values())}
+                         "oracle_pairs": n_oracle,
+                         "rlhi_train_pairs": json.loads((stage_dir(runs["rlhi"], "train") / "summary.json").read_text())[
+                             "train_pairs"]}
         log(decomposition_table(decomposition))
     scores = {arm.name: evaluate_arm(arm, held_out, requests_per_user=sizes.requests_per_user,
                                      samples=sizes.samples_per_request, seed=seed,

@@ -59,7 +59,7 @@ def decomposition_table(decomposition: dict[str, Any]) -> str:
                                         for s, q in decomposition["pairs"].items())),
             ("reward model vs checker (held-out users' candidates)",
              f"agreement {rm['agreement']:.3f} over {rm['candidate_pairs']} candidate pairs"),
-            ("oracle pairs", f"{decomposition['oracle_pairs']} pairs (rlhi trained on "
+            ("oracle pairs", f"trained on {decomposition['oracle_pairs']} pairs (rlhi on "
                              f"{decomposition['rlhi_train_pairs']})")]
     return "\n".join(["| link | measured |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
 
