@@ -167,3 +167,10 @@ def test_cues_match_whole_words_only():
 def test_a_cue_shorter_than_three_letters_must_be_spelled_out():
     with pytest.raises(ValueError, match="spell out"):
         Cues(r"ok(?:ay)?")
+
+
+@pytest.mark.parametrize("message", ["Non-profit organization names for a dog shelter",
+                                     "No-code tools for a landing page", "Great-grandmother's recipes for bread"])
+def test_a_hyphenated_word_that_starts_like_a_verdict_is_a_new_request(message):
+    # 'non', 'no' and 'great' open verdicts; 'non-profit' and 'great-grandmother' do not.
+    assert label(message, previous_user="Write names for my shop") == "new_request"
