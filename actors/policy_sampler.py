@@ -61,14 +61,15 @@ class PolicySampler:
         return [Samples(p.messages, [c.text for c in out], p.context_truncated)
                 for p, out in zip(prompts, outputs)]
 
-    def prompt(self, persona: str | None, context: Sequence[Any]):
-        """The budgeted policy prompt (also the DPO prompt of the pair built from it)."""
+    def prompt(self, persona: str | None, context: Sequence[Any], reserve_tokens: int | None = None):
+        """The budgeted policy prompt (also the DPO prompt of the pair built from it), with
+        room for `reserve_tokens` new tokens (default: this sampler's max_new_tokens)."""
         if not context or context[-1]["role"] != "user":
             raise ValueError("the policy answers a user turn: context must end with one")
         return fit_to_budget("policy", persona, context,
                              count_tokens=self.engine.count_tokens,
                              max_tokens=self.engine.max_context_tokens,
-                             reserve_tokens=self.params.max_new_tokens)
+                             reserve_tokens=self.params.max_new_tokens if reserve_tokens is None else reserve_tokens)
 
     def __call__(self, batch: Batch) -> Batch:
         def run(persona: list, context: list) -> dict[str, list]:

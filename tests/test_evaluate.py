@@ -86,6 +86,20 @@ def test_math500_answers_match_by_math_verify(gold, answer, equal):
     assert matches(gold, answer, latex=True) is equal
 
 
+def test_an_answer_gets_room_for_evaluate_max_new_tokens_not_the_policys_own():
+    engine = ScriptedEngine()
+    engine.max_context_tokens, seen = 300, []
+    engine.generate = lambda prompts, params: seen.extend(prompts) or [[Completion("x", 1, "stop")] for _ in prompts]
+    arms = Arms(base=PolicySampler(ModelSpec(id="base", max_new_tokens=16), engine=engine), trained=None,
+                judge_spec=ModelSpec(id="judge"), judge_engine=engine, params=SamplingParams(max_new_tokens=200),
+                batch_size=4, reason_tokens=0, persona_in_prompt=False)
+    long_chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": " ".join(["word"] * 30)}
+                 for i in range(11)]
+    arms.answer(arms.base, [EvalItem("i0", "u0", "followup", long_chat, None)])
+    # 300 tokens of context window: 200 for the answer, so the prompt holds at most 100.
+    assert engine.count_tokens(seen[0]) <= 100 and seen[0][-1] == long_chat[-1]
+
+
 @pytest.mark.parametrize("kind", ["gsm8k", "math500"])
 def test_a_policy_returning_the_gold_answer_scores_100_percent(kind):
     path = f"data/eval/{'gsm8k_test' if kind == 'gsm8k' else 'math500_test'}.jsonl"

@@ -98,12 +98,13 @@ class Arms:
                      criterion=CRITERIA[criterion])
 
     def answer(self, policy: PolicySampler, items: Sequence[EvalItem]) -> list[str]:
-        """One greedy answer per item, with the persona block when the run uses personas."""
+        """One greedy answer per item, with the persona block when the run uses personas; the
+        prompt leaves room for evaluate.max_new_tokens, the length the answer may take."""
         texts: list[str] = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
-            prompts = [policy.prompt(i.persona if self.persona_in_prompt else None, i.context).messages
-                       for i in chunk]
+            prompts = [policy.prompt(i.persona if self.persona_in_prompt else None, i.context,
+                                     reserve_tokens=self.params.max_new_tokens).messages for i in chunk]
             texts += [out[0].text for out in policy.engine.generate(prompts, self.params)]
         return texts
 
