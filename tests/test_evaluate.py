@@ -78,6 +78,17 @@ def test_gsm8k_gold_is_the_number_after_the_hashes():
     assert gsm8k_gold("She has 2 + 3 = 5\n#### 1,005") == "1005"
 
 
+def test_a_broken_benchmark_file_is_named_with_its_line(tmp_path):
+    from pipelines.stages.evaluate.reasoning import load_gsm8k
+    bad = tmp_path / "gsm8k.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?", "answer": "4"}\n')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:2: GSM8K answer has no '#### <number>' line"):
+        load_gsm8k(bad, 2, "first", 0)
+    bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?", \n')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:2: not a JSON object"):
+        read_jsonl(bad, ("question", "answer"))
+
+
 @pytest.mark.parametrize("gold, answer, equal", [
     ("\\frac{1}{2}", "so \\boxed{0.5}", True), ("0.5", "\\boxed{\\frac{1}{2}}", True),
     ("\\sqrt{2}", "The answer is \\boxed{\\sqrt 2}", True), ("(1,2]", "\\boxed{\\left(1, 2\\right]}", True),

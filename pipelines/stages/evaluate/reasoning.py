@@ -45,7 +45,12 @@ def read_jsonl(path: Path | str, required: Sequence[str]) -> list[dict]:
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg}); one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object; one JSON object per line")
         missing = [key for key in required if key not in row]
         if missing:
             raise ValueError(f"{path}:{number}: missing field(s) {missing}; expected {list(required)}")
@@ -70,8 +75,13 @@ def gsm8k_gold(answer: str) -> str:
 
 def load_gsm8k(path: Path | str, n: int, how: Literal["first", "sample"], seed: int) -> list[Problem]:
     rows = read_jsonl(path, ("question", "answer"))
-    return [Problem(f"gsm8k-{i}", f"{row['question']}\n\n{GSM8K_INSTRUCTION}", gsm8k_gold(row["answer"]))
-            for i, row in select(rows, n, how, seed)]
+    problems = []
+    for i, row in select(rows, n, how, seed):
+        try:
+            problems.append(Problem(f"gsm8k-{i}", f"{row['question']}\n\n{GSM8K_INSTRUCTION}", gsm8k_gold(row["answer"])))
+        except ValueError as exc:
+            raise ValueError(f"{path}:{i + 1}: {exc}") from None
+    return problems
 
 
 def load_math500(path: Path | str, n: int, how: Literal["first", "sample"], seed: int) -> list[Problem]:
