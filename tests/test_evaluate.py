@@ -193,6 +193,7 @@ def small_run(tmp_path, tiny_models):
                      {"role": "user", "content": "Make it longer please."},
                      {"role": "assistant", "content": "Once upon a long time."}]
             conversations.append({"conversation_id": f"c{u}{c}", "user_id": f"user{u}", "timestamp": when,
+                                  "system": "Answer as a pirate." if u == 0 else None,
                                   "turns": [{**t, "timestamp": when} for t in turns]})
             personas.append({"persona_id": f"p{u}{c}", "user_id": f"user{u}", "as_of": when - timedelta(hours=1),
                              "persona": "" if c == 0 else f"user{u} likes stories", "serving": False,
@@ -249,3 +250,16 @@ def test_run_evaluate_writes_every_block_with_its_judge(small_run, tiny_models):
     assert {j["block"] for j in judgements} == {"usereval", "arena_hard", "judge_check"}
     assert len((out / "reasoning.jsonl").read_text().splitlines()) == 2 * (2 + 1)
     assert summary["output"] == str(out)
+
+
+def test_user_turns_keep_the_conversations_own_system_message(small_run):
+    from pipelines.stages.evaluate.items import user_turns
+    config = parse_config({"run_dir": str(small_run), "evaluate": {"max_turns": 20}})
+    items = [item for kind in ("first", "followup") for item in user_turns(config)[kind]]
+    assert len(items) == 12   # 3 evaluation users x 2 conversations x (first + follow-up)
+    for item in items:
+        first = item.context[0]
+        if item.user_id == "user0":
+            assert first == {"role": "system", "content": "Answer as a pirate."}
+        else:
+            assert first["role"] == "user"

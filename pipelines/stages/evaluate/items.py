@@ -51,15 +51,17 @@ def user_turns(config: RunConfig) -> dict[str, list[EvalItem]]:
     eval_users = {u for u, split in user_splits(run_dir, personas_round).items() if split == "eval"}
     conversations, _ = history(run_dir, ingest_rounds(config, last))
     found: dict[str, list[tuple[EvalItem, Any]]] = {"first": [], "followup": []}
-    for conv in conversations.select(["conversation_id", "user_id", "turns"]).to_pylist():
+    for conv in conversations.select(["conversation_id", "user_id", "system", "turns"]).to_pylist():
         if conv["user_id"] not in eval_users:
             continue
         turns = conv["turns"] or []
+        # The conversation's own system message comes first, as in the prompts the run trained on.
+        prefix = [{"role": "system", "content": conv["system"]}] if conv["system"] else []
         for i, turn in enumerate(turns):
             kind = "first" if i == 0 else "followup" if turns[i - 1]["role"] == "assistant" else None
             if turn["role"] != "user" or kind is None:
                 continue
-            context = [{"role": t["role"], "content": t["content"] or ""} for t in turns[:i + 1]]
+            context = prefix + [{"role": t["role"], "content": t["content"] or ""} for t in turns[:i + 1]]
             item = EvalItem(f"{conv['conversation_id']}:{i}", conv["user_id"], kind, context)
             found[kind].append((item, conv["conversation_id"]))
     return {kind: _with_personas(_round_robin(rows, config.evaluate.max_turns, config.seed), run_dir, personas_round)
