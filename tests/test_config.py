@@ -79,3 +79,10 @@ def test_stages_out_of_pipeline_order_or_twice_are_refused_with_the_order_to_use
         parse_config({"stages": ["train", "pairs", "ingest"]})
     with pytest.raises(ConfigError, match="lists a stage twice"):
         parse_config({"stages": ["ingest", "ingest"]})
+
+
+def test_the_run_seed_reaches_every_model_that_sets_none_itself():
+    from pipelines.config import parse_config
+    config = parse_config({"run_dir": "/tmp/x", "seed": 3, "models": {"judge": {"id": "a", "seed": 9}}})
+    seeds = {role: getattr(config.models, role).seed for role in type(config.models).model_fields}
+    assert seeds == {"classifier": 3, "persona": 3, "policy": 3, "rewriter": 3, "judge": 9, "reward": 3}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from actors.models import ModelSpec
 from pipelines.redact import REDACTION_KINDS
@@ -300,6 +300,8 @@ class RunConfig(_Section):
     """The local working copy of a run whose `run_dir` is a URI (on a multi-node cluster,
     storage every node sees); default ~/.cache/rlhi/runs/<scheme>/<bucket>/<path>."""
     seed: int = 0
+    """The run's seed: samples, splits and shuffles, and the sampling seed of every model
+    that does not set `seed` itself (so a replicate with another seed draws other candidates)."""
     stages: list[StageName] = Field(default_factory=lambda: list(DEFAULT_STAGES))
     """Stages to run, in pipeline order (pipelines/registry.py; `reward_model` and
     `evaluate` are optional)."""
@@ -322,6 +324,18 @@ class RunConfig(_Section):
     def _openable_run_dir(cls, value: str) -> str:
         check_location(value, "run_dir")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_take_the_run_seed(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("models", {}), dict):
+            return data
+        seed, models = data.get("seed", 0), dict(data.get("models") or {})
+        for role in ModelsConfig.model_fields:
+            spec = models.get(role, {})
+            if isinstance(spec, dict) and "seed" not in spec:
+                models[role] = {**spec, "seed": seed}
+        return {**data, "models": models}
 
     @field_validator("stages")
     @classmethod
