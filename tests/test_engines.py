@@ -232,3 +232,18 @@ def test_http_engine_reports_an_unreachable_server():
                                     base_url=f"http://127.0.0.1:{port}/v1"))
     with pytest.raises(OpenAIEngineError, match="ConnectionError"):
         engine.generate(PROMPTS[:1], SamplingParams())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", ["请帮我写一篇关于气候变化的文章，要求八百字左右，语言要正式。",
+                                  "日本語で説明してください。この関数は何をしますか？",
+                                  "한국어로 답변해 주세요. 이 코드의 오류를 찾아 주세요.",
+                                  "Напиши, пожалуйста, короткое стихотворение о весне.",
+                                  "Write a short poem about spring, in four lines please."])
+def test_http_engine_never_counts_fewer_tokens_than_smollm2_spends(smollm2_spec, text):
+    # The HTTP engine has no tokenizer: its estimate must stay above a real one, or an
+    # over-long prompt reaches the server and fails (CJK text at 3 characters a token did).
+    from actors.models import load_tokenizer
+    messages = [{"role": "user", "content": text * 20}]
+    estimate = OpenAIEngine(ModelSpec(id="m", engine="openai", base_url="http://127.0.0.1:9/v1")).count_tokens(messages)
+    assert estimate >= len(chat_token_ids(load_tokenizer(smollm2_spec), messages))
