@@ -28,7 +28,7 @@ from typing import Any, Literal, Sequence
 
 from actors.batch import Batch, map_batch
 from actors.engines import GenerationEngine, make_engine, normalize
-from actors.engines.base import as_messages
+from actors.engines.base import PromptRejected, as_messages
 from actors.followup_labels import FOLLOWUP_LABELS
 from actors.followup_rules import RulesClassifier
 from actors.models import SMOLLM2, ModelSpec, as_spec
@@ -142,10 +142,14 @@ class FollowupClassifier:
                 results.append(None)
             except ValueError as err:
                 results.append(FollowupLabel(None, 0.0, self.backend, f"prompt: {err}"))
-        scores = iter(self.engine.score_continuations(prompts, [self.labels] * len(prompts)))
+        scores = iter(self._scores(prompts))
         for i, result in enumerate(results):
             if result is None:
-                label_scores = list(next(scores))
+                label_scores = next(scores)
+                if isinstance(label_scores, PromptRejected):   # the server refused this prompt alone
+                    results[i] = FollowupLabel(None, 0.0, self.backend, f"engine: {label_scores}")
+                    continue
+                label_scores = list(label_scores)
                 if len(label_scores) != len(self.labels) or not all(map(math.isfinite, label_scores)):
                     # A broken score is no evidence for any label: record it, never guess.
                     results[i] = FollowupLabel(None, 0.0, "llm", f"scores: unusable {label_scores!r}")
@@ -154,6 +158,22 @@ class FollowupClassifier:
                 best = max(range(len(probs)), key=probs.__getitem__)
                 results[i] = FollowupLabel(self.labels[best], probs[best], "llm")
         return results  # type: ignore[return-value]
+
+    def _scores(self, prompts: list) -> list:
+        """Label scores per prompt; a prompt the engine's server refuses (PromptRejected) gets
+        its error in place of scores, the rest are scored; any other failure is raised."""
+        if not prompts:
+            return []
+        try:
+            return self.engine.score_continuations(prompts, [self.labels] * len(prompts))
+        except PromptRejected:
+            out: list = []
+            for prompt in prompts:
+                try:
+                    out += self.engine.score_continuations([prompt], [self.labels])
+                except PromptRejected as err:
+                    out.append(err)
+            return out
 
     def _prompt(self, context: Sequence[Any], answer: str, message: str):
         return fit_to_budget("followup", None, context, answer=answer, message=message,

@@ -102,6 +102,7 @@ class TinyOpenAIServer:
         from fastapi.responses import JSONResponse
 
         self.engine, self.fail_next, self.headers = engine, 0, []
+        self.max_prompt_tokens = None   # set: longer prompts get 400, as vLLM's server answers
         app = FastAPI()
 
         @app.post("/v1/chat/completions")
@@ -113,6 +114,8 @@ class TinyOpenAIServer:
             body = await request.json()
             if not body.get("messages"):
                 return JSONResponse({"error": "messages required"}, status_code=400)
+            if self.max_prompt_tokens and self.engine.count_tokens(body["messages"]) > self.max_prompt_tokens:
+                return JSONResponse({"error": "maximum context length exceeded"}, status_code=400)
             return self._complete(body)
 
         with socket.socket() as s:
@@ -247,3 +250,19 @@ def test_http_engine_never_counts_fewer_tokens_than_smollm2_spends(smollm2_spec,
     messages = [{"role": "user", "content": text * 20}]
     estimate = OpenAIEngine(ModelSpec(id="m", engine="openai", base_url="http://127.0.0.1:9/v1")).count_tokens(messages)
     assert estimate >= len(chat_token_ids(load_tokenizer(smollm2_spec), messages))
+
+
+def test_a_prompt_the_server_refuses_leaves_its_follow_up_unclassified_and_the_rest_labelled(openai_server):
+    from actors.followup_classifier import FollowupClassifier
+    from actors.followup_labels import FOLLOWUP_LABELS
+
+    openai_server.max_prompt_tokens = 700    # the server's window is smaller than the engine assumes
+    try:
+        classifier = FollowupClassifier("llm", engine=_http_engine(openai_server, max_context_tokens=8192))
+        context = [{"role": "user", "content": "Write a haiku about rain"}]
+        messages = ["make it shorter", "no, about snow " * 400, "thanks!"]
+        out = classifier.classify_batch([context] * 3, ["Rain falls on the roof."] * 3, messages)
+    finally:
+        openai_server.max_prompt_tokens = None
+    assert out[1].label is None and "HTTP 400" in out[1].unclassified_reason
+    assert [r.label in FOLLOWUP_LABELS for r in (out[0], out[2])] == [True, True]

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence, TypedDict, runtime_checkable
 
 
+class PromptRejected(RuntimeError):
+    """The engine's server refused one prompt (HTTP 4xx other than the retried ones: too
+    long, malformed); the other prompts of a batch are unaffected."""
+
+
 class Message(TypedDict):
     """One chat message, as in TRL's conversational format."""
 

@@ -18,7 +18,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from actors.engines.base import Completion, Message, SamplingParams
+from actors.engines.base import Completion, Message, PromptRejected, SamplingParams
 from actors.models import ModelSpec
 
 TOP_LOGPROBS = 20  # the most OpenAI's API returns
@@ -26,6 +26,10 @@ TOP_LOGPROBS = 20  # the most OpenAI's API returns
 
 class OpenAIEngineError(RuntimeError):
     """The server refused the request or kept failing after the retries."""
+
+
+class OpenAIPromptRejected(OpenAIEngineError, PromptRejected):
+    """The server refused this one request with a client error (4xx, not retried)."""
 
 
 class OpenAIEngine:
@@ -104,7 +108,8 @@ class OpenAIEngine:
         try:
             return self.client.chat.completions.create(model=self.spec.id, messages=list(messages), **options)
         except openai.APIStatusError as err:
-            raise OpenAIEngineError(f"model {self.spec.id!r} at {self.url} failed (retries: "
+            error = OpenAIPromptRejected if 400 <= err.status_code < 500 else OpenAIEngineError
+            raise error(f"model {self.spec.id!r} at {self.url} failed (retries: "
                                     f"{self.spec.max_retries}): HTTP {err.status_code}: "
                                     f"{err.response.text[:300]}") from None
         except openai.APIError as err:  # connection errors and timeouts, after the retries
