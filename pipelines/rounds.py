@@ -96,8 +96,13 @@ def skipped_train(run_dir: Path | str, round_index: int) -> str | None:
 
 
 def trained_policy(config: RunConfig, folder: Path | str) -> ModelSpec:
-    """models.policy with its weights replaced by an exported model (same decoding settings)."""
-    return config.models.policy.model_copy(update={"id": str(Path(folder).resolve()), "engine": "transformers"})
+    """models.policy with its weights replaced by an exported model: same decoding settings
+    and engine (a vLLM policy's trained successor runs on vLLM, on a GPU), except that a
+    policy served over HTTP (`engine: openai`) becomes `auto`: that server does not hold
+    the new weights."""
+    spec = config.models.policy
+    return spec.model_copy(update={"id": str(Path(folder).resolve()),
+                                   "engine": "auto" if spec.engine == "openai" else spec.engine})
 
 
 def last_train_round(config: RunConfig) -> int:

@@ -92,3 +92,4 @@ def test_an_llm_classifier_on_vllm_gets_a_gpu_per_actor_and_the_pool_fits_the_gp
     assert pool_size(8, 0.0, cluster_gpus=0) == 8
     with pytest.raises(RuntimeError, match="the Ray cluster has no GPU"):
         pool_size(8, 1.0, cluster_gpus=0)
+
