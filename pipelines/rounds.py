@@ -131,20 +131,3 @@ def actor_gpus(*specs: ModelSpec | dict | None) -> float:
         if spec.engine == "vllm" or spec.device == "cuda":
             return 1.0
     return 0.0
-
-
-def pool_size(wanted: int, gpus_each: float, cluster_gpus: float | None = None) -> int:
-    """Actors a role pool starts: `wanted`, or when each takes a GPU, as many as the
-    cluster's GPUs hold (a pool larger than that waits for GPUs that never come). A model
-    configured for a GPU on a cluster without one is an error that says so."""
-    if gpus_each <= 0:
-        return max(1, wanted)
-    if cluster_gpus is None:
-        import ray
-
-        cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    fits = int(cluster_gpus // gpus_each)
-    if fits < 1:
-        raise RuntimeError("a model of this stage runs on a GPU (engine: vllm or device: cuda) but the Ray "
-                           "cluster has no GPU: add GPU workers, or set engine: transformers with device: cpu")
-    return max(1, min(wanted, fits))

@@ -70,11 +70,8 @@ def test_the_stage_labels_with_the_learned_backend_and_names_its_artifact_in_the
     assert classifier_models(parse_config({"followups": {"backend": "rules"}})) == []
 
 
-def test_an_llm_classifier_on_vllm_gets_a_gpu_per_actor_and_the_pool_fits_the_gpus():
-    import pytest
-
+def test_an_llm_classifier_on_vllm_gets_a_gpu_per_actor():
     from pipelines.config import parse_config
-    from pipelines.rounds import pool_size
     from pipelines.stages.followups import classifier_gpus, classifier_models
 
     def config(**followups):
@@ -88,8 +85,3 @@ def test_an_llm_classifier_on_vllm_gets_a_gpu_per_actor_and_the_pool_fits_the_gp
     # cascade_model matters only to cascade: an llm backend records the LLM it ran.
     assert [m["id"] for m in classifier_models(config(backend="llm", cascade_model="learned"))] == [
         "meta-llama/Llama-3.1-8B-Instruct"]
-    assert pool_size(8, 1.0, cluster_gpus=2) == 2      # never more actors than GPUs to hold them
-    assert pool_size(8, 0.0, cluster_gpus=0) == 8
-    with pytest.raises(RuntimeError, match="the Ray cluster has no GPU"):
-        pool_size(8, 1.0, cluster_gpus=0)
-

@@ -92,8 +92,6 @@ def label_with_ray(parts: list[Path], config: RunConfig, out: Path) -> tuple[int
     returns the rows written and the label counts (None: unclassified)."""
     import ray
 
-    from pipelines.rounds import pool_size
-
     settings = config.followups
     workers = settings.workers or max(1, int(ray.available_resources().get("CPU", 1)))
     gpus = classifier_gpus(config)
@@ -103,7 +101,7 @@ def label_with_ray(parts: list[Path], config: RunConfig, out: Path) -> tuple[int
                                             "cascade_model": settings.cascade_model,
                                             "learned_model": settings.learned_model},
         batch_size=1, batch_format="pyarrow", num_cpus=1, num_gpus=gpus,
-        compute=ray.data.ActorPoolStrategy(size=pool_size(min(workers, len(parts)), gpus)))
+        compute=ray.data.ActorPoolStrategy(size=min(workers, len(parts))))
     rows, labels = 0, Counter()
     for batch in results.iter_batches(batch_format="pyarrow", batch_size=None):
         for result in batch.to_pylist():

@@ -224,7 +224,7 @@ def run_personas(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
     served_logs round into its own folder, from the users' whole history so far."""
     import ray
 
-    from pipelines.rounds import actor_gpus, history, ingest_rounds, latest_reads, pool_size, upstream_round
+    from pipelines.rounds import actor_gpus, history, ingest_rounds, latest_reads, upstream_round
 
     run_dir, settings = Path(config.run_dir), config.personas
     rounds = ingest_rounds(config, round_index)
@@ -244,7 +244,7 @@ def run_personas(config: RunConfig, round_index: int = 0) -> dict[str, Any]:
             PersonaWorker, batch_format="pyarrow", num_cpus=0.5, num_gpus=gpus,
             fn_constructor_kwargs={"settings_json": settings.model_dump_json(),
                                    "model": config.models.persona.model_dump()},
-            compute=ray.data.ActorPoolStrategy(size=pool_size(min(workers, max(len(counts), 1)), gpus)))
+            compute=ray.data.ActorPoolStrategy(size=min(workers, max(len(counts), 1))))
         personas_dir, links_dir = stage.table_dir("personas"), stage.table_dir("conversation_personas")
         for index, batch in enumerate(dataset.iter_batches(batch_format="pyarrow", batch_size=None)):
             pq.write_table(batch.select(PERSONAS.names), personas_dir / f"part-{index:06d}.parquet")

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from actors.models import ModelSpec
 from pipelines.config import RewardsConfig, RunConfig
 from pipelines.persona_join import attach_personas
-from pipelines.rounds import actor_gpus, new_turns, policy_spec, pool_size, upstream_round
+from pipelines.rounds import actor_gpus, new_turns, policy_spec, upstream_round
 from pipelines.stages.reward_threshold import Threshold, decide, select, within_variance
 from pipelines.schema import FEEDBACK_LABELS, MESSAGES, SAMPLES, check_schema, model_path, stage_dir, table_path
 from pipelines.contract import BATCH, StageWriter, batch_part_name, numbered_batches, require_stage
@@ -192,7 +192,7 @@ def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec, 
         fn_constructor_kwargs={"policy": policy.model_dump(), "n": settings.n, "backend": settings.backend,
                                "reward": reward_model_spec(config), "out": str(out),
                                "round_index": round_index, "served": served},
-        compute=ray.data.ActorPoolStrategy(size=pool_size(min(workers, batches), gpus)))
+        compute=ray.data.ActorPoolStrategy(size=min(workers, batches)))
     parts = list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
     return pa.concat_tables(parts) if parts else SELECTION.empty_table()
 

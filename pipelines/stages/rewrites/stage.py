@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from pipelines.stages.rewrites import quality
 from pipelines.config import RewritesConfig, RunConfig
 from pipelines.persona_join import attach_personas
-from pipelines.rounds import actor_gpus, new_turns, policy_spec, pool_size, upstream_round
+from pipelines.rounds import actor_gpus, new_turns, policy_spec, upstream_round
 from pipelines.schema import FOLLOWUPS, REWRITES, check_schema, stage_dir, table_path
 from pipelines.contract import BATCH, StageWriter, batch_part_name, numbered_batches, require_stage
 
@@ -213,7 +213,7 @@ def rewrite_with_ray(todo: pa.Table, config: RunConfig, round_index: int, out: P
             "settings_json": settings.model_dump_json(), "from_scratch": config.ablation.rewrites_from_scratch,
             "round_index": round_index, "out": str(out), "served": served},
         batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5, num_gpus=gpus,
-        compute=ray.data.ActorPoolStrategy(size=pool_size(min(workers, batches), gpus)))
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, batches))))
     return [json.loads(text) for batch in results.iter_batches(batch_format="pyarrow", batch_size=None)
             for text in batch.column("counts").to_pylist()]
 
