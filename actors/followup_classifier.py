@@ -23,6 +23,7 @@ Ray Data columns: `context`, `answer`, `message` in; `label`, `confidence`, `bac
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -167,13 +168,14 @@ class FollowupClassifier:
         try:
             return self.engine.score_continuations(prompts, [self.labels] * len(prompts))
         except PromptRejected:
-            out: list = []
-            for prompt in prompts:
+            def one(prompt: list) -> Any:
                 try:
-                    out += self.engine.score_continuations([prompt], [self.labels])
+                    return self.engine.score_continuations([prompt], [self.labels])[0]
                 except PromptRejected as err:
-                    out.append(err)
-            return out
+                    return err
+
+            with ThreadPoolExecutor(max_workers=min(8, len(prompts))) as pool:   # an HTTP engine's requests
+                return list(pool.map(one, prompts))
 
     def _prompt(self, context: Sequence[Any], answer: str, message: str):
         return fit_to_budget("followup", None, context, answer=answer, message=message,

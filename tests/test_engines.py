@@ -101,7 +101,7 @@ class TinyOpenAIServer:
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse
 
-        self.engine, self.fail_next, self.headers = engine, 0, []
+        self.engine, self.fail_next, self.fail_status, self.headers = engine, 0, 503, []
         self.max_prompt_tokens = None   # set: longer prompts get 400, as vLLM's server answers
         app = FastAPI()
 
@@ -110,7 +110,7 @@ class TinyOpenAIServer:
             self.headers.append(dict(request.headers))
             if self.fail_next:
                 self.fail_next -= 1
-                return JSONResponse({"error": "busy"}, status_code=503)
+                return JSONResponse({"error": "busy"}, status_code=self.fail_status)
             body = await request.json()
             if not body.get("messages"):
                 return JSONResponse({"error": "messages required"}, status_code=400)
@@ -242,12 +242,16 @@ def test_http_engine_reports_an_unreachable_server():
                                   "日本語で説明してください。この関数は何をしますか？",
                                   "한국어로 답변해 주세요. 이 코드의 오류를 찾아 주세요.",
                                   "Напиши, пожалуйста, короткое стихотворение о весне.",
-                                  "Write a short poem about spring, in four lines please."])
+                                  "Write a short poem about spring, in four lines please.",
+                                  "สวัสดีครับ ช่วยเขียนกลอนสั้น ๆ หน่อย", "कृपया एक छोटी कविता लिखिए।",
+                                  "Great job 🎉🔥👍 thanks!", "Order 4815162342 shipped on 20240131, ref 99887766."])
 def test_http_engine_never_counts_fewer_tokens_than_smollm2_spends(smollm2_spec, text):
     # The HTTP engine has no tokenizer: its estimate must stay above a real one, or an
     # over-long prompt reaches the server and fails (CJK text at 3 characters a token did).
     from actors.models import load_tokenizer
-    messages = [{"role": "user", "content": text * 20}]
+    # A system message, as every prompt here has one (else SmolLM2's template adds its own).
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": " ".join([text] * 20)}]
     estimate = OpenAIEngine(ModelSpec(id="m", engine="openai", base_url="http://127.0.0.1:9/v1")).count_tokens(messages)
     assert estimate >= len(chat_token_ids(load_tokenizer(smollm2_spec), messages))
 
@@ -266,3 +270,18 @@ def test_a_prompt_the_server_refuses_leaves_its_follow_up_unclassified_and_the_r
         openai_server.max_prompt_tokens = None
     assert out[1].label is None and "HTTP 400" in out[1].unclassified_reason
     assert [r.label in FOLLOWUP_LABELS for r in (out[0], out[2])] == [True, True]
+
+
+
+def test_a_server_that_refuses_the_key_stops_the_classifier(openai_server):
+    # 401 is the server's verdict on every request, not on one prompt: no follow-up may be
+    # quietly recorded as unclassified (the stage would commit and count as done).
+    from actors.followup_classifier import FollowupClassifier
+
+    classifier = FollowupClassifier("llm", engine=_http_engine(openai_server, max_retries=0))
+    openai_server.fail_next, openai_server.fail_status = 10, 401
+    try:
+        with pytest.raises(OpenAIEngineError, match="HTTP 401"):
+            classifier.classify_batch([[{"role": "user", "content": "Hi"}]] * 2, ["Hello."] * 2, ["shorter", "thanks"])
+    finally:
+        openai_server.fail_next, openai_server.fail_status = 0, 503

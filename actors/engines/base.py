@@ -12,8 +12,8 @@ from typing import Protocol, Sequence, TypedDict, runtime_checkable
 
 
 class PromptRejected(RuntimeError):
-    """The engine's server refused one prompt (HTTP 4xx other than the retried ones: too
-    long, malformed); the other prompts of a batch are unaffected."""
+    """The engine's server refused one prompt's content (HTTP 400, 413 or 422: too long,
+    malformed); the other prompts of a batch are unaffected."""
 
 
 class Message(TypedDict):

@@ -29,7 +29,7 @@ class OpenAIEngineError(RuntimeError):
 
 
 class OpenAIPromptRejected(OpenAIEngineError, PromptRejected):
-    """The server refused this one request with a client error (4xx, not retried)."""
+    """The server refused this one request's content (HTTP 400, 413 or 422)."""
 
 
 class OpenAIEngine:
@@ -53,10 +53,11 @@ class OpenAIEngine:
     # ------------------------------------------------------------------ interface
 
     def count_tokens(self, messages: Sequence[Message]) -> int:
-        """An estimate (no tokenizer on this side), erring on the safe side: 3 ASCII
-        characters a token (English runs about 4), a Chinese, Japanese or Korean character 3
-        (SmolLM2 spends 1.8 on a Chinese or Japanese character, 3 on a Korean one), any other
-        character 1 (Cyrillic about 0.9), plus the template's markup."""
+        """An estimate (no tokenizer on this side) that errs on the safe side for natural
+        text: a digit 1 token and a number 1 more (tokenizers split numbers), other ASCII 3
+        characters a token (English runs about 4), any other character its UTF-8 bytes (a
+        byte-level tokenizer spends at most that: Chinese 3, Cyrillic 2, emoji 4), plus the
+        template's markup. Dense ASCII such as hex or base64 may still count low."""
         return sum(_estimate(m["content"]) + 4 for m in messages) + 4
 
     def generate(self, prompts: Sequence[Sequence[Message]],
@@ -108,7 +109,9 @@ class OpenAIEngine:
         try:
             return self.client.chat.completions.create(model=self.spec.id, messages=list(messages), **options)
         except openai.APIStatusError as err:
-            error = OpenAIPromptRejected if 400 <= err.status_code < 500 else OpenAIEngineError
+            # 400/413/422 refuse this request's content (too long, malformed); 401/403/404
+            # (key, model) and 429 after its retries are the server's, and stop the caller.
+            error = OpenAIPromptRejected if err.status_code in (400, 413, 422) else OpenAIEngineError
             raise error(f"model {self.spec.id!r} at {self.url} failed (retries: "
                                     f"{self.spec.max_retries}): HTTP {err.status_code}: "
                                     f"{err.response.text[:300]}") from None
@@ -132,9 +135,13 @@ def _match_logprob(candidate: str, top: dict[str, float]) -> float:
     return min(top.values()) if top else -math.inf
 
 
-_CJK = re.compile(r"[\u3000-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
+_NUMBER = re.compile(r"[0-9]+")
 
 
 def _estimate(text: str) -> int:
-    ascii_chars, cjk = len(text.encode("ascii", "ignore")), len(_CJK.findall(text))
-    return math.ceil(ascii_chars / 3) + 3 * cjk + (len(text) - ascii_chars - cjk)
+    numbers = _NUMBER.findall(text)
+    digits = sum(map(len, numbers))
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    # A number: a token per digit and one for the space or sign before it.
+    return (math.ceil((ascii_chars - digits) / 3) + digits + len(numbers)
+            + len(text.encode("utf-8")) - ascii_chars)
