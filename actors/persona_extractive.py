@@ -80,8 +80,9 @@ we were what when where which while who whom why will with would you your yours 
 make tell use using need want like help know get one two new also could would should thanks thank
 hi hello ok okay yes sure let can't don't i'm it's""".split())
 _WORD = re.compile(r"[a-zA-Z][a-zA-Z+#\-]{2,}")
-# Text whose words are addresses, not topics: e-mails, links, @handles, redaction placeholders.
-_ADDRESS = re.compile(r"\S+@\S+|\b(?:https?://|www\.)\S+|(?<!\w)@\w+|<REDACTED_\w+>")
+# Text whose words are addresses, not topics: e-mails (from the token's start, so a long
+# token is scanned once), links, @handles, redaction placeholders (ours and WildChat's own).
+_ADDRESS = re.compile(r"(?<!\S)[^\s@]+@\S+|\b(?:https?://|www\.)\S+|(?<!\w)@\w+|<(?:REDACTED|PRESIDIO_ANONYMIZED)_\w+>")
 _TASKS = {name: re.compile(p, re.IGNORECASE | re.MULTILINE) for name, p in TASK_PATTERNS.items()}
 
 

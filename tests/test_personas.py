@@ -193,7 +193,8 @@ def test_feedback_turns_state_preferences_but_are_not_topics():
 
 def test_topics_leave_out_names_addresses_and_links():
     requests = ["Hi, my name is Martha Jones. Write a letter about my garden to Dr. Okafor",
-                "Reach me at martha.jones@example.com or @mjones, or on https://marthas.blog/garden",
+                "Reach me at martha.jones@example.com or @mjones, or on https://marthas.blog/garden, "
+                "or ask <PRESIDIO_ANONYMIZED_PERSON> about <PRESIDIO_ANONYMIZED_PERSON>",
                 "Garden tips? Python script to water the garden, in python please",
                 "A Garden poem for Okafor, about the garden"]
     history = [{"language": "English", "feedback": [],
@@ -201,7 +202,7 @@ def test_topics_leave_out_names_addresses_and_links():
                for text in requests]
     topics = extractive_persona(history).split("Topics: ")[1].splitlines()[0]
     # 'garden' and 'python' are also written in lower case; the names and the addresses never are.
-    assert topics == "garden, python, name, letter, tips, script"
+    assert topics == "garden, python, name, letter, ask, tips"
 
 
 def test_every_persona_is_redacted_and_its_redactions_counted():
