@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
+from pipelines.code_hash import code_hash
 from pipelines.persona_join import user_splits
 from pipelines.schema import model_path, stage_dir, table_path
 from sim import decompose
@@ -206,8 +207,9 @@ def run_experiment(*, users: int | None = None, seed: int = 0, out: str | Path =
     out.mkdir(parents=True, exist_ok=True)
     base_model = str(ensure_warmstart(log))
     sim = out / "sim"
+    # The simulator's code counts too: logs of users an older simulator drew are never reused.
     made = {"users": sizes.users, "seed": seed, "model": base_model, "max_new_tokens": sizes.max_new_tokens,
-            "family": family}
+            "family": family, "simulator": code_hash("sim.generate")}
     if not (sim / "made.json").exists() or json.loads((sim / "made.json").read_text()) != made:
         t1 = time.perf_counter()
         generate_logs(sizes.users, sim, seed=seed, model=base_model, max_new_tokens=sizes.max_new_tokens,
