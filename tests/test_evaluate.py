@@ -81,8 +81,8 @@ def test_gsm8k_gold_is_the_number_after_the_hashes():
 def test_a_broken_benchmark_file_is_named_with_its_line(tmp_path):
     from pipelines.stages.evaluate.reasoning import load_gsm8k
     bad = tmp_path / "gsm8k.jsonl"
-    bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?", "answer": "4"}\n')
-    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:2: GSM8K answer has no '#### <number>' line"):
+    bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n\n{"question": "2+2?", "answer": "4 ####"}\n')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}, row 2 \(question '2\+2\?'\): GSM8K answer has no"):
         load_gsm8k(bad, 2, "first", 0)
     bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?", \n')
     with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:2: not a JSON object"):

@@ -68,9 +68,10 @@ def select(rows: list, n: int, how: Literal["first", "sample"], seed: int) -> li
 
 def gsm8k_gold(answer: str) -> str:
     """The final number after `#### ` in a GSM8K solution."""
-    if "####" not in answer:
+    number = _clean_number(answer.rsplit("####", 1)[1]) if "####" in answer else ""
+    if not number:
         raise ValueError(f"GSM8K answer has no '#### <number>' line: {answer[-80:]!r}")
-    return _clean_number(answer.rsplit("####", 1)[1])
+    return number
 
 
 def load_gsm8k(path: Path | str, n: int, how: Literal["first", "sample"], seed: int) -> list[Problem]:
@@ -80,7 +81,7 @@ def load_gsm8k(path: Path | str, n: int, how: Literal["first", "sample"], seed: 
         try:
             problems.append(Problem(f"gsm8k-{i}", f"{row['question']}\n\n{GSM8K_INSTRUCTION}", gsm8k_gold(row["answer"])))
         except ValueError as exc:
-            raise ValueError(f"{path}:{i + 1}: {exc}") from None
+            raise ValueError(f"{path}, row {i + 1} (question {row['question'][:60]!r}): {exc}") from None
     return problems
 
 
