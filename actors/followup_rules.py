@@ -35,7 +35,7 @@ CONTENT_WORD = re.compile(r"\w{3,}")
 
 def _start(words: str, cjk: str) -> re.Pattern:
     """Cues that must open the message (after punctuation)."""
-    return re.compile(rf"^[\W_]*(?:(?:{words})(?![\w-])|(?:{cjk}))")
+    return re.compile(rf"^[\W_]*(?:(?:{words})(?!\w|-\w)|(?:{cjk}))")
 
 
 # Cue families: English first, then Russian, Spanish, French, German, Portuguese; CJK apart.

@@ -174,3 +174,8 @@ def test_a_cue_shorter_than_three_letters_must_be_spelled_out():
 def test_a_hyphenated_word_that_starts_like_a_verdict_is_a_new_request(message):
     # 'non', 'no' and 'great' open verdicts; 'non-profit' and 'great-grandmother' do not.
     assert label(message, previous_user="Write names for my shop") == "new_request"
+
+
+@pytest.mark.parametrize("message", ["Wrong--the capital is Canberra", "No -- it is Canberra", "No- Canberra"])
+def test_a_verdict_set_off_by_dashes_is_still_a_correction(message):
+    assert classify_followup("Capital of Australia?", "Sydney.", message) == ("correction", 0.8)
