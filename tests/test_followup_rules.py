@@ -176,6 +176,6 @@ def test_a_hyphenated_word_that_starts_like_a_verdict_is_a_new_request(message):
     assert label(message, previous_user="Write names for my shop") == "new_request"
 
 
-@pytest.mark.parametrize("message", ["Wrong--the capital is Canberra", "No -- it is Canberra", "No- Canberra"])
+@pytest.mark.parametrize("message", ["Wrong--the capital is Canberra", "No -- it is Canberra"])
 def test_a_verdict_set_off_by_dashes_is_still_a_correction(message):
     assert classify_followup("Capital of Australia?", "Sydney.", message) == ("correction", 0.8)
