@@ -76,10 +76,11 @@ def fingerprint(paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def model_content(model_id: str, run_dir: str) -> str | None:
-    """A hash of what a local model folder holds, so that weights exported again into the
-    same folder rerun the steps that use them; None for an embedded alias (its wheel is
-    hash-pinned) or a Hub id. File digests are kept in `<run_dir>/.model-digests.json` by
-    (path, size, mtime), so an unchanged multi-GB model is read once, not at every start."""
+    """A hash of what a local model folder holds (hidden entries such as `.git/` aside), so
+    that weights exported again into the same folder rerun the steps that use them; None
+    for an embedded alias given by name (its wheel is hash-pinned) or a Hub id. File digests
+    are kept in `<run_dir>/.model-digests.json` by (path, size, mtime), so an unchanged
+    multi-GB model is read once, not at every start."""
     from actors.models import EMBEDDED_MODELS
 
     folder = Path(model_id).expanduser()
@@ -91,13 +92,15 @@ def model_content(model_id: str, run_dir: str) -> str | None:
     except (OSError, ValueError):
         cache = {}
     digest, changed = hashlib.sha256(), False
-    for file in sorted(p for p in folder.resolve().rglob("*") if p.is_file()):
+    root = folder.resolve()
+    for file in sorted(p for p in root.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)):
         stat = file.stat()
         seen = cache.get(str(file))
         if seen is None or seen[:2] != [stat.st_size, stat.st_mtime_ns]:
             seen = cache[str(file)] = [stat.st_size, stat.st_mtime_ns, file_sha256(file)]
             changed = True
-        digest.update(f"{file.relative_to(folder.resolve())}:{seen[2]}\n".encode())
+        digest.update(f"{file.relative_to(root)}:{seen[2]}\n".encode())
     if changed and cache_file.parent.is_dir():
         temporary = cache_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(cache))

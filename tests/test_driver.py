@@ -81,6 +81,9 @@ def test_weights_exported_again_into_the_same_folder_rerun_the_steps_that_use_th
     # path, size and mtime, so an unchanged model is not read again.
     (model / "model.safetensors").write_bytes(b"weights of round two")
     assert step_key(config, 0, "train", "previous") == second
+    (model / ".git").mkdir()   # a git clone's own files are not the model
+    (model / ".git" / "index").write_bytes(b"rewritten by a git command")
+    assert step_key(config, 0, "train", "previous") == second
     cached = json.loads((tmp_path / "run" / ".model-digests.json").read_text())
     assert sorted(cached) == [str((model / "config.json").resolve()), str((model / "model.safetensors").resolve())]
     # Training from the changed weights never resumes the checkpoints of the old ones.
