@@ -196,7 +196,9 @@ class RewardAppConfig(ServeAppConfig):
     """The reward app (`POST /v1/score`)."""
 
     max_ongoing_requests: PositiveInt = 128
+    """Requests one replica holds at once (scoring is short: more wait to fill batches)."""
     max_batch_size: PositiveInt = 32
+    """Requests merged into one model call (`serve.batch`); 1 turns batching off."""
     backend: Literal["judge", "classifier", "trained"] = "judge"
     """RewardModel backend run on `models.reward` (actors/reward_model.py)."""
     max_batch_tokens: PositiveInt = 16384
@@ -237,6 +239,7 @@ class RewriteAppConfig(ServeAppConfig):
     """The rewrite app (`POST /v1/rewrite`): small batches of long generations."""
 
     max_batch_size: PositiveInt = 4
+    """Requests merged into one model call (`serve.batch`); 1 turns batching off."""
 
 
 class ChatAppConfig(ServeAppConfig):
