@@ -136,11 +136,12 @@ def main() -> None:
     if results.get("vllm", {}).get("tokens_per_s") and "transformers" in results:
         summary["vllm_over_transformers_ratio"] = round(
             results["vllm"]["tokens_per_s"] / results["transformers"]["tokens_per_s"], 2)
-    if not args.json:
-        for name, result in results.items():
-            print(f"{name:>12}: {result.get('tokens_per_s')} tokens/s "
-                  f"({result.get('generated_tokens')} tokens in {result.get('generate_s')} s)")
-    print(json.dumps(summary))
+    for name, result in results.items():
+        print(f"{name:>12}: {result.get('tokens_per_s')} tokens/s "
+              f"({result.get('generated_tokens')} tokens in {result.get('generate_s')} s)")
+    print(f"load average at start {load_at_start:.2f}, at end {os.getloadavg()[0]:.2f} (1 min)")
+    if args.json:
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":  # vLLM spawns workers: the guard is required

@@ -214,7 +214,7 @@ def build_report(runs: dict[tuple[str, int], dict[str, Any]], sizes: tuple[int, 
             report[f"peak_mb_{mode}_{label}"] = round(run["peak_mb"], 1)
         report[f"extrapolated_wildchat1m_s_{mode}"] = round(runs[(mode, large)]["stage_s"] / large * WILDCHAT_1M, 1)
     report["speedup_ratio"] = round(report["seconds_single_large"] / report["seconds_ray_large"], 3)
-    report["speedup_small"] = round(report["seconds_single_small"] / report["seconds_ray_small"], 3)
+    report["speedup_small_ratio"] = round(report["seconds_single_small"] / report["seconds_ray_small"], 3)
     report["seconds_ray_unredacted_large"] = round(runs[(UNREDACTED, large)]["stage_s"], 2)
     report["redaction_overhead_ratio"] = round(report["seconds_ray_large"] / report["seconds_ray_unredacted_large"], 3)
     report["redaction_detector_share"] = profile["share"]
@@ -255,7 +255,7 @@ def print_table(report: dict[str, Any], runs: dict[tuple[str, int], dict[str, An
     print(f"Ray peak at {large:,} rows by process (MB): " + ", ".join(f"{k} {v}" for k, v in split.items()))
     cpu = runs[("ray", large)]["cpu_by_process_s"]
     print(f"Ray CPU s at {large:,} rows by process: " + ", ".join(f"{k} {v}" for k, v in list(cpu.items())[:8]))
-    print(f"speedup (single s / Ray Data s): {report['speedup_small']:.2f} at {small:,} rows, "
+    print(f"speedup (single s / Ray Data s): {report['speedup_small_ratio']:.2f} at {small:,} rows, "
           f"{report['speedup_ratio']:.2f} at {large:,} rows")
     for mode in MODES:
         growth = report[f"peak_mb_{mode}_large"] / report[f"peak_mb_{mode}_small"]

@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     import argparse
     import json
+    import os
     import tempfile
     import time
 
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=200_000, help="conversations to generate")
     parser.add_argument("--out", type=Path, help="output folder (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="10,000 rows")
+    parser.add_argument("--quick", action="store_true", help="10,000 rows (overrides --rows)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON on the last line")
     args = parser.parse_args(argv)
     rows = 10_000 if args.quick else args.rows
@@ -345,10 +346,12 @@ def main(argv: list[str] | None = None) -> None:
     files = generate(out, rows, args.seed)
     seconds = time.perf_counter() - start
     size_mb = sum(f.stat().st_size for f in files) / 1e6
-    print(f"{rows:,} conversations in {len(files)} files ({size_mb:.1f} MB) at {out} in {seconds:.1f} s")
+    load = round(os.getloadavg()[0], 2)
+    print(f"{rows:,} conversations in {len(files)} files ({size_mb:.1f} MB) at {out} in {seconds:.1f} s "
+          f"(load average {load}, 1 min)")
     if args.json:
         print(json.dumps({"rows": rows, "files": len(files), "mb": round(size_mb, 1),
-                          "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds)}))
+                          "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds), "loadavg_1m": load}))
 
 
 if __name__ == "__main__":
