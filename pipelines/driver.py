@@ -60,6 +60,19 @@ def step_key(config: RunConfig, round_index: int, name: str, previous: str | Non
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def write_plan(config: RunConfig) -> None:
+    """Record this configuration's plan in RUN_DIR/plan.json (`schema.planned_rounds`): round
+    folders that an earlier configuration left behind are then not this run's."""
+    from pipelines.schema import PLAN_FILE
+
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recorded = {"online_rounds": config.online.rounds, "steps": [step_name(k, s) for k, s in plan(config)]}
+    temporary = run_dir / f".{PLAN_FILE}.tmp"
+    temporary.write_text(json.dumps(recorded))
+    temporary.replace(run_dir / PLAN_FILE)
+
+
 def input_identity(path: str, run_dir: str) -> str:
     """An input file as the rerun key names it: one downloaded from object storage by its
     place under the working copy's `.inputs/` (`<hash of its URI>/<name>`, the same on every
@@ -114,6 +127,7 @@ def run_pipeline(config: RunConfig, *, start: str | None = None, only: str | Non
         for folder in remote.unpublished():
             print(f"published {remote.publish(folder)} (its last publication had not finished)", flush=True)
     steps = select_steps(config, start, only)
+    write_plan(config)
     if any(stage_name == "ingest" for _, stage_name, mode in steps if mode != "keep"):
         resolve_inputs(config.ingest.inputs)  # a missing input fails before Ray starts
     dashboard = start_ray(config.resources)

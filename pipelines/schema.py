@@ -9,6 +9,7 @@ names a place inside a run directory.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -205,6 +206,22 @@ def run_rounds(run_dir: Path | str) -> list[int]:
     """The rounds a run directory holds: 0, then every online round with a folder."""
     later = [int(p.name[6:]) for p in Path(run_dir).glob("round-*") if p.name[6:].isdigit()]
     return [0, *sorted(later)]
+
+
+PLAN_FILE = "plan.json"   # the driver's latest plan: {"online_rounds": R, "steps": [...]}
+
+
+def planned_rounds(run_dir: Path | str) -> list[int]:
+    """The rounds of `run_rounds` that the latest `rlhi run` planned: a round folder an
+    earlier configuration with more online rounds left behind is not part of this run
+    (the report and the serving personas pass it over; `rlhi forget` still cleans it).
+    Every round with a folder when no run wrote a plan."""
+    plan = Path(run_dir) / PLAN_FILE
+    rounds = run_rounds(run_dir)
+    if not plan.is_file():
+        return rounds
+    last = json.loads(plan.read_text())["online_rounds"]
+    return [k for k in rounds if k <= last]
 
 
 def step_name(round_index: int, stage: str) -> str:

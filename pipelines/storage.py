@@ -33,7 +33,7 @@ SCHEMES = ("s3", "gs", "gcs")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 # Run-level files and folders kept in the store beside the stages: the report, the forget
 # log, the local MLflow store and its artifacts.
-_RUN_ENTRIES = ("report", "forget.jsonl", "mlflow.db", "mlflow-artifacts")
+_RUN_ENTRIES = ("report", "forget.jsonl", "plan.json", "mlflow.db", "mlflow-artifacts")
 # A stage's companion: a folder beside it in its round that it read and that belongs to it,
 # published before its manifest and pulled with it. A served_logs round's ingest reads its
 # snapshot of the chat log (`round-<k>/served/`, pipelines/stages/ingest/served.py), which

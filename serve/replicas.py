@@ -122,12 +122,12 @@ class RewriteReplica:
 
 
 def serving_personas_round(run_dir: str | Path) -> tuple[int, str | None]:
-    """(round, its personas manifest's run key) of the newest round of a run that built
-    personas; (0, None) when none did."""
+    """(round, its personas manifest's run key) of the newest round of the run's latest
+    plan that built personas; (0, None) when none did."""
     from pipelines.contract import read_manifest
-    from pipelines.schema import run_rounds
+    from pipelines.schema import planned_rounds
 
-    found = [(k, m.get("run_key")) for k in (run_rounds(run_dir) if Path(run_dir).is_dir() else [])
+    found = [(k, m.get("run_key")) for k in (planned_rounds(run_dir) if Path(run_dir).is_dir() else [])
              if (m := read_manifest(run_dir, "personas", k)) is not None]
     return found[-1] if found else (0, None)
 

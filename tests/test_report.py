@@ -98,3 +98,23 @@ def test_report_labels_a_later_rounds_rewrite_pairs_from_that_rounds_followups(t
     markdown = write_report(run_dir).read_text()
     assert "| rewrite: complaint |" in section(markdown, "Preference pairs")
     assert "unknown" not in section(markdown, "Preference pairs")
+
+
+def test_round_folders_of_an_earlier_longer_plan_are_not_this_runs(tmp_path):
+    import shutil
+
+    from pipelines.config import parse_config
+    from pipelines.driver import write_plan
+    from pipelines.tools.report import Run
+    from serve.replicas import serving_personas_round
+
+    run_dir = build_run(tmp_path / "run")   # rounds 0 and 1
+    shutil.copytree(run_dir / "round-1", run_dir / "round-2")   # left by a plan of two online rounds
+    with StageWriter(run_dir, "personas", 2) as stage:
+        stage.commit(config_hash="earlier", counts={}, seed=0)
+    assert Run(run_dir, run_dir / "report", {}).rounds == [0, 1, 2]   # no plan recorded: every folder
+    write_plan(parse_config({"run_dir": str(run_dir), "online": {"rounds": 1}}))
+    assert json.loads((run_dir / "plan.json").read_text())["online_rounds"] == 1
+    assert Run(run_dir, run_dir / "report", {}).rounds == [0, 1]
+    assert serving_personas_round(run_dir)[0] == 0   # round 1 built no personas; round 2 is not this run's
+    assert "round-2/" not in write_report(run_dir).read_text()

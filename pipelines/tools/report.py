@@ -35,7 +35,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipelines.contract import MANIFEST  # noqa: E402
 from pipelines.registry import ROUND_STAGES, STAGES  # noqa: E402
-from pipelines.schema import FOLLOWUP_LABELS, run_rounds, stage_dir, step_name, table_path  # noqa: E402
+from pipelines.schema import FOLLOWUP_LABELS, planned_rounds, stage_dir, step_name, table_path  # noqa: E402
 
 REPORT_DIR = "report"
 NOT_RUN = "_not run_"
@@ -73,7 +73,7 @@ class Run:
 
     def __init__(self, run_dir: Path, out: Path, stage_results: dict) -> None:
         self.dir, self.out, self.results = run_dir, out, stage_results
-        self.rounds = run_rounds(run_dir)
+        self.rounds = planned_rounds(run_dir)
 
     def steps(self) -> list[tuple[str, Path]]:
         """Every step of the run as (driver step name, folder), in run order."""
