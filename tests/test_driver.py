@@ -102,6 +102,8 @@ def test_same_config_twice_does_no_work(run_copy, capsys):
     assert statuses(result) == {"ingest": "skipped", "followups": "skipped", "personas": "skipped"}
     assert result["stages"]["ingest"]["counts"]["kept"] == 47
     assert "skipped" in capsys.readouterr().out
+    assert json.loads((run_copy / "plan.json").read_text()) == {
+        "online_rounds": 0, "steps": ["ingest", "followups", "personas"]}
 
 
 def test_changed_setting_reruns_from_that_stage_and_a_killed_stage_is_redone(run_copy, monkeypatch):
