@@ -61,7 +61,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def followup_classify_batch(backend: str, config: RunConfig):
-    """[(previous_user, answer, message)] -> [(label, confidence)] for a backend."""
+    """[(previous_user, answer, message[, context])] -> [(label, confidence)] for a backend;
+    a model backend reads the context (the turns before the answer), as in the stage."""
     if backend == "rules":
         from actors.followup_rules import RulesClassifier
 
@@ -72,9 +73,9 @@ def followup_classify_batch(backend: str, config: RunConfig):
                                     cascade_model=config.followups.cascade_model,
                                     learned_model=config.followups.learned_model)
 
-    def classify(items: list[tuple]) -> list[tuple]:
-        contexts = [[{"role": "user", "content": prev}] if prev else [] for prev, _, _ in items]
-        results = classifier.classify_batch(contexts, [a for _, a, _ in items], [m for _, _, m in items])
+    def classify(items: list[tuple]) -> list[tuple]:   # (previous_user, answer, message, context)
+        results = classifier.classify_batch([item[3] for item in items], [item[1] for item in items],
+                                            [item[2] for item in items])
         return [(r.label, r.confidence) for r in results]
 
     return classify
@@ -150,7 +151,7 @@ def cmd_eval_followups(args: argparse.Namespace) -> dict[str, Any]:
 
     config = load_config(args.config) if args.config else RunConfig()
     result = evaluate_backend(args.input, args.labels, followup_classify_batch(args.backend, config),
-                              seed=config.seed, split=args.split)
+                              seed=config.seed, split=args.split, with_context=args.backend != "rules")
     result["backend"] = args.backend
     print(format_report(result))
     return result

@@ -33,7 +33,8 @@ def followup_examples(conversations: pa.Table) -> list[dict]:
 
     Accepts WildChat's schema (column `conversation`) or a run's `conversations` table
     (column `turns`). Keys: conversation_hash, message_index, previous_user (the nearest
-    earlier user message, None if there is none), answer, message.
+    earlier user message, None if there is none), answer, message, context (every turn
+    before the answer, as the follow-ups stage gives a model classifier).
     """
     column = "conversation" if "conversation" in conversations.column_names else "turns"
     for needed in (column, "conversation_hash"):
@@ -54,10 +55,11 @@ def followup_examples(conversations: pa.Table) -> list[dict]:
             role, content = roles[start + i], contents[start + i] or ""
             if role == "user":
                 if i > 0 and roles[start + i - 1] == "assistant":
+                    context = [{"role": roles[start + j], "content": contents[start + j] or ""} for j in range(i - 1)]
                     examples.append({"conversation_hash": conv_hash, "message_index": i,
                                      "previous_user": previous_user,
                                      "answer": contents[start + i - 1] or "",
-                                     "message": content})
+                                     "message": content, "context": context})
                 previous_user = content
         start += int(length)
     return examples
@@ -212,12 +214,14 @@ def read_conversations(path: str | Path) -> pa.Table:
 
 def evaluate_backend(conversations_path: str | Path, labels_path: str | Path,
                      classify_batch: ClassifyBatch, seed: int = 0,
-                     n_boot: int = 1000, split: str | None = None) -> dict:
+                     n_boot: int = 1000, split: str | None = None, with_context: bool = False) -> dict:
     """Classify every gold-labelled follow-up of the input with `classify_batch` and score,
     with intervals over conversations. `split`: only the labels of that split.
 
-    `classify_batch` takes [(previous_user, answer, message)] and returns
-    [(label or None, confidence)]. A gold label without a matching follow-up is an error.
+    `classify_batch` takes [(previous_user, answer, message)] (with `with_context`, each
+    item also carries the turns before the answer, as the stage gives a model backend) and
+    returns [(label or None, confidence)]. A gold label without a matching follow-up is an
+    error.
     """
     gold = load_gold_labels(labels_path, split)
     examples: dict[tuple[str, int], dict] = {}
@@ -235,7 +239,8 @@ def evaluate_backend(conversations_path: str | Path, labels_path: str | Path,
                          f"message_index={index} {why} in {conversations_path} "
                          f"({len(missing)} unmatched label(s) in all)")
     rows = [examples[key] for key in gold]
-    items = [(ex["previous_user"], ex["answer"], ex["message"]) for ex in rows]
+    items = [(ex["previous_user"], ex["answer"], ex["message"], *([ex["context"]] if with_context else []))
+             for ex in rows]
     predictions = classify_batch(items)
     if len(predictions) != len(items):
         raise ValueError(f"backend returned {len(predictions)} results for "
