@@ -29,6 +29,7 @@ from collections import Counter
 from typing import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.redact_kinds import BUILDERS, Detector, Finding, Spans
 
@@ -36,6 +37,16 @@ REDACTION_KINDS: tuple[str, ...] = ("email", "phone", "ip_address", "credit_card
 
 # WildChat's own Presidio markers and ours: left exactly as they are, never counted.
 _PLACEHOLDER = re.compile(r"<(?:PRESIDIO_ANONYMIZED|REDACTED)_[A-Z_]+>")
+# Chinese, Japanese and Korean text runs into identifiers without a space ('我的邮箱是
+# john@qq.com谢谢'), and `re`, Presidio and the boundary checks take its characters for
+# word characters: the detectors see each such character as a space (offsets unchanged),
+# and the replacement cuts the original text.
+# Full-width digits, letters and '+()-.' are left as they are: numbers are written with them.
+_CJK_RANGES = ((0x3000, 0x303F), (0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xAC00, 0xD7AF),
+               (0xF900, 0xFAFF), (0xFF01, 0xFF07), (0xFF0A, 0xFF0A), (0xFF0C, 0xFF0C), (0xFF1A, 0xFF1F),
+               (0xFF61, 0xFFDC), (0x20000, 0x2FFFF))
+_CJK = re.compile("[" + "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _CJK_RANGES) + "]")
+_CJK_RE2 = "[" + "".join(f"\\x{{{lo:x}}}-\\x{{{hi:x}}}" for lo, hi in _CJK_RANGES) + "]"
 
 
 class Redactor:
@@ -74,12 +85,14 @@ class Redactor:
             return []
         column = pa.array(texts, type=pa.large_string())
         matched = [detector.prefilter_hits(column) for detector in self._detectors]
-        return [_redact(text, [d for d, hit in zip(self._detectors, matched) if hit[i]])
+        with_cjk = pc.match_substring_regex(column, _CJK_RE2).to_pylist()
+        return [_redact(text, [d for d, hit in zip(self._detectors, matched) if hit[i]], with_cjk[i])
                 for i, text in enumerate(texts)]
 
 
-def _redact(text: str, detectors: list[Detector]) -> tuple[str, dict[str, int]]:
-    findings = [f for detector in detectors for f in detector.findings(text)]
+def _redact(text: str, detectors: list[Detector], with_cjk: bool = False) -> tuple[str, dict[str, int]]:
+    scanned = _CJK.sub(lambda m: " " * len(m.group()), text) if with_cjk else text
+    findings = [f for detector in detectors for f in detector.findings(scanned)]
     if not findings:
         return text, {}
     kept = _resolve_overlaps(findings, [m.span() for m in _PLACEHOLDER.finditer(text)])

@@ -161,7 +161,9 @@ _PHONE_CANDIDATE = re.compile(rf"""
 """, re.VERBOSE)
 _DATE = re.compile(r"\d{4}([-/.])\d\d?\1\d\d?|\d\d?([-/.])\d\d?\2\d{2,4}")
 _SPACED_DIGITS = re.compile(r"[\d ]+")
-_NUMERIC_LINE = re.compile(r"[\d\s.,;:|()[\]{}+\-/]*\d[\d\s.,;:|()[\]{}+\-/]*")
+# A line of numbers: only these characters (a digit among them, checked apart: `[...]*\d[...]*`
+# backtracked over every split of a long line that failed, cubic in its length).
+_NUMERIC_LINE = re.compile(r"[\d\s.,;:|()[\]{}+\-/]*")
 
 
 def _is_phone_candidate(text: str, start: int, end: int) -> bool:
@@ -186,13 +188,17 @@ def _in_table_of_numbers(text: str, start: int, end: int) -> bool:
     ('94 70 128 2114' in a pasted column): a table, not a number someone gives."""
     line_start, line_end = text.rfind("\n", 0, start) + 1, text.find("\n", end)
     line_end = len(text) if line_end < 0 else line_end
-    if not _NUMERIC_LINE.fullmatch(text, line_start, line_end):
+    if not _numeric_line(text, line_start, line_end):
         return False
     before_start = text.rfind("\n", 0, max(0, line_start - 1)) + 1
     after_end = text.find("\n", line_end + 1)
     after_end = len(text) if after_end < 0 else after_end
-    return bool((line_start > 0 and _NUMERIC_LINE.fullmatch(text, before_start, line_start - 1))
-                or (line_end < len(text) and _NUMERIC_LINE.fullmatch(text, line_end + 1, after_end)))
+    return bool((line_start > 0 and _numeric_line(text, before_start, line_start - 1))
+                or (line_end < len(text) and _numeric_line(text, line_end + 1, after_end)))
+
+
+def _numeric_line(text: str, start: int, end: int) -> bool:
+    return bool(_NUMERIC_LINE.fullmatch(text, start, end)) and _DIGITS_ONLY.search(text, start, end) is not None
 
 
 def _phone_detector() -> Detector:
