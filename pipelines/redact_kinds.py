@@ -161,6 +161,7 @@ _PHONE_CANDIDATE = re.compile(rf"""
 """, re.VERBOSE)
 _DATE = re.compile(r"\d{4}([-/.])\d\d?\1\d\d?|\d\d?([-/.])\d\d?\2\d{2,4}")
 _SPACED_DIGITS = re.compile(r"[\d ]+")
+_ROUND_RANGE = re.compile(r"(\d+00)\s?-\s?(\d+00)")   # and both as long: checked in code
 # A line of numbers: only these characters (a digit among them, checked apart: `[...]*\d[...]*`
 # backtracked over every split of a long line that failed, cubic in its length).
 _NUMERIC_LINE = re.compile(r"[\d\s.,;:|()[\]{}+\-/]*")
@@ -180,6 +181,9 @@ def _is_phone_candidate(text: str, start: int, end: int) -> bool:
         return False
     if max(map(len, groups)) > 8 or ("." in number and (len(groups) < 3 or min(map(len, groups)) < 2)):
         return False  # phones written with dots have three groups or more, none of one digit
+    if (_ROUND_RANGE.fullmatch(number) and len(groups[0]) == len(groups[1])
+            and int(groups[0]) < int(groups[1])):
+        return False  # '3000-4000 words': a range of round numbers, not a phone
     return not (_SPACED_DIGITS.fullmatch(number) and _in_table_of_numbers(text, start, end))
 
 
