@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 _DIGITS_ONLY, _DOTTED_QUAD = re.compile(r"\d+"), re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _SINGLE_DIGIT_QUAD = re.compile(r"\d(?:\.\d){3}")
 _NUMBER_BEFORE, _NUMBER_AFTER = re.compile(r"\d[.,]\Z"), re.compile(r"[.,]\d")
+_DOTTED_BEFORE, _DOTTED_AFTER = re.compile(r"\d\.\Z"), re.compile(r"\.\d")
 _TOKEN_BEFORE, _TOKEN_AFTER = re.compile(r"\S{0,64}\Z"), re.compile(r"\S{0,64}")
 _TOKEN_TAIL = re.compile(r"[\w\-+/=]*(?:\.[\w\-+/=]+)*")
 _KEY_BLOCK_END = re.compile(r"-----END[A-Z0-9 ]*-----|\n[ \t]*\n|\Z")
@@ -98,6 +99,12 @@ def _inside_longer_number(text: str, start: int, end: int) -> bool:
     """True for a match that continues a decimal or dotted run: '3.14159265358', '1.3.6.1.4'."""
     return bool(_NUMBER_BEFORE.search(text, max(0, start - 2), start)
                 or _NUMBER_AFTER.match(text, end))
+
+
+def _inside_dotted_run(text: str, start: int, end: int) -> bool:
+    """True for a dotted quad inside a longer dotted run ('1.3.6.1.4.1'); a comma beside it
+    separates a list ('93.184.216.34,93.184.216.35', a CSV log), it does not continue it."""
+    return bool(_DOTTED_BEFORE.search(text, max(0, start - 2), start) or _DOTTED_AFTER.match(text, end))
 
 
 def _presidio_find(recognizer: Any, keep: Callable[[str, int, int], bool] | None = None
@@ -250,7 +257,7 @@ def _is_public_ip(text: str, start: int, end: int) -> bool:
     # Private, loopback and documentation addresses (127.0.0.1, 2001:db8::1) identify nobody
     # and fill code samples. A dotted quad inside a longer dotted run or of single digits is
     # a version or section number ('3.5.0.1'), or else a public resolver like 8.8.8.8.
-    if _inside_longer_number(text, start, end) or _SINGLE_DIGIT_QUAD.fullmatch(text, start, end):
+    if _inside_dotted_run(text, start, end) or _SINGLE_DIGIT_QUAD.fullmatch(text, start, end):
         return False
     ip = ipaddress.ip_interface(text[start:end]).ip
     # Only 2000::/3 is global unicast; Python calls 'a::b' (C++) global too.

@@ -236,3 +236,9 @@ def test_a_range_of_round_numbers_is_not_a_phone(redactor, text):
     # phonenumbers finds '3000-4000' valid in DE, IL and BR; redacting it would erase the
     # length a user asks for, which follow-up labels and personas read.
     assert redactor.redact(text) == (text, {})
+
+
+def test_public_ips_in_a_comma_separated_list_are_each_redacted(redactor):
+    log = "ts,ip,method\n1,93.184.216.34,GET\n2,93.184.216.35,POST\nX-Forwarded-For: 93.184.216.36,93.184.216.37"
+    text, counts = redactor.redact(log)
+    assert counts == {"ip_address": 4} and "93.184" not in text
