@@ -28,6 +28,7 @@ _KEY_BLOCK_END = re.compile(r"-----END[A-Z0-9 ]*-----|\n[ \t]*\n|\Z")
 _EMAIL_LEAD = re.compile(r"[^@]*[!#$%&'*/=?^`{|}~]")
 _GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
 _SECRET_WINDOW = 400  # chars kept either side of a secret trigger on very long lines
+_UNQUOTED_SECRET = re.compile(r"(?=[^\s]*[A-Za-z])(?=[^\s]*\d)[A-Za-z0-9_\-/+=!@#$%^&*.~]{8,}")
 
 Spans = list[tuple[int, int]]
 
@@ -294,10 +295,11 @@ def _secret_detector() -> Detector:
                                         square_oauth, stripe, telegram_token)
     from detect_secrets.plugins.base import RegexBasedDetector
 
+    keyword_plugin, unquoted = keyword.KeywordDetector(), keyword.CONFIG_DENYLIST_REGEX_TO_GROUP
     plugins = [aws.AWSKeyDetector(), azure_storage_key.AzureStorageKeyDetector(),
                basic_auth.BasicAuthDetector(), discord.DiscordBotTokenDetector(),
                github_token.GitHubTokenDetector(), gitlab_token.GitLabTokenDetector(),
-               jwt.JwtTokenDetector(), keyword.KeywordDetector(), openai.OpenAIDetector(),
+               jwt.JwtTokenDetector(), keyword_plugin, openai.OpenAIDetector(),
                pypi_token.PypiTokenDetector(), sendgrid.SendGridDetector(), slack.SlackDetector(),
                square_oauth.SquareOAuthDetector(), stripe.StripeDetector(),
                telegram_token.TelegramBotTokenDetector()]
@@ -336,6 +338,13 @@ def _secret_detector() -> Detector:
                 for hit in re.finditer(rf"(?<!\w){re.escape(secret)}{word_end}", line):
                     end = _TOKEN_TAIL.match(text, lo + hit.end()).end() if widen else lo + hit.end()
                     spans.append((lo + hit.start(), end))
+        # `.env`, YAML and ~/.aws/credentials assign without quotes ('DB_PASSWORD=Tr0ub4dor3');
+        # code does too ('if password == user_input:'), so an unquoted value counts only when
+        # it looks like a secret: 8+ characters of a token's alphabet, letters and digits.
+        for secret in set(keyword_plugin.analyze_string(line, denylist_regex_to_group=unquoted)):
+            if _UNQUOTED_SECRET.fullmatch(secret) and not any(fp(secret) for fp in false_positives):
+                for hit in re.finditer(rf"(?<!\w){re.escape(secret)}(?![\w/+=])", line):
+                    spans.append((lo + hit.start(), lo + hit.end()))
         # The plugin reports only the "BEGIN RSA PRIVATE KEY" marker; the whole block goes,
         # up to its END line (or, for a truncated paste, the first blank line).
         for marker in key_block.analyze_string(line):

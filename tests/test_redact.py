@@ -242,3 +242,12 @@ def test_public_ips_in_a_comma_separated_list_are_each_redacted(redactor):
     log = "ts,ip,method\n1,93.184.216.34,GET\n2,93.184.216.35,POST\nX-Forwarded-For: 93.184.216.36,93.184.216.37"
     text, counts = redactor.redact(log)
     assert counts == {"ip_address": 4} and "93.184" not in text
+
+
+def test_unquoted_secrets_of_env_yaml_and_aws_files_are_redacted_and_code_is_not(redactor):
+    config = ("DB_PASSWORD=Tr0ub4dor3\napi_key: ikk6Yv9pQz2LmX8\n[default]\n"
+              "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY\n")
+    assert redactor.redact(config) == ("DB_PASSWORD=<REDACTED_SECRET>\napi_key: <REDACTED_SECRET>\n[default]\n"
+                                       "aws_secret_access_key = <REDACTED_SECRET>\n", {"secret": 3})
+    code = "if password == user_input:\n    token = get_token()\nsecret_key = os.environ['KEY']\n"
+    assert redactor.redact(code) == (code, {})
