@@ -295,6 +295,15 @@ def _secret_detector() -> Detector:
                                         square_oauth, stripe, telegram_token)
     from detect_secrets.plugins.base import RegexBasedDetector
 
+    class VendorTokens(RegexBasedDetector):
+        """Tokens detect-secrets has no plugin for, by their documented shapes."""
+        secret_type = "Vendor token"
+        denylist = [re.compile(p) for p in (
+            r"\bhf_[A-Za-z0-9]{34}\b",                 # Hugging Face
+            r"\bgithub_pat_[A-Za-z0-9_]{82}\b",         # GitHub fine-grained
+            r"\bAIza[0-9A-Za-z_\-]{35}(?![\w-])",       # Google API key
+            r"\bsk-ant-[A-Za-z0-9_\-]{32,}")]          # Anthropic
+
     keyword_plugin, unquoted = keyword.KeywordDetector(), keyword.CONFIG_DENYLIST_REGEX_TO_GROUP
     plugins = [aws.AWSKeyDetector(), azure_storage_key.AzureStorageKeyDetector(),
                basic_auth.BasicAuthDetector(), discord.DiscordBotTokenDetector(),
@@ -302,7 +311,7 @@ def _secret_detector() -> Detector:
                jwt.JwtTokenDetector(), keyword_plugin, openai.OpenAIDetector(),
                pypi_token.PypiTokenDetector(), sendgrid.SendGridDetector(), slack.SlackDetector(),
                square_oauth.SquareOAuthDetector(), stripe.StripeDetector(),
-               telegram_token.TelegramBotTokenDetector()]
+               telegram_token.TelegramBotTokenDetector(), VendorTokens()]
     key_block = private_key.PrivateKeyDetector()
     # Triggers: each token plugin's fixed prefix, or its shape (basic-auth URL, Telegram and
     # Discord tokens); and the keyword plugin's denylist (or the AWS plugin's "aws") followed
@@ -311,7 +320,8 @@ def _secret_detector() -> Detector:
         "AKIA", "ASIA", "ABIA", "ACCA", "A3T", "AccountKey=", "ghp_", "gho_", "ghu_", "ghs_",
         "ghr_", "glpat-", "glptt-", "gldt-", "glrt-", "glcbt-", "glimt-", "glft-", "glsoat-",
         "glagent-", "gloas-", "GR1348941", "eyJ", "T3BlbkFJ", "pypi-", "SG.", "xox",
-        "hooks.slack", "sq0csp-", "k_live_", "PRIVATE KEY", "PuTTY-User-Key")))
+        "hooks.slack", "sq0csp-", "k_live_", "PRIVATE KEY", "PuTTY-User-Key",
+        "hf_", "github_pat_", "AIza", "sk-ant-")))
     token_shapes = re.compile(r"://[^\s:/@]+:[^\s/@]+@|:[\w-]{35}|\.[\w-]{6}\.[\w-]{27}")
     denylist = "|".join(keyword.DENYLIST)
     keywords = re.compile(f"(?:aws|{denylist})" + r"\w*[\]'\"]{0,2}\s*[:=!(]")

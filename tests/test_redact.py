@@ -251,3 +251,11 @@ def test_unquoted_secrets_of_env_yaml_and_aws_files_are_redacted_and_code_is_not
                                        "aws_secret_access_key = <REDACTED_SECRET>\n", {"secret": 3})
     code = "if password == user_input:\n    token = get_token()\nsecret_key = os.environ['KEY']\n"
     assert redactor.redact(code) == (code, {})
+
+
+@pytest.mark.parametrize("prefix, body", [("hf_", "Qm7vR2xK9pL4sT8wZ1cN6bY3dF5gH0jA2e"),
+                                          ("github_pat_", "11ABCDEFG0123456789xyz_" + "aB3" * 19 + "xy"),
+                                          ("AIza", "SyD-9fKx2LmQ7wZt4RbN8yVc1HdJ3eGt5Qp"),
+                                          ("sk-ant-", "api03-" + "Zx9Lm2Qw7Rt4Yu1Io8Pa" * 4)])
+def test_bare_hugging_face_github_google_and_anthropic_keys_are_redacted(redactor, prefix, body):
+    assert redactor.redact(f"my key is {prefix}{body} thanks") == ("my key is <REDACTED_SECRET> thanks", {"secret": 1})
