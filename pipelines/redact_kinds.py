@@ -169,6 +169,11 @@ _PHONE_CANDIDATE = re.compile(rf"""
 """, re.VERBOSE)
 _DATE = re.compile(r"\d{4}([-/.])\d\d?\1\d\d?|\d\d?([-/.])\d\d?\2\d{2,4}")
 _SPACED_DIGITS = re.compile(r"[\d ]+")
+_LAST_GROUP = re.compile(r"[ .\-/()]+\d+\)?\Z")   # a candidate's last digit group, with its separator
+
+
+def _digits(text: str, start: int, end: int) -> int:
+    return sum(map(len, _DIGITS_ONLY.findall(text, start, end)))
 _ROUND_RANGE = re.compile(r"(\d+00)\s?-\s?(\d+00)")   # and both as long: checked in code
 # A line of numbers: only these characters (a digit among them, checked apart: `[...]*\d[...]*`
 # backtracked over every split of a long line that failed, cubic in its length).
@@ -243,11 +248,20 @@ def _phone_detector() -> Detector:
         return [(region, phonenumbers.Leniency.VALID) for region, n in zip(default_regions, parsed)
                 if n is not None and phonenumbers.is_valid_number(n)]
 
-    def find(text: str, lo: int, hi: int) -> Spans:  # [lo, hi) is one candidate
+    def find_whole(text: str, lo: int, hi: int) -> Spans:
         start, end = max(0, lo - 1), min(len(text), hi + 1)  # the matcher checks the characters around
         spans = {(start + m.start, start + m.end) for region, leniency in matcher_regions(text[lo:hi])
                  for m in phonenumbers.PhoneNumberMatcher(text[start:end], region, leniency=leniency)}
         return [span for span in sorted(spans) if _is_plausible_phone(text, *span)]
+
+    def find(text: str, lo: int, hi: int) -> Spans:  # [lo, hi) is one candidate
+        # A candidate that ran into the next number ('+44 7911 123456 24/7') is no number as
+        # a whole: its shorter heads are tried, while they keep 7 digits.
+        spans, end = find_whole(text, lo, hi), hi
+        while not spans and (last := _LAST_GROUP.search(text, lo, end)) and _digits(text, lo, last.start()) >= 7:
+            end = last.start()
+            spans = find_whole(text, lo, end)
+        return spans
 
     # The candidate's first character and the six more digits its lookahead asks for.
     prefilter = rf"[+({_RE2_DIGIT}](?:[ .\-/()+]{{0,2}}{_RE2_DIGIT}){{6}}"

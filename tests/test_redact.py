@@ -259,3 +259,11 @@ def test_unquoted_secrets_of_env_yaml_and_aws_files_are_redacted_and_code_is_not
                                           ("sk-ant-", "api03-" + "Zx9Lm2Qw7Rt4Yu1Io8Pa" * 4)])
 def test_bare_hugging_face_github_google_and_anthropic_keys_are_redacted(redactor, prefix, body):
     assert redactor.redact(f"my key is {prefix}{body} thanks") == ("my key is <REDACTED_SECRET> thanks", {"secret": 1})
+
+
+@pytest.mark.parametrize("text, redacted", [
+    ("WhatsApp +44 7911 123456 24/7", "WhatsApp <REDACTED_PHONE> 24/7"),
+    ("+44 7911 123456 2 pm", "<REDACTED_PHONE> 2 pm"),
+    ("call me 415-555-2671 24/7", "call me <REDACTED_PHONE> 24/7")])
+def test_a_phone_number_followed_by_another_number_is_found(redactor, text, redacted):
+    assert redactor.redact(text) == (redacted, {"phone": 1})
