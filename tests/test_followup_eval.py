@@ -81,7 +81,10 @@ def test_followups_are_user_turns_right_after_an_assistant_turn():
     assert examples[0]["previous_user"] is None
     assert examples[1] == {"conversation_hash": "h", "message_index": 4,
                            "previous_user": "write a poem", "answer": "(continued)",
-                           "message": "shorter"}
+                           "message": "shorter",   # and every turn before the answer, for a model
+                           "context": [{"role": "assistant", "content": "Hi! How can I help?"},
+                                       {"role": "user", "content": "write a poem"},
+                                       {"role": "assistant", "content": "Roses..."}]}
     assert examples[2]["previous_user"] == "please"
 
 
