@@ -220,7 +220,7 @@ def test_identifiers_written_against_chinese_japanese_or_korean_text_are_found(r
     assert redactor.redact(text) == (redacted, {kind: 1})
 
 
-def test_a_long_line_of_spaced_numbers_is_redacted_at_once():
+def test_a_long_line_of_spaced_numbers_is_checked_at_once():
     # Deciding whether a number sits in a table of numbers once backtracked over every split
     # of a line that failed the check, once per candidate on the line: a 4 KB line took 21 s
     # in the redactor, 8 KB minutes (holding the GIL).
