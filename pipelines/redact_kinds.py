@@ -292,13 +292,18 @@ def _ip_detector() -> Detector:
 
 
 def _credit_card_detector() -> Detector:
+    from presidio_analyzer import Pattern
     from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
 
     # A whole run of 13-19 digits, optionally grouped by spaces or dashes; presidio's
-    # recognizer then checks the issuer prefix and the Luhn checksum.
+    # recognizer then checks the issuer prefix and the Luhn checksum. Its prefixes lack
+    # Mastercard's 2-series (2221-2720), added here.
     trigger = re.compile(r"\d(?<!\d\d)(?:[ -]?\d){12,18}(?!\d)")
     prefilter = rf"{_RE2_DIGIT}(?:[ -]?{_RE2_DIGIT}){{12}}"
-    return Detector("credit_card", prefilter, (trigger,), 2, _presidio_find(CreditCardRecognizer()))
+    two_series = Pattern("Mastercard 2-series", r"\b(2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720))[- ]?(\d{4})[- ]?"
+                         r"(\d{4})[- ]?(\d{4})\b", 0.3)
+    recognizer = CreditCardRecognizer(patterns=[*CreditCardRecognizer().patterns, two_series])
+    return Detector("credit_card", prefilter, (trigger,), 2, _presidio_find(recognizer))
 
 
 def _secret_detector() -> Detector:

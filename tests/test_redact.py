@@ -268,3 +268,9 @@ def test_bare_hugging_face_github_google_and_anthropic_keys_are_redacted(redacto
     ("call me 415-555-2671 24/7", "call me <REDACTED_PHONE> 24/7")])
 def test_a_phone_number_followed_by_another_number_is_found(redactor, text, redacted):
     assert redactor.redact(text) == (redacted, {"phone": 1})
+
+
+def test_a_mastercard_2_series_number_is_redacted_and_a_luhn_invalid_one_is_not(redactor):
+    assert redactor.redact("card 2223 0031 2200 3222 exp 09/27") == ("card <REDACTED_CREDIT_CARD> exp 09/27",
+                                                                      {"credit_card": 1})
+    assert redactor.redact("card 2223 0031 2200 3223") == ("card 2223 0031 2200 3223", {})
