@@ -275,6 +275,7 @@ def _is_public_ip(text: str, start: int, end: int) -> bool:
     if _inside_dotted_run(text, start, end) or _SINGLE_DIGIT_QUAD.fullmatch(text, start, end):
         return False
     ip = ipaddress.ip_interface(text[start:end]).ip
+    ip = getattr(ip, "ipv4_mapped", None) or ip   # '::ffff:93.184.216.34' is that IPv4 address
     # Only 2000::/3 is global unicast; Python calls 'a::b' (C++) global too.
     return ip.is_global and (ip.version == 4 or ip in _GLOBAL_UNICAST_V6)
 

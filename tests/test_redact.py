@@ -274,3 +274,9 @@ def test_a_mastercard_2_series_number_is_redacted_and_a_luhn_invalid_one_is_not(
     assert redactor.redact("card 2223 0031 2200 3222 exp 09/27") == ("card <REDACTED_CREDIT_CARD> exp 09/27",
                                                                       {"credit_card": 1})
     assert redactor.redact("card 2223 0031 2200 3223") == ("card 2223 0031 2200 3223", {})
+
+
+def test_an_ipv4_mapped_ipv6_address_counts_as_its_ipv4_address(redactor):
+    assert redactor.redact("client ::ffff:93.184.216.34 connected") == ("client <REDACTED_IP_ADDRESS> connected",
+                                                                        {"ip_address": 1})
+    assert redactor.redact("local ::ffff:127.0.0.1 ok") == ("local ::ffff:127.0.0.1 ok", {})
