@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -73,6 +73,23 @@ def fingerprint(paths: Iterable[Path]) -> list[dict[str, Any]]:
         path = Path(path)
         files.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
     return [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files]
+
+
+def json_object_lines(path: Path | str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("file:line", object) for each non-blank line of a JSON-lines file; a line that is not
+    JSON, or not an object, is an error naming the file and line."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
 
 
 def model_content(model_id: str, run_dir: str) -> str | None:

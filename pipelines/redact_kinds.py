@@ -296,9 +296,8 @@ def _credit_card_detector() -> Detector:
     from presidio_analyzer import Pattern
     from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
 
-    # A whole run of 13-19 digits, optionally grouped by spaces or dashes; presidio's
-    # recognizer then checks the issuer prefix and the Luhn checksum. Its prefixes lack
-    # Mastercard's 2-series (2221-2720), added here.
+    # A whole run of 13-19 digits, maybe grouped by spaces or dashes; presidio's recognizer then
+    # checks the issuer prefix (plus Mastercard's 2-series, 2221-2720, added here) and Luhn.
     trigger = re.compile(r"\d(?<!\d\d)(?:[ -]?\d){12,18}(?!\d)")
     prefilter = rf"{_RE2_DIGIT}(?:[ -]?{_RE2_DIGIT}){{12}}"
     two_series = Pattern("Mastercard 2-series", r"\b(2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720))[- ]?(\d{4})[- ]?"

@@ -85,7 +85,7 @@ def test_a_broken_benchmark_file_is_named_with_its_line(tmp_path):
     with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}, row 2 \(question '2\+2\?'\): GSM8K answer has no"):
         load_gsm8k(bad, 2, "first", 0)
     bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n{"question": "2+2?", \n')
-    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:2: not a JSON object"):
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:2: not valid JSON"):
         read_jsonl(bad, ("question", "answer"))
 
 

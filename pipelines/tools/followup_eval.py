@@ -12,7 +12,6 @@ numbers. Precision, recall, F1 and the confusion matrix are scikit-learn's.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -22,6 +21,7 @@ import pyarrow.dataset as ds
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
 from pipelines.bootstrap import cluster_intervals, format_interval
+from pipelines.contract import json_object_lines
 from pipelines.schema import FEEDBACK_LABELS, FOLLOWUP_LABELS
 
 UNCLASSIFIED = "unclassified"
@@ -74,39 +74,29 @@ def label_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[str
     error naming the file, line and field; so is a second label for the same follow-up.
     """
     seen: set[tuple[str, int]] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            for key in ("conversation_hash", "message_index", "label"):
-                if key not in row:
-                    raise ValueError(f"{where}: missing field {key!r}")
-            conv_hash, index, label = row["conversation_hash"], row["message_index"], row["label"]
-            if not isinstance(conv_hash, str) or not conv_hash:
-                raise ValueError(f"{where}: field 'conversation_hash' must be a non-empty "
-                                 f"string, got {conv_hash!r}")
-            if isinstance(index, bool) or not isinstance(index, int) or index < 1:
-                raise ValueError(f"{where}: field 'message_index' must be an integer >= 1 "
-                                 f"(the follow-up's index in `conversation`), got {index!r}")
-            if label not in FOLLOWUP_LABELS:
-                raise ValueError(f"{where}: field 'label' has unknown label {label!r}; "
-                                 f"allowed: {', '.join(FOLLOWUP_LABELS)}")
-            if split is not None and "split" not in row:
-                raise ValueError(f"{where}: no field 'split', but --split {split} was asked for")
-            if split is not None and row["split"] != split:
-                continue
-            if (conv_hash, index) in seen:
-                raise ValueError(f"{where}: duplicate label for conversation_hash="
-                                 f"{conv_hash!r} message_index={index}")
-            seen.add((conv_hash, index))
-            yield where, row
+    for where, row in json_object_lines(path):
+        for key in ("conversation_hash", "message_index", "label"):
+            if key not in row:
+                raise ValueError(f"{where}: missing field {key!r}")
+        conv_hash, index, label = row["conversation_hash"], row["message_index"], row["label"]
+        if not isinstance(conv_hash, str) or not conv_hash:
+            raise ValueError(f"{where}: field 'conversation_hash' must be a non-empty "
+                             f"string, got {conv_hash!r}")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 1:
+            raise ValueError(f"{where}: field 'message_index' must be an integer >= 1 "
+                             f"(the follow-up's index in `conversation`), got {index!r}")
+        if label not in FOLLOWUP_LABELS:
+            raise ValueError(f"{where}: field 'label' has unknown label {label!r}; "
+                             f"allowed: {', '.join(FOLLOWUP_LABELS)}")
+        if split is not None and "split" not in row:
+            raise ValueError(f"{where}: no field 'split', but --split {split} was asked for")
+        if split is not None and row["split"] != split:
+            continue
+        if (conv_hash, index) in seen:
+            raise ValueError(f"{where}: duplicate label for conversation_hash="
+                             f"{conv_hash!r} message_index={index}")
+        seen.add((conv_hash, index))
+        yield where, row
 
 
 def load_gold_labels(path: str | Path, split: str | None = None) -> dict[tuple[str, int], str]:

@@ -12,13 +12,14 @@ File formats (JSON lines; point `evaluate.gsm8k.path` / `evaluate.math500.path` 
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
+
+from pipelines.contract import json_object_lines
 
 GSM8K_INSTRUCTION = ("Solve the problem step by step. End with a line 'The answer is N.' where N "
                      "is the final number.")
@@ -42,18 +43,10 @@ def read_jsonl(path: Path | str, required: Sequence[str]) -> list[dict]:
         raise FileNotFoundError(f"benchmark file {path} does not exist: set its `path` in the "
                                 "evaluate section")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg}); one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: not a JSON object; one JSON object per line")
+    for where, row in json_object_lines(path):
         missing = [key for key in required if key not in row]
         if missing:
-            raise ValueError(f"{path}:{number}: missing field(s) {missing}; expected {list(required)}")
+            raise ValueError(f"{where}: missing field(s) {missing}; expected {list(required)}")
         rows.append(row)
     return rows
 
