@@ -96,16 +96,12 @@ def _windows(text: str, hits: Spans, pad: int, whole_lines: bool) -> Spans:
     return windows
 
 
-def _inside_longer_number(text: str, start: int, end: int) -> bool:
-    """True for a match that continues a decimal or dotted run: '3.14159265358', '1.3.6.1.4'."""
-    return bool(_NUMBER_BEFORE.search(text, max(0, start - 2), start)
-                or _NUMBER_AFTER.match(text, end))
-
-
-def _inside_dotted_run(text: str, start: int, end: int) -> bool:
-    """True for a dotted quad inside a longer dotted run ('1.3.6.1.4.1'); a comma beside it
-    separates a list ('93.184.216.34,93.184.216.35', a CSV log), it does not continue it."""
-    return bool(_DOTTED_BEFORE.search(text, max(0, start - 2), start) or _DOTTED_AFTER.match(text, end))
+def _inside_longer_number(text: str, start: int, end: int, dots_only: bool = False) -> bool:
+    """True for a match that continues a decimal or dotted run: '3.14159265358', '1.3.6.1.4'.
+    With `dots_only` (an IP address) a comma beside it separates a list ('93.184.216.34,
+    93.184.216.35', a CSV log); it does not continue the number."""
+    before, after = (_DOTTED_BEFORE, _DOTTED_AFTER) if dots_only else (_NUMBER_BEFORE, _NUMBER_AFTER)
+    return bool(before.search(text, max(0, start - 2), start) or after.match(text, end))
 
 
 def _presidio_find(recognizer: Any, keep: Callable[[str, int, int], bool] | None = None
@@ -272,7 +268,7 @@ def _is_public_ip(text: str, start: int, end: int) -> bool:
     # Private, loopback and documentation addresses (127.0.0.1, 2001:db8::1) identify nobody
     # and fill code samples. A dotted quad inside a longer dotted run or of single digits is
     # a version or section number ('3.5.0.1'), or else a public resolver like 8.8.8.8.
-    if _inside_dotted_run(text, start, end) or _SINGLE_DIGIT_QUAD.fullmatch(text, start, end):
+    if _inside_longer_number(text, start, end, dots_only=True) or _SINGLE_DIGIT_QUAD.fullmatch(text, start, end):
         return False
     ip = ipaddress.ip_interface(text[start:end]).ip
     ip = getattr(ip, "ipv4_mapped", None) or ip   # '::ffff:93.184.216.34' is that IPv4 address
