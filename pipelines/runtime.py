@@ -42,6 +42,15 @@ def map_tasks(fn: Callable, calls: list[tuple], use_ray: bool = True) -> list[An
     return results
 
 
+def in_ray_task(fn: Callable, *args: Any, num_gpus: float = 0.0) -> Any:
+    """`fn(*args)` in one Ray task holding `num_gpus` GPUs and one CPU; its result (or its
+    error) comes back here. For work whose models need a GPU that the driver's node may
+    lack."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=1, num_gpus=num_gpus)(fn).remote(*args))
+
+
 def _run_all(fn: Callable, calls: list[tuple]) -> list[Any]:
     return [fn(*args) for args in calls]
 

@@ -263,3 +263,41 @@ def test_user_turns_keep_the_conversations_own_system_message(small_run):
             assert first == {"role": "system", "content": "Answer as a pirate."}
         else:
             assert first["role"] == "user"
+
+
+def test_models_on_a_gpu_put_the_stage_in_a_gpu_task(small_run, tiny_models):
+    """On a cluster the driver runs on the head node, which often has no GPU: a vLLM or
+    cuda model anywhere in the stage must be loaded in a task that holds one."""
+    from pipelines.rounds import actor_gpus
+    from pipelines.stages.evaluate.stage import model_specs
+
+    tiny = {"id": str(tiny_models.causal_lm), "engine": "transformers", "max_context_tokens": 1024}
+    on_gpu = {**tiny, "engine": "vllm"}
+    for policy, judge, gpus in ((tiny, tiny, 0.0), (on_gpu, tiny, 1.0), (tiny, {**tiny, "device": "cuda"}, 1.0)):
+        config = parse_config({"run_dir": str(small_run), "models": {"policy": policy, "judge": judge}})
+        specs = model_specs(config)
+        assert specs["trained"].id == str((small_run / "train" / "model").resolve())
+        assert specs["trained"].engine == policy["engine"]   # the trained policy keeps the policy's engine
+        assert actor_gpus(*specs.values()) == gpus
+
+
+def test_the_stage_measures_the_same_in_a_ray_task(ray_session, small_run, tiny_models):
+    """What the GPU task runs, run on a worker (CPU here): it reads the run directory and
+    loads the models there, and its result comes back whole."""
+    import os
+    from pipelines.runtime import in_ray_task
+    from pipelines.stages.evaluate.stage import measure
+
+    tiny = {"id": str(tiny_models.causal_lm), "engine": "transformers", "max_context_tokens": 1024}
+    config = parse_config({"run_dir": str(small_run), "models": {"policy": tiny, "judge": tiny},
+                           "evaluate": {"max_turns": 2, "max_new_tokens": 4, "bootstrap_samples": 20,
+                                        "criteria": ["overall"], "judge_checks": 0,
+                                        **{bench: {"path": path, "n": 0} for bench, path in (
+                                            ("gsm8k", "data/eval/gsm8k_test.jsonl"), ("math500", "data/eval/math500_test.jsonl"),
+                                            ("arena_hard", "data/eval/arena-hard-v0.1_question.jsonl"))}}})
+    here = measure(config)
+    there = in_ray_task(measure, config)
+    assert there == here
+    # Two users' first and follow-up turns (max_turns 2 each), trained == base: all ties.
+    assert [(j.kind, j.winner) for j in there[1]] == [("first", "tie")] * 2 + [("followup", "tie")] * 2
+    assert in_ray_task(lambda: os.getpid()) != os.getpid()   # it ran in a worker

@@ -20,8 +20,11 @@ Four blocks, each naming the judge (or scorer) behind its numbers:
   solution's words shuffled and cut to half (nonsense). Rewrite pairs are not used: that
   the rewrite is better is the pipeline's assumption, not a known answer.
 
-Generation and judging run in the driver process, batched by the engines: the stage is a
-few hundred prompts, and on a GPU one vLLM engine per model batches them better than a pool.
+Generation and judging run in one process, batched by the engines: the stage is a few
+hundred prompts, and on a GPU one vLLM engine per model batches them better than a pool.
+That process is the driver when every model runs on CPU (or over HTTP), else one Ray task
+holding a GPU (`runtime.in_ray_task`): on a cluster the driver runs on the head node, which
+often has none.
 What is asked (turns, benchmark items, known pairs) is built in pipelines/stages/evaluate/items.py.
 Output: `<run_dir>/evaluate/summary.json` (with `arms` for the run report),
 `judgements.jsonl` (one row per comparison) and `reasoning.jsonl` (one row per answer).
@@ -42,7 +45,8 @@ from pipelines.stages.evaluate import stats
 from pipelines.config import RunConfig
 from pipelines.stages.evaluate.items import EvalItem, benchmark_items, benchmark_path, known_pairs, user_turns
 from pipelines.contract import StageWriter, fingerprint, require_stage
-from pipelines.rounds import ingest_rounds, last_train_round, policy_spec, upstream_round
+from pipelines.rounds import actor_gpus, ingest_rounds, last_train_round, policy_spec, upstream_round
+from pipelines.runtime import in_ray_task
 from pipelines.schema import stage_dir, step_name
 
 STAGE = "evaluate"
@@ -109,12 +113,17 @@ class Arms:
         return texts
 
 
+def model_specs(config: RunConfig) -> dict[str, ModelSpec]:
+    """The stage's models: "base" and "trained" policies and the "judge"."""
+    return {"base": config.models.policy, "trained": policy_spec(config, last_train_round(config) + 1),
+            "judge": config.models.judge}
+
+
 def make_arms(config: RunConfig, engines: dict[str, GenerationEngine] | None = None) -> Arms:
     """Arms from the config; `engines` ("base", "trained", "judge") replaces any of them
     (tests, or a caller that already holds the models). Equal specs share one engine."""
     engines = dict(engines or {})
-    specs = {"base": config.models.policy, "trained": policy_spec(config, last_train_round(config) + 1),
-             "judge": config.models.judge}
+    specs = model_specs(config)
     loaded: dict[str, GenerationEngine] = {}
     for role, spec in specs.items():
         if role not in engines:
@@ -260,18 +269,44 @@ def report_arms(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def run_evaluate(config: RunConfig, engines: dict[str, GenerationEngine] | None = None) -> dict[str, Any]:
     """Run the stage into `<run_dir>/evaluate/`; returns its summary. `engines` (optional,
     keys "base", "trained", "judge") replaces the engines built from the config."""
-    run_dir, settings, seed = Path(config.run_dir), config.evaluate, config.seed
+    run_dir, settings = Path(config.run_dir), config.evaluate
     train_round = last_train_round(config)
     last = config.online.rounds
     personas_round = upstream_round(config, "personas", last)
     upstream = {**{step_name(k, "ingest"): require_stage(run_dir, "ingest", k) for k in ingest_rounds(config, last)},
                 step_name(personas_round, "personas"): require_stage(run_dir, "personas", personas_round),
                 "train": require_stage(run_dir, "train", train_round)}
+    specs = model_specs(config)
+    gpus = 0.0 if engines else actor_gpus(*specs.values())
+    # On a cluster the driver runs on the head, which often has no GPU: a model that needs
+    # one is loaded in a task that holds one.
+    summary, judgements, reasoning_rows = (in_ray_task(measure, config, num_gpus=gpus) if gpus
+                                           else measure(config, engines))
+
+    with StageWriter(run_dir, STAGE) as stage:
+        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_jsonl(stage.tmp / "judgements.jsonl", [asdict(j) for j in judgements])
+        _write_jsonl(stage.tmp / "reasoning.jsonl", reasoning_rows)
+        benchmarks = [benchmark_path(getattr(settings, k).path) for k in ("gsm8k", "math500", "arena_hard")
+                      if getattr(settings, k).n or (k == "gsm8k" and settings.judge_checks)]
+        stage.commit(config=config, inputs=fingerprint(benchmarks), upstream=upstream,
+                     models=[{"role": role, "id": spec.id, "engine": spec.engine} for role, spec in specs.items()],
+                     counts={"judgements": len(judgements), "reasoning_answers": len(reasoning_rows),
+                             "arms": len(summary["arms"])})
+    summary["output"] = str(stage_dir(run_dir, STAGE))
+    return summary
+
+
+def measure(config: RunConfig, engines: dict[str, GenerationEngine] | None = None
+            ) -> tuple[dict[str, Any], list[Judgement], list[dict[str, Any]]]:
+    """Every block of the stage: (summary, judgements, reasoning rows). Loads the models."""
+    settings, seed = config.evaluate, config.seed
     arms = make_arms(config, engines)
     samples = settings.bootstrap_samples
     summary: dict[str, Any] = {
         "judge": {"id": arms.judge_id, "engine": arms.judge_spec.engine},
-        "policies": {"base": arms.base.spec.id, "trained": arms.trained.spec.id, "train_round": train_round},
+        "policies": {"base": arms.base.spec.id, "trained": arms.trained.spec.id,
+                     "train_round": last_train_round(config)},
         "usereval": {}}
     judgements: list[Judgement] = []
     if settings.max_turns:
@@ -295,21 +330,7 @@ def run_evaluate(config: RunConfig, engines: dict[str, GenerationEngine] | None 
         judgements += rows
     summary["judge_quality"], checks = judge_quality(arms, config, judgements)
     judgements += checks
-    summary = {"arms": report_arms(summary), **summary}
-
-    with StageWriter(run_dir, STAGE) as stage:
-        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        _write_jsonl(stage.tmp / "judgements.jsonl", [asdict(j) for j in judgements])
-        _write_jsonl(stage.tmp / "reasoning.jsonl", reasoning_rows)
-        benchmarks = [benchmark_path(getattr(settings, k).path) for k in ("gsm8k", "math500", "arena_hard")
-                      if getattr(settings, k).n or (k == "gsm8k" and settings.judge_checks)]
-        stage.commit(config=config, inputs=fingerprint(benchmarks), upstream=upstream,
-                     models=[{"role": role, "id": spec.id, "engine": spec.engine} for role, spec in
-                             (("base", arms.base.spec), ("trained", arms.trained.spec), ("judge", arms.judge_spec))],
-                     counts={"judgements": len(judgements), "reasoning_answers": len(reasoning_rows),
-                             "arms": len(summary["arms"])})
-    summary["output"] = str(stage_dir(run_dir, STAGE))
-    return summary
+    return {"arms": report_arms(summary), **summary}, judgements, reasoning_rows
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
