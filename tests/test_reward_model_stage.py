@@ -206,6 +206,24 @@ def test_the_stage_is_deterministic_for_a_seed(trained_run, tiny_models, tmp_pat
     assert again["accuracy_after"] == first["accuracy_after"]
 
 
+def test_training_in_a_ray_task_gives_the_same_model(ray_session, trained_run, tiny_models, tmp_path):
+    """An encoder on cuda trains in a Ray task holding a GPU (a cluster's head node often has
+    none): the same training on a worker (CPU here) writes the same model into the folder."""
+    from pipelines.runtime import in_ray_task
+    from pipelines.stages.train_reward_model import rewrite_pairs, train_into
+
+    run_dir, first = trained_run
+    pairs = rewrite_pairs(run_dir)
+    summary = in_ray_task(train_into, stage_config(run_dir, tiny_models), pairs[pairs["split"] == "train"],
+                          pairs[pairs["split"] == "eval"], tmp_path)
+    # Ray gives a one-CPU task one math thread, so sums are ordered differently: the loss
+    # agrees to float noise, the accuracies exactly.
+    assert summary["accuracy_after"] == first["accuracy_after"]
+    assert summary["loss"] == pytest.approx(first["loss"], rel=1e-2)
+    assert ((tmp_path / "model" / "model.safetensors").stat().st_size
+            == (run_dir / "reward_model" / "model" / "model.safetensors").stat().st_size)
+
+
 def test_zero_training_pairs_is_a_clear_error_and_publishes_nothing(tiny_models, tmp_path):
     from pipelines.stages.train_reward_model import run_reward_model
 

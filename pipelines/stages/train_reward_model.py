@@ -18,7 +18,8 @@ The encoder reads a text pair, (`encoder_prompt_text`, answer), exactly as
 so the pairs are tokenized here (`encode_pairs`, the same call as `score_text_pairs`)
 into the `chosen_ids` / `rejected_ids` columns TRL accepts as already processed, and
 `PairCollator` adds the encoder's segment ids; TRL keeps the loss and the training loop.
-Training runs in the driver process: one small encoder needs no Ray Train.
+Training runs in the driver process (one small encoder needs no Ray Train), or in one Ray
+task holding a GPU when the encoder runs on cuda: a cluster's head node often has none.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ from pipelines.config import RunConfig
 from pipelines.persona_join import user_splits
 from pipelines.schema import MODEL_FOLDER, model_path, stage_dir, table_path
 from pipelines.contract import StageWriter, require_stage
+from pipelines.rounds import actor_gpus
+from pipelines.runtime import in_ray_task
 
 STAGE = "reward_model"
 PAIR_COLUMNS = ["user_id", "split", "persona", "context", "chosen", "rejected"]
@@ -125,9 +128,6 @@ class PairCollator(DataCollatorForPreference):
 def run_reward_model(config: RunConfig) -> dict[str, Any]:
     """Train the `trained` reward model into `<run_dir>/reward_model/` (`model/`,
     `summary.json`, manifest) and return the summary."""
-    from transformers import set_seed
-    from trl import RewardConfig, RewardTrainer
-
     run_dir, settings = Path(config.run_dir), config.reward_model
     upstream = {name: require_stage(run_dir, name) for name in ("rewrites", "personas")}
     pairs = rewrite_pairs(run_dir)
@@ -138,8 +138,25 @@ def run_reward_model(config: RunConfig) -> dict[str, Any]:
             f"pairs, none from a training user (split in {table_path(run_dir, 'personas', 'users')}). Give the run "
             "more data (more conversations with feedback follow-ups, so more rewrites are kept), "
             "or drop 'reward_model' from `stages` and score rewards with the judge or classifier.")
+    gpus = actor_gpus(settings.encoder)
+    with StageWriter(run_dir, STAGE) as stage:
+        # A cluster's driver runs on the head node, which often has no GPU: an encoder on
+        # cuda trains in a task that holds one.
+        summary = (in_ray_task(train_into, config, train, held_out, stage.tmp, num_gpus=gpus) if gpus
+                   else train_into(config, train, held_out, stage.tmp))
+        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        stage.commit(config=config, upstream=upstream, models=[settings.encoder.model_dump()], counts=summary)
+    summary["output"] = str(stage_dir(run_dir, STAGE))
+    return summary
 
-    started = time.time()
+
+def train_into(config: RunConfig, train: pd.DataFrame, held_out: pd.DataFrame, folder: Path) -> dict[str, Any]:
+    """Train on `train`, score both splits before and after, save the model into
+    `folder/model/`; returns the summary."""
+    from transformers import set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    settings, started = config.reward_model, time.time()
     set_seed(config.seed)  # the fresh head's initialisation
     model, tokenizer = init_trained_reward_model(settings.encoder)
     window = min(settings.max_length, int(getattr(model.config, "max_position_embeddings", 512)))
@@ -148,43 +165,39 @@ def run_reward_model(config: RunConfig) -> dict[str, Any]:
     reward = RewardModel("trained", spec, scorer=scorer)
     before = {"eval": pairwise_accuracy(reward, held_out), "train": pairwise_accuracy(reward, train)}
 
-    with StageWriter(run_dir, STAGE) as stage:
-        scratch = stage.tmp / "trainer"
-        args = RewardConfig(
-            output_dir=str(scratch), num_train_epochs=settings.epochs,
-            learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
-            max_length=window, seed=config.seed, data_seed=config.seed,
-            remove_unused_columns=False,  # keep the segment-id columns for PairCollator
-            save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=True,
-            use_cpu=scorer.device == "cpu")
-        trainer = RewardTrainer(
-            model=model, args=args, train_dataset=encode_pairs(train, scorer),
-            processing_class=tokenizer,
-            data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id))
-        result = trainer.train()
-        model.eval()
-        after = {"eval": pairwise_accuracy(reward, held_out), "train": pairwise_accuracy(reward, train)}
+    scratch = folder / "trainer"
+    args = RewardConfig(
+        output_dir=str(scratch), num_train_epochs=settings.epochs,
+        learning_rate=settings.learning_rate, per_device_train_batch_size=settings.batch_size,
+        max_length=window, seed=config.seed, data_seed=config.seed,
+        remove_unused_columns=False,  # keep the segment-id columns for PairCollator
+        save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=True,
+        use_cpu=scorer.device == "cpu")
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=encode_pairs(train, scorer),
+        processing_class=tokenizer,
+        data_collator=PairCollator(pad_token_id=tokenizer.pad_token_id))
+    result = trainer.train()
+    model.eval()
+    after = {"eval": pairwise_accuracy(reward, held_out), "train": pairwise_accuracy(reward, train)}
 
-        model.save_pretrained(stage.tmp / MODEL_FOLDER, safe_serialization=True)
-        tokenizer.save_pretrained(stage.tmp / MODEL_FOLDER)
-        shutil.rmtree(scratch, ignore_errors=True)
-        summary = {
-            "train_pairs": len(train), "eval_pairs": len(held_out),
-            "train_users": int(train["user_id"].nunique()),
-            "eval_users": int(held_out["user_id"].nunique()),
-            "accuracy_before": before, "accuracy_after": after,
-            "loss": round(float(result.training_loss), 6),
-            "steps": int(result.global_step),
-            "seconds": round(time.time() - started, 3),
-            "encoder": settings.encoder.id, "max_length": window,
-            "device": str(trainer.args.device),
-        }
-        (stage.tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        stage.commit(config=config, upstream=upstream, models=[settings.encoder.model_dump()], counts=summary)
+    model.save_pretrained(folder / MODEL_FOLDER, safe_serialization=True)
+    tokenizer.save_pretrained(folder / MODEL_FOLDER)
+    shutil.rmtree(scratch, ignore_errors=True)
+    summary = {
+        "train_pairs": len(train), "eval_pairs": len(held_out),
+        "train_users": int(train["user_id"].nunique()),
+        "eval_users": int(held_out["user_id"].nunique()),
+        "accuracy_before": before, "accuracy_after": after,
+        "loss": round(float(result.training_loss), 6),
+        "steps": int(result.global_step),
+        "seconds": round(time.time() - started, 3),
+        "encoder": settings.encoder.id, "max_length": window,
+        "device": str(trainer.args.device),
+    }
     del trainer, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    summary["output"] = str(stage_dir(run_dir, STAGE))
     return summary
 
 
