@@ -16,7 +16,8 @@ of its kind's triggers, written with Unicode classes where `re` is Unicode-aware
 `\w`, `\s`, case folding), so skipping a text never changes what is found
 (tests/test_redact_corpora.py checks this on the bundled data, a generated corpus and edge cases).
 
-The kinds themselves (prefilters, triggers, libraries) are in pipelines/redact_kinds.py.
+The kinds themselves (prefilters, triggers, libraries) are in pipelines/redact_kinds.py and,
+for phones, pipelines/redact_phone.py.
 Nothing here touches the network (see `_email_detector` there; of detect-secrets only
 `analyze_string` is used, never `verify`, which calls vendors' APIs).
 """
@@ -31,7 +32,9 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.redact_kinds import BUILDERS, Detector, Finding, Spans
+from pipelines.redact_kinds import (Detector, Finding, Spans, credit_card_detector, email_detector, ip_detector,
+                                    secret_detector)
+from pipelines.redact_phone import phone_detector
 
 REDACTION_KINDS: tuple[str, ...] = ("email", "phone", "ip_address", "credit_card", "secret")
 
@@ -47,6 +50,9 @@ _CJK_RANGES = ((0x3000, 0x303F), (0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x
                (0xFF61, 0xFFDC), (0x20000, 0x2FFFF))
 _CJK = re.compile("[" + "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _CJK_RANGES) + "]")
 _CJK_RE2 = "[" + "".join(f"\\x{{{lo:x}}}-\\x{{{hi:x}}}" for lo, hi in _CJK_RANGES) + "]"
+# kind -> what builds its detector, in REDACTION_KINDS' order
+BUILDERS = {"email": email_detector, "phone": phone_detector, "ip_address": ip_detector,
+            "credit_card": credit_card_detector, "secret": secret_detector}
 
 
 class Redactor:

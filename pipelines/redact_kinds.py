@@ -5,7 +5,8 @@ triggers: RE2 reads \d, \w and \s as ASCII where `re` reads them as Unicode, so 
 prefilters use the wider classes below), `re` *trigger* regexes run on the texts the
 prefilter matched, and its library (presidio's recognizers, phonenumbers, detect-secrets)
 run on small windows around the trigger hits. Libraries are imported when a detector is
-built: presidio pulls in spaCy (~3.5 s).
+built: presidio pulls in spaCy (~3.5 s). Phones, the most involved kind, are in
+pipelines/redact_phone.py.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def _presidio_find(recognizer: Any, keep: Callable[[str, int, int], bool] | None
 
 # Triggers start with a digit or a literal so that `re` skips ahead to candidates. Libraries
 # are imported when a Redactor is built: presidio pulls in spaCy (~3.5 s).
-def _email_detector() -> Detector:
+def email_detector() -> Detector:
     import tldextract
     from presidio_analyzer.predefined_recognizers import EmailRecognizer
 
@@ -141,129 +142,6 @@ def _email_detector() -> Detector:
     return Detector("email", "@", (re.compile("@"),), 128, find_trimmed)
 
 
-def _is_plausible_phone(text: str, start: int, end: int) -> bool:
-    # WildChat is code-heavy: a bare digit run (1681234567, 9876543210) is far more often a
-    # timestamp, an id or a constant than a phone number; people who give a number write it
-    # with separators or a +country code. phonenumbers also takes '192.168.1.100' for one.
-    number = text[start:end]
-    return not (_DIGITS_ONLY.fullmatch(number) or _DOTTED_QUAD.fullmatch(number)
-                or _inside_longer_number(text, start, end))
-
-
-# A number as people write one: '+' and 7-15 digits, or digit groups joined by one space,
-# dash, dot or slash, the first group maybe in parentheses; a whole token (not inside a
-# word, path, decimal, time, version or id). It starts with its first character so that
-# `re` skips ahead to candidates; quantifiers are possessive, so a run that fails is not
-# retried from its middle.
-_PHONE_GROUP = r"(?:[ .\-/]\(?|\)[ \-]?)\d++"
-_PHONE_CANDIDATE = re.compile(rf"""
-    [+(\d] (?<![\w.,/\-#@$%&].)(?<!\d:.)           # a first character that starts a token
-    (?=(?:[ .\-/()+]{{0,2}}\d){{6}})                 # seven or more digits in all
-    (?: (?<=\+)\d{{7,15}}+                          # '+' and digits
-      | (?:(?<=\()\+?+\d++|(?<=\+)\d++|(?<=\d)\d*+) (?:{_PHONE_GROUP})++ \)?+ )  # or groups
-    (?![\w@]|[.,:/\-]\d)                           # and a last one that ends it
-""", re.VERBOSE)
-_DATE = re.compile(r"\d{4}([-/.])\d\d?\1\d\d?|\d\d?([-/.])\d\d?\2\d{2,4}")
-_SPACED_DIGITS = re.compile(r"[\d ]+")
-_LAST_GROUP = re.compile(r"[ .\-/()]+\d+\)?\Z")   # a candidate's last digit group, with its separator
-
-
-def _digits(text: str, start: int, end: int) -> int:
-    return sum(map(len, _DIGITS_ONLY.findall(text, start, end)))
-_ROUND_RANGE = re.compile(r"(\d+00)\s?-\s?(\d+00)")   # and both as long: checked in code
-# A line of numbers: only these characters (a digit among them, checked apart: `[...]*\d[...]*`
-# backtracked over every split of a long line that failed, cubic in its length).
-_NUMERIC_LINE = re.compile(r"[\d\s.,;:|()[\]{}+\-/]*")
-
-
-def _is_phone_candidate(text: str, start: int, end: int) -> bool:
-    """Worth asking phonenumbers about: 7-15 digits; without a '+', groups of at most 8
-    digits and not a date, a dotted quad, a decimal, a version ('10.0.19045.2965') or a row of
-    a table of numbers."""
-    number = text[start:end]
-    groups = _DIGITS_ONLY.findall(number)
-    if not 7 <= sum(map(len, groups)) <= 15:
-        return False
-    if number.startswith(("+", "(+")):
-        return True
-    if _DATE.fullmatch(number.strip("()")) or _DOTTED_QUAD.fullmatch(number.strip("()")):
-        return False
-    if max(map(len, groups)) > 8 or ("." in number and (len(groups) < 3 or min(map(len, groups)) < 2)):
-        return False  # phones written with dots have three groups or more, none of one digit
-    if (_ROUND_RANGE.fullmatch(number) and len(groups[0]) == len(groups[1])
-            and int(groups[0]) < int(groups[1])):
-        return False  # '3000-4000 words': a range of round numbers, not a phone
-    return not (_SPACED_DIGITS.fullmatch(number) and _in_table_of_numbers(text, start, end))
-
-
-def _in_table_of_numbers(text: str, start: int, end: int) -> bool:
-    """True when the line holds only numbers and so does the line before or after it
-    ('94 70 128 2114' in a pasted column): a table, not a number someone gives."""
-    line_start, line_end = text.rfind("\n", 0, start) + 1, text.find("\n", end)
-    line_end = len(text) if line_end < 0 else line_end
-    if not _numeric_line(text, line_start, line_end):
-        return False
-    before_start = text.rfind("\n", 0, max(0, line_start - 1)) + 1
-    after_end = text.find("\n", line_end + 1)
-    after_end = len(text) if after_end < 0 else after_end
-    return bool((line_start > 0 and _numeric_line(text, before_start, line_start - 1))
-                or (line_end < len(text) and _numeric_line(text, line_end + 1, after_end)))
-
-
-def _numeric_line(text: str, start: int, end: int) -> bool:
-    return bool(_NUMERIC_LINE.fullmatch(text, start, end)) and _DIGITS_ONLY.search(text, start, end) is not None
-
-
-def _phone_detector() -> Detector:
-    import phonenumbers
-    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
-
-    # Presidio's PhoneRecognizer runs phonenumbers' matcher once per region, for 8 regions,
-    # over every window (~0.7 ms). Here a candidate goes to the matcher only in the regions
-    # where a parse (~20 us) says it can be a number:
-    # - with a '+', the country it names, if the number has a length that country's numbers
-    #   have (leniency POSSIBLE): '+' and a country code say "phone number" even where the
-    #   area code is unassigned ('+1 (756) 836-1112'), which Presidio half-redacted;
-    # - without, each region PhoneRecognizer supports by default in which it is valid, with
-    #   PhoneRecognizer's leniency (VALID: national prefix too, where the region needs one).
-    default_regions = tuple(PhoneRecognizer.DEFAULT_SUPPORTED_REGIONS)
-
-    def parse(number: str, region: str | None) -> Any:
-        try:
-            return phonenumbers.parse(number, region)
-        except phonenumbers.NumberParseException:
-            return None
-
-    def matcher_regions(number: str) -> list[tuple[str, Any]]:
-        if number.startswith(("+", "(+")):
-            parsed = parse(number.lstrip("("), None)
-            if parsed is None or not phonenumbers.is_possible_number(parsed):
-                return []
-            return [(phonenumbers.region_code_for_country_code(parsed.country_code), phonenumbers.Leniency.POSSIBLE)]
-        parsed = [parse(number, region) for region in default_regions]
-        return [(region, phonenumbers.Leniency.VALID) for region, n in zip(default_regions, parsed)
-                if n is not None and phonenumbers.is_valid_number(n)]
-
-    def find_whole(text: str, lo: int, hi: int) -> Spans:
-        start, end = max(0, lo - 1), min(len(text), hi + 1)  # the matcher checks the characters around
-        spans = {(start + m.start, start + m.end) for region, leniency in matcher_regions(text[lo:hi])
-                 for m in phonenumbers.PhoneNumberMatcher(text[start:end], region, leniency=leniency)}
-        return [span for span in sorted(spans) if _is_plausible_phone(text, *span)]
-
-    def find(text: str, lo: int, hi: int) -> Spans:  # [lo, hi) is one candidate
-        # A candidate that ran into the next number ('+44 7911 123456 24/7') is no number as
-        # a whole: its shorter heads are tried, while they keep 7 digits.
-        spans, end = find_whole(text, lo, hi), hi
-        while not spans and (last := _LAST_GROUP.search(text, lo, end)) and _digits(text, lo, last.start()) >= 7:
-            end = last.start()
-            spans = find_whole(text, lo, end)
-        return spans
-
-    # The candidate's first character and the six more digits its lookahead asks for.
-    prefilter = rf"[+({_RE2_DIGIT}](?:[ .\-/()+]{{0,2}}{_RE2_DIGIT}){{6}}"
-    return Detector("phone", prefilter, (_PHONE_CANDIDATE,), None, find, keep_hit=_is_phone_candidate)
-
-
 def _is_public_ip(text: str, start: int, end: int) -> bool:
     # Private, loopback and documentation addresses (127.0.0.1, 2001:db8::1) identify nobody
     # and fill code samples. A dotted quad inside a longer dotted run or of single digits is
@@ -276,7 +154,7 @@ def _is_public_ip(text: str, start: int, end: int) -> bool:
     return ip.is_global and (ip.version == 4 or ip in _GLOBAL_UNICAST_V6)
 
 
-def _ip_detector() -> Detector:
+def ip_detector() -> Detector:
     from presidio_analyzer.predefined_recognizers import IpRecognizer
 
     # A dotted quad, or the start of a global IPv6 address: a group starting 2 or 3, then
@@ -288,7 +166,7 @@ def _ip_detector() -> Detector:
     return Detector("ip_address", prefilter, (trigger,), 48, _presidio_find(IpRecognizer(), _is_public_ip))
 
 
-def _credit_card_detector() -> Detector:
+def credit_card_detector() -> Detector:
     from presidio_analyzer import Pattern
     from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
 
@@ -302,7 +180,7 @@ def _credit_card_detector() -> Detector:
     return Detector("credit_card", prefilter, (trigger,), 2, _presidio_find(recognizer))
 
 
-def _secret_detector() -> Detector:
+def secret_detector() -> Detector:
     from detect_secrets.filters import heuristic
     from detect_secrets.plugins import (aws, azure_storage_key, basic_auth, discord,
                                         github_token, gitlab_token, jwt, keyword, openai,
@@ -388,9 +266,3 @@ def _secret_detector() -> Detector:
     prefilter = "|".join((token_prefixes.pattern, shapes, keyword_prefilter))
     return Detector("secret", prefilter, (token_prefixes, token_shapes), 0, find,
                      lowercase_triggers=(keywords,), whole_lines=True)
-
-
-# kind -> what builds its detector, in REDACTION_KINDS' order
-BUILDERS: dict[str, Callable[[], Detector]] = {
-    "email": _email_detector, "phone": _phone_detector, "ip_address": _ip_detector,
-    "credit_card": _credit_card_detector, "secret": _secret_detector}

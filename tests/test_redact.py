@@ -226,14 +226,15 @@ def test_a_long_line_of_spaced_numbers_is_checked_at_once():
     # in the redactor, 8 KB minutes (holding the GIL).
     import subprocess
     import sys
-    code = ("from pipelines.redact_kinds import _in_table_of_numbers; text = '123 4567, ' * 800 + 'end'; "
+    code = ("from pipelines.redact_phone import _in_table_of_numbers; text = '123 4567, ' * 800 + 'end'; "
             "print(any(_in_table_of_numbers(text, i, i + 8) for i in range(0, 8000, 10)))")  # each candidate
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("text", ["Write 3000-4000 words on it", "a 4000-5000 word essay", "ports 8000 - 9000"])
-def test_a_range_of_round_numbers_is_not_a_phone(redactor, text):
+@pytest.mark.parametrize("text", ["Write 3000-4000 words on it", "a 4000-5000 word essay", "ports 8000 - 9000",
+                                  "ports 3000-3005", "from 1995-2005", "ids 1200450-1200480"])
+def test_a_range_of_numbers_is_not_a_phone(redactor, text):
     # phonenumbers finds '3000-4000' valid in DE, IL and BR; redacting it would erase the
     # length a user asks for, which follow-up labels and personas read.
     assert redactor.redact(text) == (text, {})
@@ -268,6 +269,19 @@ def test_bare_hugging_face_github_google_and_anthropic_keys_are_redacted(redacto
     ("call me 415-555-2671 24/7", "call me <REDACTED_PHONE> 24/7")])
 def test_a_phone_number_followed_by_another_number_is_found(redactor, text, redacted):
     assert redactor.redact(text) == (redacted, {"phone": 1})
+
+
+@pytest.mark.parametrize("text, redacted", [
+    ("room 12 415-555-2671", "room 12 <REDACTED_PHONE>"),
+    ("I am 25 415-555-2671 is my number", "I am 25 <REDACTED_PHONE> is my number"),
+    ("order 7 (415)555-2671", "order 7 <REDACTED_PHONE>")])
+def test_a_phone_number_after_another_number_is_found(redactor, text, redacted):
+    assert redactor.redact(text) == (redacted, {"phone": 1})
+
+
+def test_a_phone_number_shaped_half_of_a_range_is_still_found(redactor):
+    # '2345-6789' is a local number's two halves, far apart: not a range.
+    assert redactor.redact("call +1 415-555-2671 or 2345-6789") == ("call <REDACTED_PHONE> or 2345-6789", {"phone": 1})
 
 
 def test_a_mastercard_2_series_number_is_redacted_and_a_luhn_invalid_one_is_not(redactor):
