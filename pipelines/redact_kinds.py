@@ -30,6 +30,8 @@ _EMAIL_LEAD = re.compile(r"[^@]*[!#$%&'*/=?^`{|}~]")
 _GLOBAL_UNICAST_V6 = ipaddress.ip_network("2000::/3")
 _SECRET_WINDOW = 400  # chars kept either side of a secret trigger on very long lines
 _UNQUOTED_SECRET = re.compile(r"(?=[^\s]*[A-Za-z])(?=[^\s]*\d)[A-Za-z0-9_\-/+=!@#$%^&*.~]{8,}")
+# A shell or .env assignment: an upper-case name, '=' without spaces, the rest of the line.
+_ENV_ASSIGNMENT = re.compile(r"^[ \t]*(?:export[ \t]+)?([A-Z][A-Z0-9_]*)=([A-Za-z0-9_\-/+=!@#$%^&*.~]{8,})[ \t]*$", re.M)
 
 Spans = list[tuple[int, int]]
 
@@ -241,13 +243,18 @@ def secret_detector() -> Detector:
                 for hit in re.finditer(rf"(?<!\w){re.escape(secret)}{word_end}", line):
                     end = _TOKEN_TAIL.match(text, lo + hit.end()).end() if widen else lo + hit.end()
                     spans.append((lo + hit.start(), end))
-        # `.env`, YAML and ~/.aws/credentials assign without quotes ('DB_PASSWORD=Tr0ub4dor3');
+        # `.env`, YAML and ~/.aws/credentials assign without quotes ('api_key: ikk6Yv9pQz2L');
         # code does too ('if password == user_input:'), so an unquoted value counts only when
         # it looks like a secret: 8+ characters of a token's alphabet, letters and digits.
         for secret in set(keyword_plugin.analyze_string(line, denylist_regex_to_group=unquoted)):
             if _UNQUOTED_SECRET.fullmatch(secret) and not any(fp(secret) for fp in false_positives):
                 for hit in re.finditer(rf"(?<!\w){re.escape(secret)}(?![\w/+=])", line):
                     spans.append((lo + hit.start(), lo + hit.end()))
+        # Written as a shell or .env assignment ('export DB_PASSWORD=correcthorsebattery'),
+        # which code seldom is, a value counts without digits too.
+        for hit in _ENV_ASSIGNMENT.finditer(line):
+            if names_a_keyword.search(hit.group(1).lower()) and not any(fp(hit.group(2)) for fp in false_positives):
+                spans.append((lo + hit.start(2), lo + hit.end(2)))
         # The plugin reports only the "BEGIN RSA PRIVATE KEY" marker; the whole block goes,
         # up to its END line (or, for a truncated paste, the first blank line).
         for marker in key_block.analyze_string(line):

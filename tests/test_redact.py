@@ -255,6 +255,15 @@ def test_unquoted_secrets_of_env_yaml_and_aws_files_are_redacted_and_code_is_not
     assert redactor.redact(code) == (code, {})
 
 
+def test_a_shell_or_env_assignment_of_a_secret_without_digits_is_redacted(redactor):
+    env = "export DB_PASSWORD=correcthorsebattery\nSECRET_KEY=mellowfieldstone\nDEBUG=verylongvalue\n"
+    assert redactor.redact(env) == ("export DB_PASSWORD=<REDACTED_SECRET>\nSECRET_KEY=<REDACTED_SECRET>\n"
+                                    "DEBUG=verylongvalue\n", {"secret": 2})
+    kept = ("PASSWORD = placeholder\nDB_PASSWORD=$DB_PASS\nAPI_KEY=your_api_key_here\n"
+            "PASSWORD=os.environ['X']\nTOKEN=abcdefghij\nPASSWORD=short\n")
+    assert redactor.redact(kept) == (kept, {})
+
+
 @pytest.mark.parametrize("prefix, body", [("hf_", "Qm7vR2xK9pL4sT8wZ1cN6bY3dF5gH0jA2e"),
                                           ("github_pat_", "11ABCDEFG0123456789xyz_" + "aB3" * 19 + "xy"),
                                           ("AIza", "SyD-9fKx2LmQ7wZt4RbN8yVc1HdJ3eGt5Qp"),
