@@ -74,6 +74,23 @@ def test_pair_datasets_are_ordered_split_and_cut_to_whole_global_batches(tmp_pat
     assert none_fit is None and len(left_out["too_long"]) == 18
 
 
+def test_pairs_longer_than_max_length_are_cut_to_it_from_the_end_of_the_answers(tmp_path, tiny_models):
+    from pipelines.stages.train.dpo_worker import build_dpo_trainer
+
+    write_pairs_stage(tmp_path, n_train=4, n_eval=0)
+    job = {"train": TrainConfig(max_length=48, per_device_batch_size=2, report_to=[]).model_dump(mode="json"),
+           "pairs": str(tmp_path / "pairs" / "pairs"), "policy": str(tiny_models.causal_lm),
+           "storage": str(tmp_path / "storage"), "scratch": str(tmp_path / "scratch"), "seed": 0, "save": False}
+    trainer = build_dpo_trainer(job, rank=0, world=1)
+    example = {"prompt_ids": list(range(1, 31)), "chosen_ids": list(range(100, 140)),
+               "rejected_ids": list(range(200, 205)), "pair_index": 0}
+    batch = trainer.data_collator([example])
+    assert batch["input_ids"].shape == (2, 48)     # chosen: 30 + 40 tokens, cut to 48
+    assert batch["input_ids"][0, :30].tolist() == list(range(1, 31))   # the prompt is kept whole
+    assert batch["input_ids"][1, :35].tolist() == list(range(1, 31)) + list(range(200, 205))
+    assert batch["pair_index"].tolist() == [0]
+
+
 def test_ledger_keeps_the_latest_attempt_of_each_step(tmp_path):
     ledger = tmp_path / "ledger"
     ledger.mkdir()

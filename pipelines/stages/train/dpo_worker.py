@@ -229,7 +229,11 @@ def build_dpo_trainer(job: dict[str, Any], rank: int, world: int, callbacks: lis
     trainer = _ledger_trainer_class()(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, peft_config=peft_config,
-        data_collator=_IndexCollator(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)),
+        # TRL cuts prompt + answer to max_length in its collator, and only in the one it builds
+        # itself: this one is given the same settings.
+        data_collator=_IndexCollator(DataCollatorForPreference(
+            pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
+            truncation_mode=args.truncation_mode, pad_to_multiple_of=args.pad_to_multiple_of)),
         callbacks=callbacks or [])
     trainer.ledger_path = storage / LEDGER / f"rank-{rank}.jsonl"
     return trainer
