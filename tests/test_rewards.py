@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import numpy as np
 import pytest
 
 from pipelines.config import RewardsConfig, parse_config
@@ -57,6 +58,17 @@ def test_quantile_threshold_keeps_the_top_share_of_this_runs_margins():
     apply_threshold(rows, RewardsConfig(threshold="quantile", quantile=0.5))
     assert [r["status"] for r in rows] == ["filtered", "filtered", "kept", "kept"]
     assert {r["reason"] for r in rows[:2]} == {"below_threshold"}
+
+
+def test_a_margin_at_the_quantile_cutoff_passes_as_stored_in_float32_too():
+    # The stage fits the cutoff on the actors' float64 margins and decides on the float32
+    # ones it stored: 0.7 is stored as 0.699999988..., which must still reach a 0.7 cutoff.
+    from pipelines.stages.reward_threshold import Threshold
+    settings = RewardsConfig(threshold="quantile", quantile=0.5)
+    threshold = Threshold.fit([0.2, 0.7, 0.9], [None, None, None], settings)
+    stored = [float(np.float32(m)) for m in (0.2, 0.7, 0.9)]
+    assert [threshold.passes(m, settings) for m in stored] == [False, True, True]
+    assert [threshold.passes(m, settings) for m in (0.2, 0.7, 0.9)] == [False, True, True]
 
 
 def test_tied_scores_make_no_pair_and_do_not_count_towards_the_quantile():

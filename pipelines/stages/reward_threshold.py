@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
 from pipelines.config import RewardsConfig
@@ -105,13 +106,22 @@ class Threshold:
     def fit(cls, margins: Sequence[float], variances: Sequence[float | None],
             settings: RewardsConfig) -> "Threshold":
         """From the margins and within-prompt variances of the prompts that make a pair."""
-        cutoff = quantile_cutoff(list(margins), settings.quantile) if settings.threshold == "quantile" else None
+        stored = [as_stored(m) for m in margins]
+        cutoff = quantile_cutoff(stored, settings.quantile) if settings.threshold == "quantile" else None
         return cls(pooled_std_of(variances), cutoff)
 
     def passes(self, margin: float, settings: RewardsConfig) -> bool:
+        margin = as_stored(margin)
         if self.cutoff is None:
             return margin_zscore(margin, self.scale) >= settings.min_z
         return margin >= self.cutoff
+
+
+def as_stored(margin: float) -> float:
+    """The margin as the `samples` table stores it (float32): the stage fits the threshold on
+    the actors' float64 margins and decides on the stored ones, and a margin at the cutoff
+    must pass either way."""
+    return float(np.float32(margin))
 
 
 def select(row: dict[str, Any]) -> dict[str, Any]:
