@@ -41,7 +41,7 @@ def train_stage(folder: Path, round_index: int) -> None:
                for s in range(1, 6)]
     metrics.append({"step": 5, "eval_loss": 0.6, "eval_rewards/accuracies": 0.75})
     summary = {"round": round_index, "train_pairs": 2, "eval_pairs": 1, "steps": 5, "final_loss": 0.44,
-               "train_reward_accuracy": 0.8, "eval_reward_accuracy": 0.75, "eval_loss": 0.6}
+               "last_step_reward_accuracy": 0.8, "eval_reward_accuracy": 0.75, "eval_loss": 0.6}
     write_stage(folder, "train", {}, summary,
                 files=("model/model.safetensors", "storage/ray/checkpoint_000000/model.safetensors",
                        "storage/ray/checkpoint_000001/model.safetensors"))

@@ -180,6 +180,7 @@ def test_train_stage_outputs_checkpoints_metrics_and_a_loadable_policy(killed_an
     assert {"rewards/accuracies", "rewards/margins", "logps/chosen", "samples_per_second"} <= set(steps[-1])
     # the 4 evaluation pairs follow the training pairs' pattern (short chosen, rambling rejected)
     assert summary["eval_pairs"] == 4 and summary["eval_reward_accuracy"] == 1.0 and summary["nodes"] == 1
+    assert summary["last_step_reward_accuracy"] == steps[-1]["rewards/accuracies"]   # one step's batch
     assert json.loads((out / "manifest.json").read_text())["counts"]["steps"] == 8
     model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=False, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(out / "model")

@@ -304,11 +304,11 @@ def train_section(run: Run) -> list[str]:
         if curves[k] and summary.get("eval_reward_accuracy") is not None:
             evals[k] = (curves[k][-1]["step"], summary["eval_reward_accuracy"])
         rows.append([k, summary.get("train_pairs"), summary.get("steps"), summary.get("final_loss"),
-                     summary.get("train_reward_accuracy"), summary.get("eval_reward_accuracy"),
+                     summary.get("last_step_reward_accuracy"), summary.get("eval_reward_accuracy"),
                      summary.get("eval_loss")])
     if not rows:
         return lines + [NOT_RUN, ""]
-    lines += markdown_table(["round", "train pairs", "steps", "final loss", "train reward accuracy",
+    lines += markdown_table(["round", "train pairs", "steps", "final loss", "reward accuracy, last logged step",
                              "eval reward accuracy", "eval loss"], rows)
     if skipped:
         lines += ["", *skipped]

@@ -199,8 +199,10 @@ def run_train(config: RunConfig, round_index: int = 0, *, fail_at_step: int | No
                 "left_out_too_long": len(left_out["too_long"]), "left_out_remainder": len(left_out["remainder"]),
                 "steps": final["global_step"], "epochs": settings.epochs if settings.max_steps < 0 else None,
                 "final_loss": next((r["loss"] for r in reversed(history) if "loss" in r), None),
-                "train_reward_accuracy": next((r["rewards/accuracies"] for r in reversed(history)
-                                               if "rewards/accuracies" in r), None),
+                # One logged step's batch (logging_steps), not the training set: a trend, read
+                # beside eval_reward_accuracy, which is over every evaluation pair.
+                "last_step_reward_accuracy": next((r["rewards/accuracies"] for r in reversed(history)
+                                                   if "rewards/accuracies" in r), None),
                 "eval_reward_accuracy": final.get("eval_rewards/accuracies"),
                 "eval_loss": final.get("eval_loss"),
                 "train_wall_seconds": final["train_wall_seconds"],
