@@ -205,6 +205,25 @@ def test_jsonl_malformed_lines_are_rejected_with_their_reason(redactor):
     assert result.rejects.column("detail").to_pylist()[8] == "model is int, not a string"
 
 
+def test_text_that_utf_8_cannot_hold_rejects_its_row_only(redactor):
+    """A lone surrogate (an emoji cut in half by an export) in JSONL, or invalid UTF-8 bytes
+    in a Parquet string: that row is rejected naming where, the others go on."""
+    lines = [b'{"user_id": "u1", "timestamp": 1700000000, "messages": [{"role": "user", "content": "hi \\ud83d there"}]}',
+             b'{"user_id": "u1", "timestamp": 1700000000, "messages": [{"role": "user", "content": "hi there"}]}']
+    result = check_records(jsonl(*lines), IngestConfig(), redactor)
+    assert result.conversations.num_rows == 1
+    assert result.rejects.select(["source_index", "reason"]).to_pylist() == [{"source_index": 0, "reason": "invalid_text"}]
+    assert result.rejects.column("detail")[0].as_py().startswith("turn 0: character 3 is a lone surrogate")
+
+    table = pa.Table.from_pylist([good_row(), good_row(), good_row()], schema=sample_schema())
+    language = pa.array([b"English", b"Eng\xfflish", b"English"], pa.binary()).view(pa.string())
+    table = table.set_column(table.schema.get_field_index("language"), "language", language)
+    result = check_records(list(wildchat_records(table, "input.parquet", 10)), IngestConfig(), redactor)
+    assert result.rows_in == 3 and result.conversations.num_rows == 2
+    assert result.rejects.select(["source_index", "reason"]).to_pylist() == [{"source_index": 11, "reason": "invalid_text"}]
+    assert "row 11: a string is not valid UTF-8" in result.rejects.column("detail")[0].as_py()
+
+
 def test_identifiers_are_redacted_before_anything_downstream(redactor):
     row = good_row()
     row["conversation"][0]["content"] = "Mail me at jane.doe@example.org please"

@@ -41,11 +41,17 @@ def structure_error(record: dict[str, Any]) -> tuple[str, str] | None:
             return "non_string_field", f"{field} is {type(record[field]).__name__}, not a string"
     if record["system"] is not None and not isinstance(record["system"], str):
         return "non_string_content", "the system message's content is not a string"
+    for name, text in (("user_id", record["user_id"]), ("model", record["model"]),
+                       ("language", record["language"]), ("the system message", record["system"])):
+        if isinstance(text, str) and (bad := _unencodable(text)):
+            return "invalid_text", f"{name}: {bad}"
     for index, turn in enumerate(turns):
         if turn is None or turn["content"] is None:
             return "null_content", f"turn {index}: content is null"
         if not isinstance(turn["content"], str):
             return "non_string_content", f"turn {index}: content is {type(turn['content']).__name__}, not a string"
+        if bad := _unencodable(turn["content"]):
+            return "invalid_text", f"turn {index}: {bad}"
         if not turn["content"].strip():
             return "blank_content", f"turn {index}: content has no non-whitespace text"
         if turn["role"] not in ("user", "assistant"):
@@ -54,6 +60,17 @@ def structure_error(record: dict[str, Any]) -> tuple[str, str] | None:
         if turn["role"] != expected:
             return "role_order", f"turn {index}: role {turn['role']!r} where {expected!r} was expected " \
                                  "(turns must alternate, starting with the user)"
+    return None
+
+
+def _unencodable(text: str) -> str | None:
+    """Why `text` cannot be written as UTF-8 (a lone surrogate: an emoji cut in half by an
+    export), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"character {exc.start} is a lone surrogate ({text[exc.start]!r}), which UTF-8 cannot hold; "
+                "re-export the file with whole characters")
     return None
 
 

@@ -193,7 +193,24 @@ def _column(table: pa.Table, name: str) -> list[Any]:
 
 
 def wildchat_records(table: pa.Table, source_file: str, first_index: int) -> Iterator[dict[str, Any]]:
-    """Plain records from rows in WildChat's Hub schema (one per row, none dropped)."""
+    """Plain records from rows in WildChat's Hub schema (one per row, none dropped). A row
+    whose strings are not valid UTF-8 becomes a record carrying the error (rejected as
+    `invalid_text`, naming the row), the others are read as usual."""
+    try:
+        records = list(_wildchat_records(table, source_file, first_index))
+    except UnicodeDecodeError as exc:
+        if table.num_rows > 1:   # find the row(s): read one by one
+            records = [record for i in range(table.num_rows)
+                       for record in wildchat_records(table.slice(i, 1), source_file, first_index + i)]
+        else:
+            records = [{"source_file": source_file, "source_index": first_index, "source_format": "wildchat",
+                        "conversation_hash": None,
+                        "error": ("invalid_text", f"row {first_index}: a string is not valid UTF-8 ({exc.reason} "
+                                                  f"at byte {exc.start}); re-encode the file as UTF-8")}]
+    yield from records
+
+
+def _wildchat_records(table: pa.Table, source_file: str, first_index: int) -> Iterator[dict[str, Any]]:
     table = table.combine_chunks()
     conversation = table.column("conversation").chunk(0) if table.num_rows else pa.array([], table.schema.field("conversation").type)
     flagged = _any_true(table.column("openai_moderation").combine_chunks(), "flagged") \
