@@ -249,6 +249,16 @@ def table_path(run_dir: Path | str, stage: str, table: str, round_index: int = 0
     return stage_dir(run_dir, stage, round_index) / table
 
 
+def pseudonym(user_key: str) -> str:
+    """The user id tables keep for a user key: a hash already (WildChat's 64-hex
+    `hashed_ip`, or a 40-hex combined key) as it is; anything else (an e-mail or a name in
+    a chat log's `user_id`, a served request's `user`) replaced by its SHA-256, so that no
+    table, persona or log carries it. The same key always gives the same id."""
+    if len(user_key) in (40, 64) and all(c in "0123456789abcdef" for c in user_key):
+        return user_key
+    return hashlib.sha256(user_key.encode("utf-8")).hexdigest()
+
+
 def conversation_id(user_id: str, conversation_hash: str, first_turn_key: str) -> str:
     """A stable, unique id for one conversation of one user.
 

@@ -23,6 +23,7 @@ from ray import serve
 
 from actors.engines import SamplingParams
 from actors.models import ModelSpec, resolve_model
+from pipelines.schema import pseudonym
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 logger = logging.getLogger("rlhi.serve")
@@ -228,24 +229,28 @@ class ChatReplica:
                        temperature: float | None, top_p: float | None,
                        seed: int | None) -> dict[str, Any]:
         """One completion; returns text, finish reason, token counts and the persona id."""
-        persona_id, persona = self.personas.get(user, (None, None)) if user else (None, None)
-        prompt = self.sampler.prompt(persona, messages)
+        # Serving personas are keyed by the id ingest made of the request's `user` (runs
+        # ingested before keys were hashed: the key itself).
+        persona_id, persona = (self.personas.get(pseudonym(user)) or self.personas.get(user, (None, None))
+                               if user else (None, None))
+        # Fitting a long conversation re-tokenizes it turn by turn (seconds): off the event
+        # loop, so other requests, health checks and batching go on meanwhile.
+        prompt = await asyncio.to_thread(self.sampler.prompt, persona, messages)
         base = self.sampler.params
+        # No seed: a fresh sample each time, as OpenAI's API does ("regenerate" must change
+        # the answer); a request's own seed makes it repeatable.
         params = SamplingParams(
             max_new_tokens=min(max_tokens or base.max_new_tokens, base.max_new_tokens),
             n=1, temperature=base.temperature if temperature is None else temperature,
-            top_p=base.top_p if top_p is None else top_p,
-            seed=base.seed if seed is None else seed)
+            top_p=base.top_p if top_p is None else top_p, seed=seed)
         engine = self.sampler.engine
         if seed is None:
             completion = await self._generate((prompt.messages, params))
         else:   # a request's own seed gives its own text only when it is decoded alone
             async with self.lock:
                 completion = (await asyncio.to_thread(engine.generate, [prompt.messages], params))[0][0]
-        prompt_tokens = engine.count_tokens(prompt.messages)
-        completion_tokens = completion.num_tokens
         return {"text": completion.text, "finish_reason": completion.finish_reason,
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "prompt_tokens": prompt.tokens, "completion_tokens": completion.num_tokens,
                 "persona_id": persona_id, "model": self.model_id, "created": int(time.time()),
                 "policy_version": self.policy_version}
 

@@ -6,6 +6,7 @@ Round 0's pairs hold bob (train) and eve (eval); round 1's pairs hold alice and 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -188,5 +189,15 @@ def test_forget_appends_a_record_per_call(tmp_path):
     forget_user(run_dir, "alice")
     forget_user(run_dir, "nobody")
     records = [json.loads(line) for line in (run_dir / LOG).read_text().splitlines()]
-    assert [r["user_id"] for r in records] == ["alice", "nobody"]
+    # The log keeps the id tables use for the user (a hash), never the key as given.
+    assert [r["user_id"] for r in records] == [hashlib.sha256(name).hexdigest() for name in (b"alice", b"nobody")]
+    assert "alice" not in (run_dir / LOG).read_text()
     assert records[0]["rows_removed"]["ingest/conversations"] == 2 and "time" in records[0]
+
+
+def test_a_user_is_found_by_the_key_given_or_by_the_hash_ingest_made_of_it():
+    from pipelines.tools.forget import user_mask
+    hashed = hashlib.sha256(b"bob@example.com").hexdigest()
+    table = pa.table({"user_id": [hashed, "bob@example.com", "carol", None]})
+    assert user_mask(table, "bob@example.com").to_pylist() == [True, True, False, False]
+    assert user_mask(table, hashed).to_pylist() == [True, False, False, False]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -177,7 +178,7 @@ def test_jsonl_with_a_leading_system_message_is_kept(redactor):
     result = check_records(jsonl(line), IngestConfig(), redactor)
     kept = result.conversations.to_pylist()[0]
     assert kept["system"] == "Be brief." and [t["role"] for t in kept["turns"]] == ["user", "assistant"]
-    assert kept["user_id"] == "u1" and kept["timestamp"].tzinfo is not None
+    assert kept["user_id"] == hashlib.sha256(b"u1").hexdigest() and kept["timestamp"].tzinfo is not None
 
 
 def test_jsonl_malformed_lines_are_rejected_with_their_reason(redactor):
@@ -222,6 +223,24 @@ def test_text_that_utf_8_cannot_hold_rejects_its_row_only(redactor):
     assert result.rows_in == 3 and result.conversations.num_rows == 2
     assert result.rejects.select(["source_index", "reason"]).to_pylist() == [{"source_index": 11, "reason": "invalid_text"}]
     assert "row 11: a string is not valid UTF-8" in result.rejects.column("detail")[0].as_py()
+
+
+def test_user_keys_that_are_not_hashes_are_hashed_so_no_table_carries_them(redactor):
+    """A chat log's user_id or a served request's `user` may be an e-mail or a name: tables
+    keep its SHA-256; WildChat's own 64-hex hashed_ip stays as it is."""
+    line = (b'{"user_id": "alice.smith@example.com", "timestamp": 1700000000, '
+            b'"messages": [{"role": "user", "content": "hi"}]}')
+    kept = check_records(jsonl(line), IngestConfig(), redactor).conversations.to_pylist()[0]
+    assert kept["user_id"] == hashlib.sha256(b"alice.smith@example.com").hexdigest()
+    served = good_row()
+    served["hashed_ip"] = "alice"
+    for turn in served["conversation"]:
+        turn["hashed_ip"] = "alice"
+    wildchat = good_row()
+    rows = check_records(records_of([served, wildchat]), IngestConfig(), redactor).conversations.to_pylist()
+    assert rows[0]["user_id"] == rows[0]["hashed_ip"] == hashlib.sha256(b"alice").hexdigest()
+    assert rows[1]["user_id"] == rows[1]["hashed_ip"] == wildchat["hashed_ip"] and len(wildchat["hashed_ip"]) == 64
+    assert "alice" not in str(rows)
 
 
 def test_identifiers_are_redacted_before_anything_downstream(redactor):

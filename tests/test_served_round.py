@@ -26,9 +26,10 @@ import requests
 from tests.conftest import WILDCHAT_SAMPLE, free_port
 
 TOKEN = "served-round-token-0123456789"
-# user-8, user-9 and user-11 fall in the evaluation split (a user's hash with seed 0 ranks
-# below eval_fraction 0.2; pipelines/stages/personas.py split_users), the others in train.
-USERS = ["user-0", "user-8", "user-1", "user-9", "user-2", "user-11", "user-3", "user-4"]
+# user-3, user-14 and user-15 fall in the evaluation split (the hash with seed 0 of the id
+# ingest makes of the key, its SHA-256, ranks below eval_fraction 0.2;
+# pipelines/stages/personas.py split_users), the others in train.
+USERS = ["user-0", "user-3", "user-1", "user-14", "user-2", "user-15", "user-4", "user-5"]
 ASKS = ["Write a poem about the sea.", "Explain how a bicycle gear works.", "Give me tips for a job interview.",
         "Describe the water cycle.", "How do I make bread at home?", "What is a hash table?",
         "Summarise the plot of Hamlet.", "Plan a weekend in Lisbon."]

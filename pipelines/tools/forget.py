@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import UserKey
 from pipelines.contract import MANIFEST
-from pipelines.schema import MODEL_FOLDER, round_dir, run_rounds, stage_dir, table_path
+from pipelines.schema import MODEL_FOLDER, pseudonym, round_dir, run_rounds, stage_dir, table_path
 from pipelines.stages.ingest.served import SNAPSHOT
 from pipelines.stages.ingest.checks import user_id as ingest_user_id
 
@@ -92,6 +92,7 @@ def forget_user(run_dir: Path, user_id: str, chat_log: Path | None = None) -> di
             touched_stages.add(round_dir(run_dir, k) / "ingest")  # the stage it is published with
 
     total = sum(removed.values())
+    user_id = pseudonym(user_id)   # an e-mail or a name given here is not written to forget.jsonl
     summary = {
         "user_id": user_id,
         "rows_removed": dict(sorted(removed.items())),
@@ -125,8 +126,11 @@ def user_tables(run_dir: Path) -> list[Path]:
 
 
 def user_mask(table: pa.Table, user_id: str) -> pa.ChunkedArray:
-    """True on the user's rows; a null user_id is not the user."""
-    return pc.fill_null(pc.equal(table.column("user_id"), user_id), False)
+    """True on the user's rows; a null user_id is not the user. Tables hold the id ingest
+    made of the user's key (`pseudonym`: the key itself when it is a hash), and runs ingested
+    before keys were hashed hold the key: either is the user."""
+    ids = pa.array(sorted({user_id, pseudonym(user_id)}), pa.string())
+    return pc.fill_null(pc.is_in(table.column("user_id"), value_set=ids), False)
 
 
 def remove_rows(path: Path, user_id: str) -> int:
@@ -161,7 +165,7 @@ def remove_from_chat_log(folder: Path, user_id: str) -> int:
         for path in part_paths(folder):
             table = pq.read_table(path, schema=SCHEMA)
             rows = table.select(["hashed_ip", "conversation"]).to_pylist()
-            drop = [any(user_id in chat_log_user_ids(ip)
+            drop = [any(user_id in {ip} | chat_log_user_ids(ip) or pseudonym(user_id) in chat_log_user_ids(ip)
                         for ip in (row["hashed_ip"], *(t["hashed_ip"] for t in row["conversation"])))
                     for row in rows]
             if any(drop):

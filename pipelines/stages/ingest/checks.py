@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 
 from pipelines.config import Filters, IngestConfig
-from pipelines.schema import CONVERSATIONS, REJECTS, conversation_id
+from pipelines.schema import CONVERSATIONS, REJECTS, conversation_id, pseudonym
 
 
 def structure_error(record: dict[str, Any]) -> tuple[str, str] | None:
@@ -92,15 +92,16 @@ def filter_reason(record: dict[str, Any], filters: Filters) -> tuple[str, str] |
 
 
 def user_id(record: dict[str, Any], user_key: str) -> str | None:
-    """The user a record belongs to. `hashed_ip` alone is used as it is (so WildChat's own
-    id still finds the user); combined keys are hashed together."""
+    """The user a record belongs to. `hashed_ip` alone is used as it is when it is a hash
+    (so WildChat's own id still finds the user), any other key hashed (`pseudonym`);
+    combined keys are hashed together."""
     if record["source_format"] == "jsonl":
-        return record["user_id"]
+        return pseudonym(record["user_id"])
     hashed_ip, agent, language = record["user_parts"]
     if not hashed_ip:
         return None
     if user_key == "hashed_ip":
-        return hashed_ip
+        return pseudonym(hashed_ip)
     parts = [hashed_ip, agent or ""] + ([language or ""] if user_key.endswith("accept_language") else [])
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:40]
 
@@ -114,7 +115,8 @@ def conversation_row(record: dict[str, Any], uid: str, cid: str, redactions: int
         "n_user_turns": sum(1 for t in turns if t["role"] == "user"),
         "n_chars": sum(len(t["content"]) for t in turns), "toxic": record["toxic"],
         "wildchat_redacted": record["wildchat_redacted"], "redactions": redactions,
-        "country": record["country"], "state": record["state"], "hashed_ip": record["hashed_ip"],
+        "country": record["country"], "state": record["state"],
+        "hashed_ip": record["hashed_ip"] and pseudonym(record["hashed_ip"]),
         "source_format": record["source_format"], "source_file": record["source_file"],
         "source_index": record["source_index"],
     }
