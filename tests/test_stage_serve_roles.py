@@ -1,12 +1,16 @@
-"""The rewrites and rewards stages with their rewriter / reward model behind `rlhi serve`.
+"""The rewrites and rewards stages with their rewriter / reward model behind `rlhi serve`,
+and the chat endpoint's persona lookup and sampling.
 
 A real Serve application on 127.0.0.1 (tiny models, real HTTP, a token file) is shared by
-the module and shut down at its end, as in tests/test_serve.py.
+the module and shut down at its end.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+
+import requests
 
 import pyarrow.parquet as pq
 import pytest
@@ -46,14 +50,34 @@ def served(ray_session, tiny_models, tmp_path_factory):
                            "policy": tiny, "judge": tiny},
                 "serve": {"port": free_port(), "token_file": str(token_file), "max_tokens": 8,
                           "request_timeout_s": 60, "reward": app_cfg, "rewrite": app_cfg,
-                          "chat": {**app_cfg, "enabled": False}},
+                          "chat": {**app_cfg, "log": {"enabled": False}}},
                 "resources": {"progress_bars": False}}
-    config = parse_config({"run_dir": str(tmp_path_factory.mktemp("unused")), **sections})
+    run_dir = tmp_path_factory.mktemp("serving")
+    _serving_personas(run_dir, {hashlib.sha256(b"alice@example.com").hexdigest(): "Likes short answers."})
+    config = parse_config({"run_dir": str(run_dir), **sections})
     serve.start(http_options={"host": "127.0.0.1", "port": config.serve.port})
     serve.run(build_app(config, token_digest(TOKEN)), name=APP_NAME, route_prefix="/")
     RLHIClient(f"http://127.0.0.1:{config.serve.port}", TOKEN).wait_healthy(timeout_s=60)
     yield sections
     serve.shutdown()
+
+
+def _serving_personas(run_dir, personas: dict[str, str]) -> None:
+    """A finished personas stage holding one serving persona per user id."""
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+
+    from pipelines.contract import StageWriter
+    from pipelines.schema import PERSONAS
+
+    rows = [{"persona_id": f"p-{user[:8]}", "user_id": user, "as_of": datetime(2024, 1, 1, tzinfo=timezone.utc),
+             "conversations_before": 1, "persona": text, "history_conversations": 1, "history_tokens": 5,
+             "redactions": 0, "backend": "extractive", "serving": True} for user, text in personas.items()]
+    with StageWriter(run_dir, "personas") as stage:
+        (stage.tmp / "personas").mkdir()
+        pq.write_table(pa.Table.from_pylist(rows, schema=PERSONAS), stage.tmp / "personas" / "part-0.parquet")
+        stage.commit(config_hash="hand-made", inputs=[], counts={}, seed=0)
 
 
 def _stage_config(sections, run_dir, **stage):
@@ -164,3 +188,26 @@ def test_no_server_is_a_clear_error_before_ray_data_starts(stage, pipeline_run, 
 
     with pytest.raises(ServeUnavailableError, match=rf"http://127\.0\.0\.1:{port}.*rlhi serve --config"):
         run(config)
+
+
+# ---------------------------------------------------------------- the chat endpoint
+
+def _chat(served, **body):
+    reply = requests.post(f"http://127.0.0.1:{served['serve']['port']}/v1/chat/completions", timeout=60,
+                          headers={"Authorization": f"Bearer {TOKEN}"},
+                          json={"messages": [{"role": "user", "content": "Tell me about the sea."}], **body})
+    reply.raise_for_status()
+    return reply.json()
+
+
+def test_chat_finds_the_persona_by_the_id_ingest_made_of_the_users_key(served):
+    # Tables key a user by the SHA-256 of a key that is not a hash (pipelines/schema.py pseudonym).
+    assert _chat(served, user="alice@example.com")["persona_id"] == f"p-{hashlib.sha256(b'alice@example.com').hexdigest()[:8]}"
+    assert _chat(served, user="bob")["persona_id"] is None
+
+
+def test_chat_without_a_seed_samples_afresh_and_a_seed_repeats(served):
+    unseeded = {_chat(served, temperature=1.0)["choices"][0]["message"]["content"] for _ in range(4)}
+    assert len(unseeded) > 1        # "regenerate" gives another answer (it drew seed 0 every time)
+    seeded = [_chat(served, temperature=1.0, seed=7)["choices"][0]["message"]["content"] for _ in range(2)]
+    assert seeded[0] == seeded[1]
