@@ -27,6 +27,7 @@ Rows are built by serve/chat_rows.py, which says what each WildChat field holds.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -110,6 +111,22 @@ def index_parts(folder: Path) -> dict[str, Path]:
     return index
 
 
+def conversation_owners(folder: Path) -> dict[str, str | None]:
+    """conversation id -> the `user` whose conversation it is, over the folder's parts."""
+    owners: dict[str, str | None] = {}
+    for path in part_paths(folder):
+        table = pq.read_table(path, columns=["conversation_hash", "hashed_ip"])
+        owners.update(zip(table.column(0).to_pylist(), table.column(1).to_pylist()))
+    return owners
+
+
+def user_scoped(conversation_id: str, user: str | None) -> str:
+    """The log's id for a conversation whose id another user already holds: the id plus a
+    hash of the user, so neither user's conversation replaces the other's."""
+    digest = hashlib.sha256((user or "").encode("utf-8")).hexdigest()[:12]
+    return f"{conversation_id}:{digest}"
+
+
 def recover_lost(folder: Path) -> int:
     """Conversations of batches a killed writer left open (their part never appeared);
     the leftover journals are removed."""
@@ -160,6 +177,7 @@ class ChatLogWriter:
             self.recovered_lost = recover_lost(self.folder)
             """Conversations a previous writer lost when it was killed mid-batch."""
             self._index = index_parts(self.folder)
+            self._owners = conversation_owners(self.folder)
             self._next_number = next_part_number(self.folder)
         if self.recovered_lost:
             logger.warning("chat log %s: the previous writer stopped mid-batch; %d conversations "
@@ -186,6 +204,12 @@ class ChatLogWriter:
                 journal = open(self.folder / f".open-batch-{number:06d}", "a")
                 self._batch = _Batch(number, self.clock(), journal)
             batch = self._batch
+            # Clients choose conversation ids: two users may send the same one ('my-chat-1'),
+            # and their turns must neither replace nor join each other's conversation.
+            owner = self._owners.setdefault(turn.conversation_id, turn.user)
+            if owner != turn.user:
+                turn = replace(turn, conversation_id=user_scoped(turn.conversation_id, turn.user))
+                self._owners.setdefault(turn.conversation_id, turn.user)
             snapshot = snapshot_of(turn)
             earlier = batch.snapshots.get(turn.conversation_id)
             if earlier is not None:

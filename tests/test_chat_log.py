@@ -5,6 +5,7 @@ writer is a real subprocess killed with SIGKILL.
 """
 from __future__ import annotations
 
+import hashlib
 import signal
 import subprocess
 import sys
@@ -87,6 +88,33 @@ def test_a_writer_killed_while_writing_a_part_never_shows_it_and_the_next_one_co
     assert log.recovered_lost == 40
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", ".writer", "part-000000.parquet"]
     log.close()
+
+
+def test_two_users_sending_the_same_conversation_id_keep_two_conversations(tmp_path, redactor):
+    """Clients choose conversation ids (the README's example uses 'my-chat-1'): bob's turn
+    must not replace alice's conversation, in the same batch, in a later one, or after a
+    restart of the writer."""
+    log = writer(tmp_path, redactor)
+    log.add(turn("my-chat-1", user="alice", reply="Alice's answer."))
+    log.add(turn("my-chat-1", user="bob", reply="Bob's answer."))
+    log.flush()
+    log.add(turn("my-chat-1", user="carol", reply="Carol's answer."))
+    log.close()
+    log = writer(tmp_path, redactor)
+    log.add(turn("my-chat-1", user="dave", reply="Dave's answer."))
+    log.add(turn("my-chat-1", user="alice", reply="Alice again.", minute=5,
+                 messages=[{"role": "user", "content": "Hello from my-chat-1."},
+                           {"role": "assistant", "content": "Alice's answer."},
+                           {"role": "user", "content": "More?"}]))
+    log.close()
+    logged = {r["hashed_ip"]: r for part in rows(tmp_path) for r in part}
+    assert sorted(logged) == ["alice", "bob", "carol", "dave"]
+    assert logged["alice"]["conversation_hash"] == "my-chat-1"
+    assert [t["content"] for t in logged["alice"]["conversation"]] == [
+        "Hello from my-chat-1.", "Alice's answer.", "More?", "Alice again."]
+    others = {logged[u]["conversation_hash"] for u in ("bob", "carol", "dave")}
+    assert len(others) == 3 and all(cid.startswith("my-chat-1:") for cid in others)
+    assert [t["content"] for t in logged["bob"]["conversation"]] == ["Hello from my-chat-1.", "Bob's answer."]
 
 
 def test_a_batch_is_due_when_full_or_old(tmp_path, redactor):
@@ -220,7 +248,9 @@ def test_ingest_reads_the_log_back_without_rejects(tmp_path, redactor):
     [path] = part_paths(tmp_path)
     result = check_records(wildchat_records(pq.read_table(path), str(path), 0), IngestConfig(), redactor)
     assert result.rejects.num_rows == 0
-    assert [(r["user_id"], r["n_user_turns"]) for r in result.conversations.to_pylist()] == [("u1", 1), ("u2", 2)]
+    # the request's `user` becomes the id ingest makes of it (its SHA-256: no table keeps it)
+    assert [(r["user_id"], r["n_user_turns"]) for r in result.conversations.to_pylist()] == [
+        (hashlib.sha256(b"u1").hexdigest(), 1), (hashlib.sha256(b"u2").hexdigest(), 2)]
 
 
 def test_forget_removes_the_users_conversations_from_the_chat_log(tmp_path, redactor):
