@@ -104,14 +104,23 @@ class RewardModel:
                  for persona, context, candidate in rows]
         return self.scorer.encode_text_pairs(texts, [candidate for _, _, candidate in rows])
 
-    def _judge(self, rows: list[tuple[Any, Any, str]]) -> list[float]:
-        prompts = [fit_to_budget("reward_judge", persona, context, candidate=candidate,
-                                 count_tokens=self.engine.count_tokens,
-                                 max_tokens=self.engine.max_context_tokens,
-                                 reserve_tokens=2).messages
-                   for persona, context, candidate in rows]
-        scores = self.engine.score_continuations(prompts, [YES_NO] * len(prompts))
+    def judge_prompts(self, persona: str | None, messages: Sequence[Any],
+                      candidates: Sequence[str]) -> list[list[Message]]:
+        """The judge backend's prompt per candidate of one request, as `score_batch` builds
+        them (a persona that cannot fit raises PromptTooLong for this request alone)."""
+        return [fit_to_budget("reward_judge", persona, messages, candidate=candidate,
+                              count_tokens=self.engine.count_tokens,
+                              max_tokens=self.engine.max_context_tokens, reserve_tokens=2).messages
+                for candidate in candidates]
+
+    def score_judge_prompts(self, prompts: Sequence[list[Message]]) -> list[float]:
+        """Scores of judge prompts from `judge_prompts` (any number of requests', in order)."""
+        scores = self.engine.score_continuations(list(prompts), [YES_NO] * len(prompts))
         return [normalize(s)[0] for s in scores]
+
+    def _judge(self, rows: list[tuple[Any, Any, str]]) -> list[float]:
+        return self.score_judge_prompts([prompt for persona, context, candidate in rows
+                                         for prompt in self.judge_prompts(persona, context, [candidate])])
 
     def _classifier_chats(self, rows: list[tuple[Any, Any, str]]) -> list[list[Message]]:
         chats = []

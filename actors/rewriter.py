@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from actors.batch import Batch, map_batch
 from actors.engines import GenerationEngine, SamplingParams, make_engine
 from actors.models import SMOLLM2, ModelSpec, as_spec
-from actors.prompts import fit_to_budget
+from actors.prompts import Prompt, fit_to_budget
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,19 @@ class Rewriter:
     def rewrite_batch(self, personas: Sequence[str | None], contexts: Sequence[Sequence[Any]],
                       answers: Sequence[str], messages: Sequence[str | None]) -> list[Rewrite]:
         """Revise many answers in one engine call (a None message: no follow-up shown)."""
-        prompts = []
-        for persona, context, answer, message in zip(personas, contexts, answers, messages, strict=True):
-            role, turns, fields = rewrite_messages(self.spec.rewrite_prompt, persona, context, answer, message)
-            prompts.append(fit_to_budget(role, persona, turns, count_tokens=self.engine.count_tokens,
-                                         max_tokens=self.engine.max_context_tokens,
-                                         reserve_tokens=self.params.max_new_tokens, **fields))
+        return self.generate([self.prompt(persona, context, answer, message) for persona, context, answer, message
+                              in zip(personas, contexts, answers, messages, strict=True)])
+
+    def prompt(self, persona: str | None, context: Sequence[Any], answer: str, message: str | None) -> Prompt:
+        """The budgeted prompt of one rewrite (PromptTooLong when the persona and the request
+        cannot fit the window)."""
+        role, turns, fields = rewrite_messages(self.spec.rewrite_prompt, persona, context, answer, message)
+        return fit_to_budget(role, persona, turns, count_tokens=self.engine.count_tokens,
+                             max_tokens=self.engine.max_context_tokens,
+                             reserve_tokens=self.params.max_new_tokens, **fields)
+
+    def generate(self, prompts: Sequence[Prompt]) -> list[Rewrite]:
+        """The rewrites of prompts from `prompt`, in one engine call."""
         outputs = self.engine.generate([p.messages for p in prompts], self.params)
         return [Rewrite(out[0].text.strip(), out[0].finish_reason, p.context_truncated)
                 for p, out in zip(prompts, outputs)]

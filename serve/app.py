@@ -75,6 +75,12 @@ def make_fastapi(limits: Limits, digest: str, max_body_bytes: int) -> FastAPI:
                                       "request id", "request_id": rid},
                             status_code=exc.status)
 
+    @app.exception_handler(TooLongForModel)
+    async def too_long(request: Request, exc: TooLongForModel) -> JSONResponse:
+        return JSONResponse({"error": "the persona and the last user turn (with the reply's tokens) do not fit "
+                                      "the model's context window; shorten the persona or the last message",
+                             "request_id": request_id_of(request.scope)}, status_code=422)
+
     app.add_middleware(Guard, digest=digest, max_body_bytes=max_body_bytes)
     return app
 
@@ -87,13 +93,22 @@ class ReplicaFailure(Exception):
         self.status, self.kind = status, kind
 
 
+class TooLongForModel(Exception):
+    """The request's persona and last turn cannot fit the model's window: a 422."""
+
+
 async def call_replica(response: Any, timeout_s: float) -> Any:
-    """Await a deployment response, turning any failure into a `ReplicaFailure`."""
+    """Await a deployment response, turning any failure into a `ReplicaFailure` (or, for a
+    request the model's window cannot hold, `TooLongForModel`)."""
+    from actors.prompts import PromptTooLong
+
     try:
         return await asyncio.wait_for(response, timeout_s)
     except (asyncio.TimeoutError, TimeoutError):
         raise ReplicaFailure(504, "timeout") from None
-    except Exception as exc:  # noqa: BLE001 - every replica error must become a 5xx
+    except Exception as exc:  # noqa: BLE001 - every replica error must become a 4xx or 5xx
+        if isinstance(exc, PromptTooLong) or isinstance(getattr(exc, "cause", None), PromptTooLong):
+            raise TooLongForModel() from None
         raise ReplicaFailure(503 if _is_unavailable(exc) else 500, type(exc).__name__) from None
 
 

@@ -65,8 +65,9 @@ class RewardReplica:
 
     async def score(self, request: tuple[str, list[dict], list[str]]) -> list[float]:
         """(persona, messages, candidates) -> one score per candidate."""
-        if not self.model.encodes:  # the judge: prompts and model call in one batch
-            return await self._score_requests(request)
+        if not self.model.encodes:  # the judge: prompts built here, per request, as below
+            prompts = await asyncio.to_thread(self.model.judge_prompts, *request)
+            return await self._score_requests(prompts)
         # Tokenized here, per request, while the current batch computes: the batch then
         # holds only the model call.
         rows = await asyncio.to_thread(self.model.encode, *request)
@@ -75,12 +76,15 @@ class RewardReplica:
             Encoded(rows, token_slots(tokens, self.max_batch_tokens, self.max_batch_size)))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def _score_requests(self, requests: list[tuple[str, list[dict], list[str]]]
-                              ) -> list[list[float]]:
-        """Each request is (persona, messages, candidates); all go into one model call."""
-        personas, contexts, candidates = zip(*requests)
-        return await asyncio.to_thread(self.model.score_batch, list(personas), list(contexts),
-                                       list(candidates))
+    async def _score_requests(self, requests: list[list[list[dict]]]) -> list[list[float]]:
+        """Each request is its candidates' judge prompts; all go into one model call."""
+        scores = await asyncio.to_thread(self.model.score_judge_prompts,
+                                         [prompt for prompts in requests for prompt in prompts])
+        out, k = [], 0
+        for prompts in requests:
+            out.append(scores[k:k + len(prompts)])
+            k += len(prompts)
+        return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01,
                  batch_size_fn=lambda requests: sum(r.slots for r in requests))
@@ -106,20 +110,23 @@ class RewriteReplica:
         spec = ModelSpec.model_validate(model)
         self.rewriter = Rewriter(spec.model_copy(
             update={"max_new_tokens": min(spec.max_new_tokens, max_tokens)}))
-        self.rewrite.set_max_batch_size(max_batch_size)
-        self.rewrite.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self._generate.set_max_batch_size(max_batch_size)
+        self._generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def ready(self) -> bool:
         return True
 
+    async def rewrite(self, request: tuple[str, list[dict], str, str]) -> dict:
+        """(persona, messages, answer, feedback) -> the rewrite. Its prompt is built here, per
+        request, so one that cannot fit fails alone, not the batch it would have joined."""
+        prompt = await asyncio.to_thread(self.rewriter.prompt, *request)
+        out = await self._generate(prompt)
+        return {"rewrite": out.text, "finish_reason": out.finish_reason,
+                "context_truncated": out.context_truncated}
+
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def rewrite(self, requests: list[tuple[str, list[dict], str, str]]) -> list[dict]:
-        """Each request is (persona, messages, answer, feedback)."""
-        personas, contexts, answers, feedback = (list(x) for x in zip(*requests))
-        out = await asyncio.to_thread(self.rewriter.rewrite_batch, personas, contexts,
-                                      answers, feedback)
-        return [{"rewrite": r.text, "finish_reason": r.finish_reason,
-                 "context_truncated": r.context_truncated} for r in out]
+    async def _generate(self, prompts: list[Any]) -> list[Any]:
+        return await asyncio.to_thread(self.rewriter.generate, prompts)
 
 
 def serving_personas_round(run_dir: str | Path) -> tuple[int, str | None]:

@@ -186,7 +186,7 @@ def build_schemas(limits: Limits) -> Schemas:
         # OpenAI clients send fields this server ignores (e.g. `frequency_penalty`), so
         # extra keys are allowed here, unlike the project's own endpoints.
         model_config = ConfigDict(extra="ignore")
-        model: str | None = None
+        model: Annotated[str, Field(max_length=256)] | None = None   # echoed in every streamed chunk
         messages: UserTurnLast
         user: Annotated[str, Field(max_length=256)] | None = None
         max_tokens: MaxTokens = None

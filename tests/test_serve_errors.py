@@ -81,3 +81,15 @@ def test_a_chat_seed_outside_int64_is_a_validation_error_not_a_replica_error():
         with pytest.raises(ValidationError, match="seed"):
             chat(messages=messages, seed=seed)
     assert chat(messages=messages, seed=2**63 - 1).seed == 2**63 - 1
+
+
+def test_a_chat_model_name_is_bounded_it_is_echoed_in_every_streamed_chunk():
+    from pydantic import ValidationError
+
+    from serve.schemas import build_schemas
+
+    chat = build_schemas(Limits()).ChatRequest
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValidationError, match="model"):
+        chat(messages=messages, model="m" * 257)   # 1 MB here made a 400 MB stream
+    assert chat(messages=messages, model="rlhi-policy").model == "rlhi-policy"

@@ -211,3 +211,23 @@ def test_chat_without_a_seed_samples_afresh_and_a_seed_repeats(served):
     assert len(unseeded) > 1        # "regenerate" gives another answer (it drew seed 0 every time)
     seeded = [_chat(served, temperature=1.0, seed=7)["choices"][0]["message"]["content"] for _ in range(2)]
     assert seeded[0] == seeded[1]
+
+
+def test_a_persona_too_long_for_the_window_fails_its_own_request_not_its_batch(served):
+    """The reward judge has a 512-token window here: a 20,000-character persona cannot fit.
+    That request is a 422 saying so; the requests batched beside it are answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, headers = f"http://127.0.0.1:{served['serve']['port']}", {"Authorization": f"Bearer {TOKEN}"}
+    long_persona = "Likes detail. " * 1500
+    messages = [{"role": "user", "content": "Name a colour."}]
+    bodies = [("score", {"persona": long_persona, "messages": messages, "candidates": ["Blue."]}),
+              ("rewrite", {"persona": long_persona * 4, "messages": messages, "answer": "Blue.", "feedback": "Shorter."})]
+    bodies += [("score", {"persona": "", "messages": messages, "candidates": ["Blue.", "Red."]})] * 3
+    bodies += [("rewrite", {"persona": "", "messages": messages, "answer": "Blue.", "feedback": "Shorter."})] * 3
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda b: requests.post(f"{base}/v1/{b[0]}", json=b[1], headers=headers, timeout=120),
+                                bodies))
+    assert [r.status_code for r in replies] == [422, 422] + [200] * 6
+    assert "do not fit the model's context window" in replies[0].json()["error"]
+    assert [len(r.json()["scores"]) for r in replies[2:5]] == [2, 2, 2]

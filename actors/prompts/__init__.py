@@ -91,6 +91,11 @@ def render(role: str, persona: str | None, context: Sequence[Any],
     return [Message(role="system", content=system), Message(role="user", content=user)]
 
 
+class PromptTooLong(ValueError):
+    """What must stay in a prompt (persona, last user turn, completion) cannot fit the model's
+    window: the request is too long for this model, whatever else is cut."""
+
+
 @dataclass(frozen=True)
 class Prompt:
     """A rendered prompt and how much was cut to fit the token budget."""
@@ -144,7 +149,7 @@ def _clip_to_budget(role: str, persona: str | None, turns: list[Message],
 
     lo, hi = 0, max(map(len, texts), default=0)   # invariant: a cap of `hi` characters is too long
     if count_tokens(clipped(lo)) > limit:
-        raise ValueError(f"the {role!r} prompt does not fit {limit} tokens even with every "
+        raise PromptTooLong(f"the {role!r} prompt does not fit {limit} tokens even with every "
                          "droppable text removed; raise max_context_tokens or lower max_new_tokens")
     while hi - lo > 1:
         mid = (lo + hi) // 2
