@@ -86,7 +86,7 @@ def existing_run(location: str):
     working copy first; a missing local folder is an error naming it."""
     from pipelines import storage
 
-    storage.check_location(location, "run directory")
+    location = storage.check_location(location, "run directory")
     if storage.is_remote(location):
         remote = storage.RemoteRun(location)
         if not remote.pull() and not any(remote.work_dir.iterdir()):

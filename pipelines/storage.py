@@ -61,13 +61,22 @@ def is_remote(location: str | Path) -> bool:
     return scheme(str(location)) not in (None, "file")
 
 
-def check_location(location: str, what: str) -> None:
-    """Refuse a location whose scheme is not one RLHI opens (a typo must not become a local
-    folder named 's3:')."""
+def check_location(location: str, what: str) -> str:
+    """The location to use: a `file://` URI as its local path, others as they are. Refuses a
+    scheme RLHI does not open (a typo must not become a local folder named 's3:')."""
     found = scheme(location)
     if found not in (None, "file", *SCHEMES):
         raise StorageError(f"{what} {location!r}: the scheme {found!r} is not supported; use a local "
                            f"path or one of {', '.join(s + '://' for s in SCHEMES)}")
+    if found == "file":
+        from urllib.parse import unquote, urlparse
+
+        parsed = urlparse(location)
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"{what} {location!r}: a file:// URI names a path on this machine "
+                               f"(file:///path), not on host {parsed.netloc!r}")
+        return unquote(parsed.path)
+    return location
 
 
 def open_uri(uri: str, what: str = "location") -> tuple[Any, str]:

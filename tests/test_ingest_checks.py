@@ -303,3 +303,18 @@ def test_the_median_of_a_histogram_is_the_median_of_the_values():
 
     for values in ([1], [1, 2], [3, 1, 2], [5, 5, 1, 1], [1, 1, 1, 2, 9, 9]):
         assert histogram_median(Counter(values)) == median(values)
+
+def test_moving_a_checked_part_into_place_can_be_retried(tmp_path):
+    """Ray retries a task whose worker died: a finish_part that had moved its parts already
+    must find its work done, not fail the stage."""
+    from pipelines.stages.ingest.stage import finish_part
+
+    for folder in ("work/kept", "work/rejects", "drops", "out/conversations", "out/rejects"):
+        (tmp_path / folder).mkdir(parents=True)
+    part = tmp_path / "work" / "kept" / "part-000000.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), part)
+    pq.write_table(pa.table({"y": [3]}), tmp_path / "work" / "rejects" / "part-000000.parquet")
+    for _ in range(2):
+        finish_part(str(part), str(tmp_path / "drops"), str(tmp_path / "out"))
+    assert pq.read_table(tmp_path / "out" / "conversations" / "part-000000.parquet").column("x").to_pylist() == [1, 2]
+    assert pq.read_table(tmp_path / "out" / "rejects" / "part-000000.parquet").column("y").to_pylist() == [3]

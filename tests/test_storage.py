@@ -227,3 +227,10 @@ def test_the_chat_app_reads_a_remote_runs_personas_from_its_pulled_working_copy(
     assert storage.local_copy("runs/local") == Path("runs/local")
     with pytest.raises(ConfigError, match="serve.run_dir 'gopher://x/run': the scheme 'gopher' is not supported"):
         parse_config({"serve": {"run_dir": "gopher://x/run"}})
+
+
+def test_a_file_uri_is_read_as_its_local_path_never_as_a_folder_named_file(tmp_path, wildchat_sample):
+    config = parse_config({"run_dir": f"file://{tmp_path}/run", "ingest": {"inputs": [f"file://{wildchat_sample}"]}})
+    assert config.run_dir == f"{tmp_path}/run" and config.ingest.inputs == [str(wildchat_sample)]
+    with pytest.raises(ConfigError, match="names a path on this machine"):
+        parse_config({"run_dir": "file://otherhost/run"})

@@ -80,9 +80,7 @@ class IngestConfig(_Section):
     @field_validator("inputs")
     @classmethod
     def _openable_inputs(cls, value: list[str]) -> list[str]:
-        for item in value:
-            check_location(item, "ingest input")
-        return value
+        return [check_location(item, "ingest input") for item in value]
 
 
 def known_redaction_kinds(value: list[str]) -> list[str]:
@@ -287,9 +285,7 @@ class ServeConfig(_Section):
     @field_validator("run_dir")
     @classmethod
     def _openable_run_dir(cls, value: str | None) -> str | None:
-        if value is not None:
-            check_location(value, "serve.run_dir")
-        return value
+        return None if value is None else check_location(value, "serve.run_dir")
 
 
 class RunConfig(_Section):
@@ -325,8 +321,7 @@ class RunConfig(_Section):
     @field_validator("run_dir")
     @classmethod
     def _openable_run_dir(cls, value: str) -> str:
-        check_location(value, "run_dir")
-        return value
+        return check_location(value, "run_dir")
 
     @model_validator(mode="before")
     @classmethod

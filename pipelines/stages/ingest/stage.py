@@ -145,8 +145,8 @@ def finish_part(part: str, drops_dir: str, out: str) -> None:
     rejects_path = part_path.parent.parent / "rejects" / part_path.name
     dropped = drops.read_drops(Path(drops_dir), _task_id(part_path))
     if not dropped.num_rows:  # the common case: both parts move as they are
-        part_path.rename(out_dir / "conversations" / part_path.name)
-        rejects_path.rename(out_dir / "rejects" / part_path.name)
+        _move(rejects_path, out_dir / "rejects" / part_path.name)
+        _move(part_path, out_dir / "conversations" / part_path.name)
         return
     table = pq.read_table(part_path)
     rows = pc.subtract(dropped.column("order"), drops.task_range(_task_id(part_path))[0])
@@ -159,6 +159,13 @@ def finish_part(part: str, drops_dir: str, out: str) -> None:
                                  table.filter(drop_mask).to_pylist())]
     rejects = pa.concat_tables([pq.read_table(rejects_path), pa.Table.from_pylist(extra, schema=REJECTS)])
     pq.write_table(rejects, out_dir / "rejects" / part_path.name)
+
+
+def _move(source: Path, target: Path) -> None:
+    """Rename `source` to `target`; done already (a task Ray retried after its worker died
+    mid-way) when only the target is there."""
+    if source.exists() or not target.exists():
+        source.rename(target)
 
 
 def _task_id(part: Path) -> int:
