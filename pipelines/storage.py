@@ -121,7 +121,8 @@ def _same_object(local: Path, entry: Any) -> bool:
 def download_inputs(inputs: list[str], work_dir: Path) -> list[str]:
     """Local paths for ingest's inputs: each URI (a file or a prefix) is downloaded into
     `<work_dir>/.inputs/<hash>/`, keeping its file names, and a file already there as the
-    store holds it (`_same_object`) is not downloaded again; local paths pass through."""
+    store holds it (`_same_object`) is not downloaded again; a file no longer under the
+    prefix is removed from the copy. Local paths pass through."""
     import pyarrow.fs as pafs
 
     local = []
@@ -140,6 +141,11 @@ def download_inputs(inputs: list[str], work_dir: Path) -> list[str]:
         else:
             files, base = filesystem.get_file_info(pafs.FileSelector(path, recursive=True)), path
             local.append(str(target))
+            # A file gone from the store (withdrawn, renamed) goes from the copy too, or
+            # ingest would read it from here on every later run.
+            listed = {target / entry.path[len(base) + 1:] for entry in files if entry.type == pafs.FileType.File}
+            for stale in [f for f in target.rglob("*") if f.is_file() and f not in listed] if target.is_dir() else []:
+                stale.unlink()
         for entry in files:
             destination = target / entry.path[len(base) + 1:]
             if entry.type != pafs.FileType.File or _same_object(destination, entry):

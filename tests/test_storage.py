@@ -163,6 +163,10 @@ def test_inputs_given_as_uris_are_downloaded_keeping_their_names(s3_bucket, tmp_
     assert Path(single[0]).name == wildchat_sample.name and Path(single[0]).read_bytes() == wildchat_sample.read_bytes()
     with pytest.raises(storage.StorageError, match="s3://rlhi-runs/datasets/missing.parquet': no such object"):
         storage.download_inputs([f"{s3_bucket}/datasets/missing.parquet"], tmp_path)
+    # a shard withdrawn from the store (data removal) or renamed is not read from the copy again
+    filesystem.move(f"{root}/wildchat/{wildchat_sample.name}", f"{root}/wildchat/renamed.parquet")
+    [again] = storage.download_inputs([f"{s3_bucket}/datasets/wildchat"], tmp_path)
+    assert sorted(p.name for p in Path(again).rglob("*") if p.is_file()) == ["renamed.parquet"]
 
 
 def test_an_input_reuploaded_with_the_same_size_is_downloaded_again(s3_bucket, tmp_path):
