@@ -6,7 +6,7 @@
                                `user` picks the serving persona, `conversation_id` groups turns
     GET  /v1/models            the served policy and its version, in OpenAI's list format
     GET  /healthz              no token; 200 once every enabled app is running, else 503
-    GET  /docs, /openapi.json  OpenAPI (token required like everything but /healthz)
+    GET  /docs, /openapi.json  OpenAPI (open, as /healthz: a browser sends no token)
 
 With `serve.chat.log.enabled` every finished chat turn also goes to the `chat_log`
 deployment (serve/chat_log.py), which writes the conversations as WildChat Parquet parts.
@@ -29,6 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -53,7 +54,21 @@ def make_fastapi(limits: Limits, digest: str, max_body_bytes: int) -> FastAPI:
     """The FastAPI app: routes are attached by the Gateway class below."""
     app = FastAPI(title="RLHI", version="1",
                   description="Reward scoring, rewriting and persona-guided chat. Every "
-                              "path except /healthz needs `Authorization: Bearer <token>`.")
+                              "path except /healthz, /docs and /openapi.json needs "
+                              "`Authorization: Bearer <token>` (in /docs: Authorize).")
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, declaring the bearer token every route needs (the Guard checks
+        it), so that /docs can send it."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -20,7 +20,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 TOKEN_ENV = "RLHI_API_TOKEN"
-OPEN_PATHS = frozenset({"/healthz"})
+# The health check, and the API's documentation (no model, no data; a browser cannot send a
+# token to open /docs, nor can Swagger UI to fetch the schema): everything else needs one.
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/openapi.json"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 

@@ -93,3 +93,19 @@ def test_a_chat_model_name_is_bounded_it_is_echoed_in_every_streamed_chunk():
     with pytest.raises(ValidationError, match="model"):
         chat(messages=messages, model="m" * 257)   # 1 MB here made a 400 MB stream
     assert chat(messages=messages, model="rlhi-policy").model == "rlhi-policy"
+
+
+def test_the_docs_open_without_a_token_and_declare_the_bearer_token_the_routes_need():
+    app = make_fastapi(Limits(), token_digest(TOKEN), max_body_bytes=1000)
+
+    @app.post("/v1/thing")
+    async def thing():
+        return {"ok": True}
+
+    anonymous = TestClient(app)
+    assert anonymous.get("/docs").status_code == 200 and "swagger" in anonymous.get("/docs").text.lower()
+    schema = anonymous.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    assert schema["security"] == [{"bearer": []}]
+    assert anonymous.post("/v1/thing").status_code == 401          # the routes still need it
+    assert anonymous.post("/v1/thing", headers={"Authorization": f"Bearer {TOKEN}"}).json() == {"ok": True}
