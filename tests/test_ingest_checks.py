@@ -253,16 +253,20 @@ def test_identifiers_are_redacted_before_anything_downstream(redactor):
     assert result.conversations.column("redactions").to_pylist() == [1]
 
 
-def decided_drops(tmp_path, parts: dict[int, list[tuple[str, str]]], cap: int, buckets: int) -> tuple[dict, dict]:
-    """Run drops.py's steps in-process on kept parts given as task -> [(conversation, user)];
-    returns {(task, row): (reason, detail)} and the histogram kept -> users."""
+def decided_drops(tmp_path, parts: dict[int, list[tuple]], cap: int, buckets: int) -> tuple[dict, dict]:
+    """Run drops.py's steps in-process on kept parts given as task -> [(conversation, user)]
+    or [(conversation, user, day)] (the conversation's timestamp; without one, all share a
+    day); returns {(task, row): (reason, detail)} and the histogram kept -> users."""
     from pipelines.stages.ingest import drops
 
     keys_dir, drops_dir = tmp_path / "keys", tmp_path / "drops"
     drops_dir.mkdir()
     for task, rows in parts.items():
         part = tmp_path / f"part-{task:06d}.parquet"
-        pq.write_table(pa.table({"conversation_id": [c for c, _ in rows], "user_id": [u for _, u in rows]}), part)
+        days = [row[2] if len(row) > 2 else 1 for row in rows]
+        pq.write_table(pa.table({"conversation_id": [row[0] for row in rows], "user_id": [row[1] for row in rows],
+                                 "timestamp": pa.array([datetime(2024, 1, d, tzinfo=timezone.utc) for d in days],
+                                                       pa.timestamp("us", tz="UTC"))}), part)
         drops.shard_keys(str(part), task, str(keys_dir), buckets)
     for bucket in sorted(keys_dir.glob("cid-*")):
         drops.find_duplicates(str(bucket), str(keys_dir), str(drops_dir), buckets)
@@ -293,6 +297,16 @@ def test_the_cap_counts_each_users_conversations_in_input_order_across_parts(tmp
     assert sorted(decided) == [(0, 4), (1, 0), (1, 1), (1, 2)]
     assert {reason for reason, _ in decided.values()} == {"user_cap"}
     assert histogram == {4: 1, 1: 1}
+
+
+def test_the_cap_keeps_each_users_earliest_conversations_whatever_the_order_of_the_files(tmp_path):
+    later, earlier = [(f"late{i}", "u", 20 + i) for i in range(3)], [(f"early{i}", "u", 1 + i) for i in range(3)]
+    for first, second in ((later, earlier), (earlier, later)):
+        (tmp_path / first[0][0]).mkdir()
+        decided, _ = decided_drops(tmp_path / first[0][0], {0: first, 1: second}, cap=2, buckets=2)
+        kept = [row[0] for task, rows in ((0, first), (1, second)) for i, row in enumerate(rows)
+                if (task, i) not in decided]
+        assert sorted(kept) == ["early0", "early1"]
 
 
 def test_the_median_of_a_histogram_is_the_median_of_the_values():

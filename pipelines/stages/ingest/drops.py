@@ -1,8 +1,10 @@
 """Duplicates and the per-user cap in bounded memory: the kept rows' keys, bucketed on disk.
 
 A kept row is dropped when its conversation_id was kept earlier in input order
-("duplicate"), or when its user already has `cap` conversations earlier in input order
-("user_cap"). Input order is (task_id, row), packed into one int64 `order`.
+("duplicate"), or when its user already has `cap` earlier conversations ("user_cap"): the
+user's first `cap` by conversation timestamp are kept (input order breaks ties), so which
+ones survive does not depend on the order of the input files, and a persona is built from
+the start of the user's history. Input order is (task_id, row), packed into one int64 `order`.
 
 No process holds every row's keys. Four steps, each a plain function on one file or one
 bucket, so the stage runs them as parallel Ray tasks (or one after another in-process):
@@ -12,7 +14,7 @@ bucket, so the stage runs them as parallel Ray tasks (or one after another in-pr
    same bucket, so the first in input order is known there; the others are written as
    drops, the survivors re-bucketed by user;
 3. `apply_cap`, per user bucket: every conversation of a user is in the same bucket; the
-   ones after the first `cap` in input order are drops. Returns the histogram of kept
+   ones after the first `cap` by timestamp are drops. Returns the histogram of kept
    conversations per user (count -> users), all the summary needs;
 4. the stage rewrites only the parts that lose rows, reading just their drops.
 Memory per task is one bucket: the stage picks the bucket count from the row count.
@@ -66,7 +68,7 @@ def write_buckets(table: pa.Table, buckets: np.ndarray, folder: Path, prefix: st
 
 def shard_keys(part: str, task_id: int, keys_dir: str, buckets: int) -> int:
     """Step 1: one kept part's keys into conversation buckets; returns its rows."""
-    table = pq.read_table(part, columns=["conversation_id", "user_id"])
+    table = pq.read_table(part, columns=["conversation_id", "user_id", "timestamp"])
     keys = table.append_column("order", order_of(task_id, table.num_rows))
     write_buckets(keys, buckets_of(keys.column("conversation_id"), buckets), Path(keys_dir), "cid",
                   f"task-{task_id:06d}")
@@ -85,16 +87,17 @@ def find_duplicates(bucket_dir: str, keys_dir: str, drops_dir: str, buckets: int
     detail = pc.binary_join_element_wise("conversation_id ", duplicates.column("conversation_id"),
                                          " was kept earlier in the input", "")
     write_drops(duplicates.column("order"), "duplicate", detail, Path(drops_dir) / f"{bucket.name}.parquet")
-    survivors = keys.filter(pa.array(first)).select(["order", "user_id"])
+    survivors = keys.filter(pa.array(first)).select(["order", "user_id", "timestamp"])
     write_buckets(survivors, buckets_of(survivors.column("user_id"), buckets), Path(keys_dir), "user", bucket.name)
     return duplicates.num_rows
 
 
 def apply_cap(bucket_dir: str, drops_dir: str, cap: int) -> dict[int, int]:
-    """Step 3: drop each user's conversations after the first `cap` in input order; returns
-    the histogram kept-conversations -> users of this bucket's users."""
+    """Step 3: drop each user's conversations after the first `cap` by timestamp (then input
+    order); returns the histogram kept-conversations -> users of this bucket's users."""
     bucket = Path(bucket_dir)
-    keys = pq.read_table(bucket).sort_by([("user_id", "ascending"), ("order", "ascending")])
+    keys = pq.read_table(bucket).sort_by([("user_id", "ascending"), ("timestamp", "ascending"),
+                                          ("order", "ascending")])
     users = pc.dictionary_encode(keys.column("user_id").combine_chunks()).indices.to_numpy()
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
     sizes = np.diff(np.r_[starts, len(users)])
