@@ -332,3 +332,51 @@ def test_moving_a_checked_part_into_place_can_be_retried(tmp_path):
         finish_part(str(part), str(tmp_path / "drops"), str(tmp_path / "out"))
     assert pq.read_table(tmp_path / "out" / "conversations" / "part-000000.parquet").column("x").to_pylist() == [1, 2]
     assert pq.read_table(tmp_path / "out" / "rejects" / "part-000000.parquet").column("y").to_pylist() == [3]
+
+
+def _ingest_file(path, redactor):
+    from pipelines.stages.ingest.sources import plan_file, read_task_records
+    records = [r for task in plan_file(path, "wildchat", 0, 1000) for r in read_task_records(task)]
+    return check_records(records, IngestConfig(), redactor)
+
+
+def _large(kind):
+    """`kind` as a file re-saved by pyarrow or polars may hold it: large strings and lists,
+    nanosecond timestamps."""
+    if pa.types.is_string(kind):
+        return pa.large_string()
+    if pa.types.is_list(kind):
+        return pa.large_list(kind.value_field.with_type(_large(kind.value_type)))
+    if pa.types.is_struct(kind):
+        return pa.struct([f.with_type(_large(f.type)) for f in kind])
+    if pa.types.is_timestamp(kind):
+        return pa.timestamp("ns", tz=kind.tz)
+    return kind
+
+
+def test_files_resaved_with_large_types_or_nanosecond_timestamps_read_as_the_hubs(tmp_path, redactor):
+    import pyarrow.compute as pc
+
+    hub = pa.Table.from_pylist([good_row(), good_row()], schema=sample_schema())
+    resaved = hub.cast(pa.schema([f.with_type(_large(f.type)) for f in hub.schema]))
+    stamps = resaved.column("timestamp")   # 789 ns more: digits a microsecond cannot hold
+    more = pc.add(stamps.cast(pa.int64()), 789).cast(stamps.type)
+    resaved = resaved.set_column(resaved.schema.get_field_index("timestamp"), "timestamp", more)
+    pq.write_table(hub, tmp_path / "hub.parquet")
+    pq.write_table(resaved, tmp_path / "resaved.parquet")
+    expected, got = _ingest_file(tmp_path / "hub.parquet", redactor), _ingest_file(tmp_path / "resaved.parquet", redactor)
+    assert got.rejects.num_rows == 0 and got.conversations.num_rows == 2
+    assert (got.conversations.drop_columns(["source_file"]).to_pylist()
+            == expected.conversations.drop_columns(["source_file"]).to_pylist())
+
+
+def test_a_turn_field_of_the_wrong_type_is_found_before_any_work_starts(tmp_path):
+    from pipelines.stages.ingest.sources import InputError, plan_file
+
+    hub = pa.Table.from_pylist([good_row()], schema=sample_schema())
+    turn = hub.schema.field("conversation").type.value_type
+    strings = pa.struct([f.with_type(pa.string()) if f.name == "turn_identifier" else f for f in turn])
+    table = hub.cast(pa.schema([f.with_type(pa.list_(strings)) if f.name == "conversation" else f for f in hub.schema]))
+    pq.write_table(table, tmp_path / "ids-as-text.parquet")
+    with pytest.raises(InputError, match="ids-as-text.parquet: not in WildChat's schema: turn field 'turn_identifier' has type string"):
+        plan_file(tmp_path / "ids-as-text.parquet", "wildchat", 0, 1000)

@@ -32,12 +32,18 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # Columns ingest needs from a WildChat file; the rest are ignored (the source file and
 # row index keep the lineage back to them).
+# Files re-saved by pyarrow or polars may hold large (64-bit offset) strings and lists: read
+# as the ordinary ones.
+_is_string = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)  # noqa: E731
+_is_list = lambda t: pa.types.is_list(t) or pa.types.is_large_list(t)  # noqa: E731
 WILDCHAT_REQUIRED = {
-    "conversation_hash": pa.types.is_string, "model": pa.types.is_string,
-    "timestamp": pa.types.is_timestamp, "conversation": pa.types.is_list,
-    "language": pa.types.is_string, "hashed_ip": pa.types.is_string,
+    "conversation_hash": _is_string, "model": _is_string, "timestamp": pa.types.is_timestamp,
+    "conversation": _is_list, "language": _is_string, "hashed_ip": _is_string,
 }
-TURN_REQUIRED = {"role": pa.types.is_string, "content": pa.types.is_string}
+TURN_REQUIRED = {"role": _is_string, "content": _is_string}
+# Turn fields read when present: checked before any work starts, where a bad file can be
+# skipped (`ingest.skip_bad_files`), not in a worker halfway through the stage.
+TURN_OPTIONAL = {"timestamp": pa.types.is_timestamp, "turn_identifier": pa.types.is_integer}
 JSONL_CHUNK_BYTES = 16 << 20
 
 
@@ -110,6 +116,10 @@ def check_wildchat_schema(schema: pa.Schema, path: Path) -> None:
                     problems.append(f"turns have no field {name!r}")
                 elif not is_ok(turn.field(index).type):
                     problems.append(f"turn field {name!r} has type {turn.field(index).type}")
+            for name, is_ok in TURN_OPTIONAL.items():
+                index = turn.get_field_index(name)
+                if index >= 0 and not (is_ok(turn.field(index).type) or pa.types.is_null(turn.field(index).type)):
+                    problems.append(f"turn field {name!r} has type {turn.field(index).type}")
     if problems:
         raise InputError(f"{path}: not in WildChat's schema: {'; '.join(problems)}. "
                          "Expected the Hub's WildChat-1M/4.8M Parquet (or set ingest.format: jsonl)")
@@ -159,7 +169,20 @@ def _plan_jsonl(path: Path, task_id: int) -> list[ReadTask]:
 
 def read_wildchat_table(task: ReadTask) -> pa.Table:
     table = pq.ParquetFile(task.path).read_row_group(task.row_group)
-    return table.slice(task.start, task.stop - task.start)
+    table = table.slice(task.start, task.stop - task.start)
+    ordinary = pa.schema([field.with_type(_ordinary(field.type)) for field in table.schema])
+    return table if ordinary.equals(table.schema) else table.cast(ordinary)
+
+
+def _ordinary(kind: pa.DataType) -> pa.DataType:
+    """`kind` with large strings and lists as the ordinary ones, nested types included."""
+    if pa.types.is_large_string(kind):
+        return pa.string()
+    if pa.types.is_large_list(kind) or pa.types.is_list(kind):
+        return pa.list_(kind.value_field.with_type(_ordinary(kind.value_type)))
+    if pa.types.is_struct(kind):
+        return pa.struct([field.with_type(_ordinary(field.type)) for field in kind])
+    return kind
 
 
 def _any_true(lists: pa.Array, field: str) -> np.ndarray:
@@ -180,7 +203,9 @@ def _turn_array(conversation: pa.ListArray) -> pa.ListArray:
     for name, kind in (("role", pa.string()), ("content", pa.string()),
                        ("timestamp", TIMESTAMP), ("turn_identifier", pa.int64())):
         index = turns.type.get_field_index(name)
-        column = turns.field(index).cast(kind) if index >= 0 else pa.nulls(len(turns), kind)
+        # Nanosecond timestamps (some exports) are cut to microseconds, not refused.
+        column = (turns.field(index).cast(kind, safe=kind != TIMESTAMP) if index >= 0
+                  else pa.nulls(len(turns), kind))
         fields.append(column)
     struct = pa.StructArray.from_arrays(fields, ["role", "content", "timestamp", "turn_identifier"],
                                         mask=turns.is_null())
@@ -219,7 +244,7 @@ def _wildchat_records(table: pa.Table, source_file: str, first_index: int) -> It
     headers = _column(table, "header")
     cols = {name: _column(table, name) for name in
             ("conversation_hash", "model", "language", "hashed_ip", "toxic", "redacted", "country", "state")}
-    timestamps = table.column("timestamp").cast(TIMESTAMP).to_pylist()
+    timestamps = table.column("timestamp").cast(TIMESTAMP, safe=False).to_pylist()
     turns = _turn_array(conversation).to_pylist()
     for i in range(table.num_rows):
         header = headers[i] or {}
