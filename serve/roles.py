@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from actors.prompts import clip_middle
 from actors.rewriter import Rewrite
 from pipelines.config import RunConfig
 from serve.client import RLHIClient
@@ -39,6 +40,9 @@ class Endpoint:
     timeout_s: float = 130.0
     max_messages: int = 64
     """The server's serve.max_messages: longer contexts are cut to their last turns."""
+    max_chars: int = 100_000
+    """The server's serve.max_chars: longer texts are cut in the middle (ingest keeps turns
+    of up to ingest.filters.max_chars; the roles clip to their window anyway)."""
     concurrency: int = 4
     """Requests in flight per actor."""
 
@@ -64,13 +68,14 @@ def connect(config: RunConfig, config_path: str = "<this config>") -> Endpoint:
             "or set serve.url to where it runs, or set rewrites.rewriter_via / "
             "rewards.reward_via to `pool`")
     return Endpoint(url, token, timeout_s=config.serve.request_timeout_s + 10.0,
-                    max_messages=config.serve.max_messages)
+                    max_messages=config.serve.max_messages, max_chars=config.serve.max_chars)
 
 
-def fit_messages(messages: Sequence[dict], max_messages: int) -> list[dict]:
-    """The last `max_messages` messages, keeping a leading system message. The roles drop
-    the oldest turns first to fit their window anyway (actors/prompts fit_to_budget)."""
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+def fit_messages(messages: Sequence[dict], max_messages: int, max_chars: int = 100_000) -> list[dict]:
+    """The last `max_messages` messages, keeping a leading system message, each cut in the
+    middle to `max_chars` characters: what the server accepts. The roles drop the oldest
+    turns first and clip the rest to fit their window anyway (actors/prompts fit_to_budget)."""
+    messages = [{"role": m["role"], "content": clip_middle(m["content"], max_chars)} for m in messages]
     if len(messages) <= max_messages:
         return messages
     if messages[0]["role"] == "system":
@@ -100,8 +105,9 @@ class ServedRewriter:
                  message: str) -> Rewrite:
         if not answer.strip():
             return Rewrite("", EMPTY_ANSWER, 0)
-        out = self.client.rewrite(persona or "", fit_messages(context, self.endpoint.max_messages),
-                                  answer, message)
+        limit = self.endpoint.max_chars
+        out = self.client.rewrite(persona or "", fit_messages(context, self.endpoint.max_messages, limit),
+                                  clip_middle(answer, limit), clip_middle(message, limit))
         return Rewrite(out["rewrite"], out["finish_reason"], out["context_truncated"])
 
 
@@ -125,8 +131,9 @@ class ServedRewardModel:
         sent = [i for i, c in enumerate(candidates) if c]
         scores = [float("nan")] * len(candidates)
         if sent:
-            got = self.client.score(persona or "", fit_messages(context, self.endpoint.max_messages),
-                                    [candidates[i] for i in sent])
+            limit = self.endpoint.max_chars
+            got = self.client.score(persona or "", fit_messages(context, self.endpoint.max_messages, limit),
+                                    [clip_middle(candidates[i], limit) for i in sent])
             for i, score in zip(sent, got, strict=True):
                 scores[i] = float(score)
         return scores

@@ -122,6 +122,19 @@ def test_served_rewriter_returns_one_rewrite_per_answer_in_order(served, tiny_mo
     assert [r.text for r in remote] == [r.text for r in one_by_one]
 
 
+def test_turns_longer_than_the_server_takes_are_cut_not_refused(served, tmp_path):
+    """Ingest keeps conversations of up to 200,000 characters, the server refuses texts over
+    serve.max_chars (100,000): the served roles cut them in the middle, as the local roles
+    would to fit their window, instead of failing the stage with a 422."""
+    from serve.roles import ServedRewardModel, ServedRewriter, connect
+
+    endpoint = connect(_stage_config(served, tmp_path))
+    context = [[{"role": "user", "content": "Summarise this: " + "word " * 30_000}]]   # 150,016 characters
+    assert len(ServedRewardModel(endpoint).score_batch([""], context, [["Fine.", "x" * 120_000]])[0]) == 2
+    [rewrite] = ServedRewriter(endpoint).rewrite_batch([""], context, ["y" * 120_000], ["Shorter " * 15_000])
+    assert rewrite.context_truncated == 1   # nothing to drop, and the texts clipped to the window
+
+
 # ---------------------------------------------------------------- the stages
 
 def test_run_rewards_scores_through_the_served_app(served, pipeline_run, tmp_path):

@@ -144,8 +144,8 @@ def _clip_to_budget(role: str, persona: str | None, turns: list[Message],
     texts = [t["content"] for t in turns] + [v for v in fields.values() if isinstance(v, str)]
 
     def clipped(cap: int) -> list[Message]:
-        return render(role, persona, [Message(role=t["role"], content=_clip_middle(t["content"], cap)) for t in turns],
-                      **{k: _clip_middle(v, cap) if isinstance(v, str) else v for k, v in fields.items()})
+        return render(role, persona, [Message(role=t["role"], content=clip_middle(t["content"], cap)) for t in turns],
+                      **{k: clip_middle(v, cap) if isinstance(v, str) else v for k, v in fields.items()})
 
     lo, hi = 0, max(map(len, texts), default=0)   # invariant: a cap of `hi` characters is too long
     if count_tokens(clipped(lo)) > limit:
@@ -161,7 +161,7 @@ def _clip_to_budget(role: str, persona: str | None, turns: list[Message],
     return Prompt(messages, dropped + 1, count_tokens(messages))
 
 
-def _clip_middle(text: str, size: int) -> str:
+def clip_middle(text: str, size: int) -> str:
     """Keep the start and the end of `text` (the request and the question usually sit there)."""
     if len(text) <= size:
         return text
