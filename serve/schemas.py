@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 
 @dataclass(frozen=True)
@@ -179,6 +179,38 @@ def build_schemas(limits: Limits) -> Schemas:
 
     MaxTokens = Annotated[int, Field(ge=1, le=limits.max_tokens)] | None
 
+    class TextPart(BaseModel):
+        """One part of an OpenAI message's content list; only text is understood."""
+
+        model_config = ConfigDict(extra="ignore")
+        type: Literal["text"]
+        text: str
+
+    class ChatMessage(BaseModel):
+        """An OpenAI chat message: as `Message`, and also as OpenAI clients send one: a
+        `name` (ignored), content as a list of text parts (joined), role `developer` (the
+        newer name of `system`)."""
+
+        model_config = ConfigDict(extra="ignore")
+        role: Literal["system", "developer", "user", "assistant"]
+        content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=limits.max_messages)]
+
+        @field_validator("role")
+        @classmethod
+        def _system(cls, role: str) -> str:
+            return "system" if role == "developer" else role
+
+        @field_validator("content")
+        @classmethod
+        def _joined(cls, content: str | list[TextPart]) -> str:
+            text = content if isinstance(content, str) else "\n".join(part.text for part in content)
+            if len(text) > limits.max_chars:
+                raise ValueError(f"the message's text is over {limits.max_chars} characters")
+            return text
+
+    ChatMessages = Annotated[list[ChatMessage], Field(min_length=1, max_length=limits.max_messages),
+                             AfterValidator(_ends_with_user_turn)]
+
     class ChatRequest(BaseModel):
         """OpenAI chat completion request; `user` selects that user's serving persona and
         `conversation_id` (openai client: `extra_body`) groups turns into one conversation."""
@@ -187,7 +219,7 @@ def build_schemas(limits: Limits) -> Schemas:
         # extra keys are allowed here, unlike the project's own endpoints.
         model_config = ConfigDict(extra="ignore")
         model: Annotated[str, Field(max_length=256)] | None = None   # echoed in every streamed chunk
-        messages: UserTurnLast
+        messages: ChatMessages
         user: Annotated[str, Field(max_length=256)] | None = None
         max_tokens: MaxTokens = None
         max_completion_tokens: MaxTokens = Field(None, description="Newer name of max_tokens; "

@@ -109,3 +109,22 @@ def test_the_docs_open_without_a_token_and_declare_the_bearer_token_the_routes_n
     assert schema["security"] == [{"bearer": []}]
     assert anonymous.post("/v1/thing").status_code == 401          # the routes still need it
     assert anonymous.post("/v1/thing", headers={"Authorization": f"Bearer {TOKEN}"}).json() == {"ok": True}
+
+
+def test_chat_takes_messages_as_openai_clients_send_them():
+    """A `name` on a message, content as a list of text parts, role `developer`: the openai
+    client sends all three, and each was a 422."""
+    from pydantic import ValidationError
+
+    from serve.schemas import build_schemas
+
+    chat = build_schemas(Limits(max_chars=20)).ChatRequest
+    request = chat(messages=[{"role": "developer", "content": "Be brief.", "name": "ops"},
+                             {"role": "user", "name": "ann", "content": [{"type": "text", "text": "Hi"},
+                                                                        {"type": "text", "text": "there"}]}])
+    assert [m.model_dump() for m in request.messages] == [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": "Hi\nthere"}]
+    with pytest.raises(ValidationError, match="messages.0.content"):    # images are not understood
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    with pytest.raises(ValidationError, match="over 20 characters"):     # the bound holds for parts too
+        chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x" * 15}] * 2}])
