@@ -16,6 +16,16 @@ from actors.models import ModelSpec, load_model, load_tokenizer, pick_device
 _SANITIZE: dict[type, bool] = {}
 
 
+def sanitizing(tokenizer: Any) -> dict[str, bool]:
+    """The apply_chat_template keyword that encodes typed control tokens as plain text, where
+    this transformers version has it (else none). Everything that tokenizes a chat for the
+    policy passes it: sampling, scoring, and DPO (TRL's chat_template_kwargs)."""
+    if _SANITIZE.get(type(tokenizer)) is None:
+        params = inspect.signature(tokenizer.apply_chat_template).parameters
+        _SANITIZE[type(tokenizer)] = "sanitize_control_tokens" in params
+    return {"sanitize_control_tokens": True} if _SANITIZE[type(tokenizer)] else {}
+
+
 def chat_token_ids(tokenizer: Any, messages: Sequence[Message],
                    add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` through the model's chat template.
@@ -25,12 +35,7 @@ def chat_token_ids(tokenizer: Any, messages: Sequence[Message],
     turn of another role.
     """
     kwargs: dict[str, Any] = {"add_generation_prompt": add_generation_prompt,
-                              "tokenize": True, "return_dict": False}
-    if _SANITIZE.get(type(tokenizer)) is None:
-        params = inspect.signature(tokenizer.apply_chat_template).parameters
-        _SANITIZE[type(tokenizer)] = "sanitize_control_tokens" in params
-    if _SANITIZE[type(tokenizer)]:
-        kwargs["sanitize_control_tokens"] = True
+                              "tokenize": True, "return_dict": False, **sanitizing(tokenizer)}
     ids = tokenizer.apply_chat_template(list(messages), **kwargs)
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 

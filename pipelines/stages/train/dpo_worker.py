@@ -40,15 +40,15 @@ def prepare_pairs(pairs_dir: str, sources: list[str], tokenizer, max_length: int
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from actors.engines.transformers_engine import chat_token_ids
+
     table = pq.read_table(pairs_dir)
     table = table.filter(pc.is_in(table.column("source"), value_set=pa.array(sources))).sort_by("pair_id")
     columns = ["prompt", "chosen", "rejected", "pair_id"]
     left_out: dict[str, list[str]] = {"too_long": [], "remainder": []}
 
     def fits(row: dict) -> bool:
-        ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
-                                            return_dict=True)["input_ids"]
-        if len(ids) < max_length:
+        if len(chat_token_ids(tokenizer, row["prompt"])) < max_length:
             return True
         left_out["too_long"].append(row["pair_id"])
         return False
@@ -66,11 +66,16 @@ def load_pair_datasets(pairs_dir: str, sources: list[str], tokenizer, max_length
     """`prepare_pairs` as `datasets.Dataset`s (train with `pair_index`; eval None if empty)."""
     from datasets import Dataset
 
+    from actors.engines.transformers_engine import sanitizing
+
     train, evaluation, left_out = prepare_pairs(pairs_dir, sources, tokenizer, max_length, global_batch)
     fields = ("prompt", "chosen", "rejected")
-    train_set = Dataset.from_list([{**{k: r[k] for k in fields}, "pair_index": r["pair_index"]}
+    # TRL tokenizes each row with its chat_template_kwargs: control tokens a user typed stay
+    # plain text, as when the policy sampled the answer and as it will be served.
+    kwargs = {"chat_template_kwargs": sanitizing(tokenizer)} if sanitizing(tokenizer) else {}
+    train_set = Dataset.from_list([{**{k: r[k] for k in fields}, "pair_index": r["pair_index"], **kwargs}
                                    for r in train]) if train else None
-    eval_set = Dataset.from_list([{k: r[k] for k in fields} for r in evaluation]) if evaluation else None
+    eval_set = Dataset.from_list([{**{k: r[k] for k in fields}, **kwargs} for r in evaluation]) if evaluation else None
     return train_set, eval_set, left_out
 
 
