@@ -28,6 +28,8 @@ class Samples:
     prompt: list[Message]
     candidates: list[str]
     context_truncated: int
+    truncated: list[bool] | None = None
+    """Per candidate: cut at max_new_tokens (finish reason "length")."""
 
 
 class PolicySampler:
@@ -58,7 +60,8 @@ class PolicySampler:
         """`n` candidates for each conversation, generated in one engine call."""
         prompts = [self.prompt(p, c) for p, c in zip(personas, contexts, strict=True)]
         outputs = self.engine.generate([p.messages for p in prompts], self.params)
-        return [Samples(p.messages, [c.text for c in out], p.context_truncated)
+        return [Samples(p.messages, [c.text for c in out], p.context_truncated,
+                        [c.finish_reason == "length" for c in out])
                 for p, out in zip(prompts, outputs)]
 
     def prompt(self, persona: str | None, context: Sequence[Any], reserve_tokens: int | None = None):

@@ -145,6 +145,7 @@ SAMPLES = pa.schema([
     ("turn_index", pa.int32()),
     ("prompt", MESSAGES),
     ("candidates", pa.list_(pa.string())),
+    ("truncated", pa.list_(pa.bool_())),  # per candidate: cut at the policy's max_new_tokens
     ("scores", pa.list_(pa.float32())),
     ("reward_backend", pa.string()),
     ("round", pa.int32()),

@@ -100,9 +100,11 @@ def rewards_run(pipeline_run, tiny_models, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("rewards-run") / "run"
     shutil.copytree(source, run_dir)
     tiny = {"id": str(tiny_models.causal_lm), "max_new_tokens": 8, "max_context_tokens": 512}
+    # The tiny random model never ends an answer: every candidate is cut at 8 tokens.
     config = parse_config({"run_dir": str(run_dir), "resources": {"progress_bars": False},
                            "models": {"policy": tiny, "reward": tiny},
-                           "rewards": {"n": 3, "max_prompts": 12, "batch_size": 6, "min_z": 0}})
+                           "rewards": {"n": 3, "max_prompts": 12, "batch_size": 6, "min_z": 0,
+                                       "drop_truncated_chosen": False}})
     return config, run_rewards(config)
 
 

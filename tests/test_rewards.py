@@ -71,6 +71,18 @@ def test_a_margin_at_the_quantile_cutoff_passes_as_stored_in_float32_too():
     assert [threshold.passes(m, settings) for m in (0.2, 0.7, 0.9)] == [False, True, True]
 
 
+def test_a_best_candidate_cut_at_the_token_limit_makes_no_pair():
+    rows = [scored(["a long answer that was cut", "b", "c"], [3.0, 1.0, 0.0]),
+            scored(["a", "b complete", "c"], [0.0, 3.0, 1.0])]
+    for row, cut in zip(rows, ([True, False, False], [True, False, True])):
+        row["truncated"] = cut        # a cut rejected candidate is no reason to drop the pair
+    apply_threshold(rows, RewardsConfig(threshold="quantile", quantile=0.0))
+    assert [(r["status"], r["reason"]) for r in rows] == [("filtered", "truncated_chosen"), ("kept", None)]
+    again = [scored(["a long answer that was cut", "b", "c"], [3.0, 1.0, 0.0]) | {"truncated": [True, False, False]}]
+    apply_threshold(again, RewardsConfig(threshold="quantile", quantile=0.0, drop_truncated_chosen=False))
+    assert again[0]["status"] == "kept"
+
+
 def test_tied_scores_make_no_pair_and_do_not_count_towards_the_quantile():
     rows = [scored(["a", "b", "c"], [0.5, 0.5, 0.5]), scored(["a", "b"], [0.0, 1.0])]
     apply_threshold(rows, RewardsConfig(threshold="quantile", quantile=0.5))

@@ -86,15 +86,15 @@ class ScriptedEngine:
 
     max_context_tokens = 100_000
 
-    def __init__(self, reply=lambda prompt: ""):
-        self.reply, self.prompts = reply, []
+    def __init__(self, reply=lambda prompt: "", finish_reason="stop"):
+        self.reply, self.prompts, self.finish_reason = reply, [], finish_reason
 
     def count_tokens(self, messages):
         return sum(len(m["content"].split()) + 4 for m in messages)
 
     def generate(self, prompts, params):
         self.prompts += [list(p) for p in prompts]
-        return [[Completion(self.reply(p), 5, "stop")] * params.n for p in prompts]
+        return [[Completion(self.reply(p), 5, self.finish_reason)] * params.n for p in prompts]
 
     def score_continuations(self, prompts, continuations):
         self.prompts += [list(p) for p in prompts]
@@ -148,7 +148,9 @@ def tiny_roles(tiny_models, tiny_engine):
     return roles, engines
 
 
-def _run_tiny(tiny_roles, rows, settings=RewritesConfig(filter=QualityFilterConfig(min_tokens=1)), **options):
+# The tiny random model never ends an answer: every rewrite is cut at max_new_tokens.
+def _run_tiny(tiny_roles, rows, settings=RewritesConfig(filter=QualityFilterConfig(min_tokens=1, drop_truncated=False)),
+              **options):
     roles, engines = tiny_roles
     return rewrite_rows(rows, **roles, tokenize=words, settings=settings, **options), engines
 
@@ -206,6 +208,16 @@ def test_a_rewrite_the_judge_does_not_prefer_is_below_margin():
     [row], _ = _run([_row()], roles={"rewrite": "Paris, France's capital, is there.",
                                      "policy": "BETTER: Marseille is the capital."})
     assert (row["status"], row["reason"]) == ("filtered", "below_margin") and row["margin"] < 0
+
+
+def test_a_rewrite_cut_at_the_token_limit_is_dropped_before_the_judge():
+    roles, engines = _roles()
+    roles["rewriter"] = Rewriter("scripted", engine=ScriptedEngine(lambda p: "BETTER: Paris is", "length"))
+    [row] = rewrite_rows([_row()], **roles, tokenize=words, settings=RewritesConfig())
+    assert (row["status"], row["reason"]) == ("filtered", "truncated") and engines["judge"].prompts == []
+    kept_off = RewritesConfig(filter=QualityFilterConfig(drop_truncated=False))
+    [row] = rewrite_rows([_row()], **roles, tokenize=words, settings=kept_off)
+    assert row["reason"] is None
 
 
 def test_a_judge_that_only_follows_position_gives_no_margin():

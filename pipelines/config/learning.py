@@ -51,6 +51,10 @@ class QualityFilterConfig(_Section):
     drop_refusal_to_compliance: bool = True
     """A rewrite that complies where the rejected answer refused is dropped and counted:
     jailbreak re-attempts must not become training signal."""
+    drop_truncated: bool = True
+    """A rewrite cut at models.rewriter.max_new_tokens is dropped (`truncated`): as chosen,
+    its closed turn would teach the policy to stop mid-answer. Off only where the limit is
+    set low on purpose (a quick demo) and most rewrites are cut."""
 
 
 class RewritesConfig(_Section):
@@ -94,6 +98,10 @@ class RewardsConfig(_Section):
     """Turns whose follow-up carries no feedback (or that have none) are prompts."""
     max_prompts: PositiveInt | None = None
     """Cap on prompts sampled (the first ones by conversation and turn); None: all."""
+    drop_truncated_chosen: bool = True
+    """A prompt whose best candidate was cut at models.policy.max_new_tokens makes no pair
+    (`truncated_chosen`): as chosen, its closed turn would teach the policy to stop
+    mid-answer. Off only where the limit is set low on purpose and most answers are cut."""
     batch_size: PositiveInt = 8
     workers: PositiveInt | None = None
     reward_via: Literal["pool", "serve"] = "pool"

@@ -25,6 +25,9 @@ TOO_FEW_CANDIDATES = "too_few_candidates"
 INVALID_SCORES = "invalid_scores"
 IDENTICAL_CANDIDATES = "identical_candidates"
 EMPTY_CANDIDATE = "empty_candidate"
+# The best candidate was cut at the token limit: as chosen it would teach the policy to stop
+# mid-answer (the chat template closes the turn after it).
+TRUNCATED_CHOSEN = "truncated_chosen"
 TIED_SCORES = "tied_scores"
 BELOW_THRESHOLD = "below_threshold"
 
@@ -39,9 +42,11 @@ class Selection:
     reason: str | None
 
 
-def select_pair(candidates: Sequence[str], scores: Sequence[float]) -> Selection:
+def select_pair(candidates: Sequence[str], scores: Sequence[float],
+                truncated: Sequence[bool] | None = None) -> Selection:
     """The highest-scored candidate (chosen) against the lowest (rejected), first index on
-    ties; `reason` is set when they cannot make a pair, before any threshold."""
+    ties; `reason` is set when they cannot make a pair, before any threshold. `truncated`:
+    which candidates hit the token limit (None: unknown, as in runs made before it was kept)."""
     if len(candidates) != len(scores):
         raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
     if len(scores) < 2:
@@ -59,6 +64,8 @@ def select_pair(candidates: Sequence[str], scores: Sequence[float]) -> Selection
         return Selection(best, worst, margin, IDENTICAL_CANDIDATES)
     if not candidates[best].strip() or not candidates[worst].strip():
         return Selection(best, worst, margin, EMPTY_CANDIDATE)
+    if truncated and truncated[best]:
+        return Selection(best, worst, margin, TRUNCATED_CHOSEN)
     return Selection(best, worst, margin, None)
 
 
@@ -124,10 +131,10 @@ def as_stored(margin: float) -> float:
     return float(np.float32(margin))
 
 
-def select(row: dict[str, Any]) -> dict[str, Any]:
+def select(row: dict[str, Any], drop_truncated: bool = True) -> dict[str, Any]:
     """Set a scored row's pair (`select_pair`): margin, chosen and rejected indices, and the
     reason it makes no pair; status stays unset until the threshold. Returns the row."""
-    selection = select_pair(row["candidates"], row["scores"])
+    selection = select_pair(row["candidates"], row["scores"], row.get("truncated") if drop_truncated else None)
     row.update(margin=selection.margin, reason=selection.reason,
                chosen_index=selection.chosen, rejected_index=selection.rejected)
     return row
@@ -148,7 +155,7 @@ def apply_threshold(rows: list[dict[str, Any]], settings: RewardsConfig) -> list
     """Set status, reason and margin on scored rows (candidates, scores); rows that already
     carry a reason (over_cap) are left filtered. Returns the same rows. (The stage does
     the same in two passes over its parts: `select` in the workers, `decide` after.)"""
-    open_rows = [select(row) for row in rows if not row.get("reason")]
+    open_rows = [select(row, settings.drop_truncated_chosen) for row in rows if not row.get("reason")]
     paired = [row for row in open_rows if row["reason"] is None]
     threshold = Threshold.fit([row["margin"] for row in paired],
                               [within_variance(row["scores"]) for row in paired], settings)

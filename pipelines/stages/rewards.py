@@ -124,7 +124,8 @@ def sample_and_score(sampler, reward_model, personas: Sequence[str], contexts: S
     samples = sampler.sample_batch(list(personas), list(contexts))
     scores = reward_model.score_batch([p or None for p in personas], list(contexts),
                                       [s.candidates for s in samples])
-    return [{"prompt": s.prompt, "candidates": s.candidates, "scores": [float(x) for x in sc]}
+    return [{"prompt": s.prompt, "candidates": s.candidates, "truncated": s.truncated,
+             "scores": [float(x) for x in sc]}
             for s, sc in zip(samples, scores, strict=True)]
 
 
@@ -137,7 +138,7 @@ class RewardWorker:
     Endpoint) the reward model is the served app."""
 
     def __init__(self, policy: dict[str, Any], n: int, backend: str, reward: dict[str, Any], out: str,
-                 round_index: int, served: Endpoint | None = None) -> None:
+                 round_index: int, served: Endpoint | None = None, drop_truncated_chosen: bool = True) -> None:
         from actors.engines import EngineCache
         from actors.policy_sampler import PolicySampler
         from actors.reward_model import RewardModel
@@ -148,12 +149,13 @@ class RewardWorker:
         self.reward_model = ServedRewardModel(served) if served is not None else RewardModel(
             backend, reward, engine=engines.get(reward) if backend == "judge" else None)
         self.backend, self.out, self.round_index = backend, Path(out), round_index
+        self.drop_truncated_chosen = drop_truncated_chosen
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = batch.drop_columns([BATCH]).to_pylist()
         scored = sample_and_score(self.sampler, self.reward_model, [p["persona"] for p in prompts],
                                   [p["context"] for p in prompts])
-        rows = [select(sample_row(prompt, result, self.backend, self.round_index))
+        rows = [select(sample_row(prompt, result, self.backend, self.round_index), self.drop_truncated_chosen)
                 for prompt, result in zip(prompts, scored)]
         pq.write_table(pa.Table.from_pylist(rows, schema=SAMPLES),
                        self.out / batch_part_name(batch))
@@ -191,7 +193,8 @@ def score_with_ray(prompts: pd.DataFrame, config: RunConfig, policy: ModelSpec, 
         RewardWorker, batch_size=settings.batch_size, batch_format="pyarrow", num_cpus=0.5, num_gpus=gpus,
         fn_constructor_kwargs={"policy": policy.model_dump(), "n": settings.n, "backend": settings.backend,
                                "reward": reward_model_spec(config), "out": str(out),
-                               "round_index": round_index, "served": served},
+                               "round_index": round_index, "served": served,
+                               "drop_truncated_chosen": settings.drop_truncated_chosen},
         compute=ray.data.ActorPoolStrategy(size=min(workers, batches)))
     parts = list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))
     return pa.concat_tables(parts) if parts else SELECTION.empty_table()
@@ -225,6 +228,7 @@ def sample_row(prompt: dict[str, Any], result: dict[str, Any] | None, backend: s
         "conversation_id": prompt["conversation_id"], "turn_index": prompt["turn_index"],
         "prompt": result["prompt"] if result else [],
         "candidates": result["candidates"] if result else [],
+        "truncated": result.get("truncated") if result else [],
         "scores": result["scores"] if result else [],
         "reward_backend": backend, "round": round_index,
         "status": None if result else "filtered", "reason": None if result else OVER_CAP, "margin": None,

@@ -8,6 +8,8 @@ pair is counted once), and `judge_margins` asks the judge only about pairs that 
 
 Reasons, in the order they are checked:
     empty                       the rewrite is blank
+    truncated                   the rewriter hit its token limit: as chosen, a cut answer
+                                would teach the policy to stop mid-answer
     identical                   same text as the rejected answer, whitespace aside
     refusal_to_compliance       the rejected answer refuses and the rewrite complies: a user
                                 re-asking after a refusal is a jailbreak attempt, not feedback
@@ -26,7 +28,7 @@ from pipelines.config import QualityFilterConfig
 
 Tokenize = Callable[[str], Sequence[int]]
 
-REASONS = ("empty", "identical", "refusal_to_compliance", "too_short", "too_long",
+REASONS = ("empty", "truncated", "identical", "refusal_to_compliance", "too_short", "too_long",
            "length_ratio", "identical_after_truncation", "below_margin")
 
 # Refusals as assistants phrase them (OpenAI-era WildChat answers and instruct models).

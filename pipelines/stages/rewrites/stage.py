@@ -102,8 +102,13 @@ def rewrite_rows(rows: Sequence[dict[str, Any]], *, sampler, rewriter, judge,
         check_prompt(prompt, context, row["message"], row["followup_id"])
     # From scratch (ablation): the rewriter is not shown the follow-up.
     messages = [None if from_scratch else r["message"] for r in rows]
-    rewrites = [r.text for r in rewriter.rewrite_batch(personas, contexts, rejected, messages)]
+    out = rewriter.rewrite_batch(personas, contexts, rejected, messages)
+    rewrites = [r.text for r in out]
     reasons = [quality.cheap_reason(c, j, tokenize, settings.filter) for c, j in zip(rewrites, rejected)]
+    # A rewrite cut at the token limit is dropped unless blank (reasons in quality.REASONS order).
+    if settings.filter.drop_truncated:
+        reasons = ["truncated" if r.finish_reason == "length" and reason != "empty" else reason
+                   for r, reason in zip(out, reasons)]
     margins: list[float | None] = [None] * len(rows)
     if settings.filter.judge:
         passed = [i for i, reason in enumerate(reasons) if reason is None]
