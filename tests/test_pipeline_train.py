@@ -42,12 +42,13 @@ def trained_run(pipeline_run, tiny_models, tmp_path_factory, s3_bucket):
         earlier.publish(folder)
     run_dir = tmp_path_factory.mktemp("pipeline-train") / "run"
     tiny = {"id": str(tiny_models.causal_lm), "max_new_tokens": 12}
+    # The tiny random model never ends an answer: every one is cut at max_new_tokens.
     config = parse_config({
         "run_dir": uri, "work_dir": str(run_dir), "stages": ["rewrites", "rewards", "pairs", "train"],
         "resources": {"progress_bars": False},
         "models": {"policy": tiny, "rewriter": tiny, "judge": tiny, "reward": tiny},
-        "rewrites": {"max_followups": 10, "batch_size": 5, "filter": {"margin": 0.0}},
-        "rewards": {"n": 3, "max_prompts": 16, "batch_size": 8, "min_z": 0.5},
+        "rewrites": {"max_followups": 10, "batch_size": 5, "filter": {"margin": 0.0, "drop_truncated": False}},
+        "rewards": {"n": 3, "max_prompts": 16, "batch_size": 8, "min_z": 0.5, "drop_truncated_chosen": False},
         "train": {"workers": 2, "cpus_per_worker": 0.5, "per_device_batch_size": 1, "epochs": 1,
                   "save_steps": 1, "learning_rate": 1e-3, "max_length": 1024, "resources_timeout_s": 60,
                   "report_to": ["tensorboard", "mlflow"]},
@@ -202,8 +203,8 @@ def test_simulated_users_end_to_end(ray_session, tiny_models, tmp_path):
         "run_dir": str(tmp_path / "run"), "ingest": {"inputs": [str(sim / "logs")]},
         "resources": {"progress_bars": False},
         "models": {"policy": tiny, "rewriter": tiny, "judge": tiny, "reward": tiny},
-        "rewrites": {"max_followups": 8, "batch_size": 4, "filter": {"margin": 0.0}},
-        "rewards": {"n": 3, "max_prompts": 12, "batch_size": 6, "min_z": 0.5},
+        "rewrites": {"max_followups": 8, "batch_size": 4, "filter": {"margin": 0.0, "drop_truncated": False}},
+        "rewards": {"n": 3, "max_prompts": 12, "batch_size": 6, "min_z": 0.5, "drop_truncated_chosen": False},
         "train": {"workers": 1, "per_device_batch_size": 2, "max_steps": 3, "save_steps": 3,
                   "learning_rate": 1e-3, "max_length": 1024, "resources_timeout_s": 60},
     })

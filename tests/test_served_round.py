@@ -46,8 +46,9 @@ def config_for(run_dir, policy, port: int, log_folder, tiny_models):
         "resources": {"progress_bars": False},
         "models": {"policy": {**tiny, "id": str(policy), "engine": "transformers"},
                    "rewriter": tiny, "judge": tiny, "reward": tiny},
-        "rewrites": {"batch_size": 4, "filter": {"margin": 0.0}},
-        "rewards": {"n": 3, "batch_size": 8, "min_z": 0.0},
+        # The tiny random model never ends an answer: every one is cut at max_new_tokens.
+        "rewrites": {"batch_size": 4, "filter": {"margin": 0.0, "drop_truncated": False}},
+        "rewards": {"n": 3, "batch_size": 8, "min_z": 0.0, "drop_truncated_chosen": False},
         "train": {"workers": 1, "cpus_per_worker": 0.5, "per_device_batch_size": 2, "epochs": 1,
                   "learning_rate": 1e-3, "max_length": 512, "resources_timeout_s": 60},
         "online": {"rounds": 1, "source": "served_logs", "logs": str(log_folder),
