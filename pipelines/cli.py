@@ -117,7 +117,7 @@ def cmd_forget(args: argparse.Namespace) -> dict[str, Any]:
         for folder in summary["stages_changed"]:
             remote.publish(run_dir / folder)
         remote.publish_run_files()
-    print(f"forget {args.user}: {summary['total_rows_removed']} rows removed")
+    print(f"forget {summary['user_id']}: {summary['total_rows_removed']} rows removed")
     for table, count in summary["rows_removed"].items():
         print(f"  {table}: {count}")
     if args.chat_log:

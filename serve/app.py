@@ -43,6 +43,7 @@ from serve.replicas import (ChatLogReplica, ChatReplica, RewardReplica, RewriteR
                             serving_personas_round, weights_stamp)
 from serve.schemas import (ChatChoice, ChatChunk, ChatMessageOut, ChatResponse, ChatUsage, Limits,
                            ModelCard, ModelList, RewriteResponse, ScoreResponse, build_schemas)
+from pipelines.schema import pseudonym
 from serve.streaming import DONE, chunk_events
 
 APP_NAME = "rlhi"
@@ -203,7 +204,8 @@ def make_gateway(limits: Limits, digest: str, max_body_bytes: int, timeout_s: fl
                 body.user, messages, max_tokens, body.temperature, body.top_p, body.seed),
                 timeout_s)
             conversation_id = body.conversation_id or f"conv-{uuid.uuid4().hex}"
-            turn = ChatTurn(conversation_id, body.user, messages, out["text"], out["model"],
+            # The log keeps the id ingest makes of the key (`pseudonym`), never the key itself.
+            turn = ChatTurn(conversation_id, body.user and pseudonym(body.user), messages, out["text"], out["model"],
                             out["policy_version"], requested_at, datetime.now(timezone.utc))
             usage = ChatUsage(prompt_tokens=out["prompt_tokens"],
                               completion_tokens=out["completion_tokens"],

@@ -41,6 +41,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.schema import pseudonym
 from serve.chat_rows import (ChatTurn, Redacts, Snapshot, carry_over, redact_snapshot, snapshot_from_row,
                              snapshot_of, wildchat_row)
 from sim.generate import SCHEMA  # WildChat's Hub schema, as the simulated logs have it
@@ -206,10 +207,7 @@ class ChatLogWriter:
             batch = self._batch
             # Clients choose conversation ids: two users may send the same one ('my-chat-1'),
             # and their turns must neither replace nor join each other's conversation.
-            owner = self._owners.setdefault(turn.conversation_id, turn.user)
-            if owner != turn.user:
-                turn = replace(turn, conversation_id=user_scoped(turn.conversation_id, turn.user))
-                self._owners.setdefault(turn.conversation_id, turn.user)
+            turn = replace(turn, conversation_id=self._log_id(turn.conversation_id, turn.user))
             snapshot = snapshot_of(turn)
             earlier = batch.snapshots.get(turn.conversation_id)
             if earlier is not None:
@@ -219,6 +217,21 @@ class ChatLogWriter:
                 batch.journal.flush()  # in the OS's hands now: a killed process still counts it
             batch.snapshots[turn.conversation_id] = snapshot
             return self._due(batch)
+
+    def _log_id(self, cid: str, user: str | None) -> str:
+        """The id the log keeps `user`'s conversation `cid` under: `cid` while no other user
+        holds it, else `user_scoped`; once scoped, always scoped (even after the user who held
+        `cid` was forgotten and the writer restarted). Keys compare by `pseudonym`, so logs
+        written when the raw key was kept still match."""
+        def same(owner: str | None) -> bool:
+            return (owner and pseudonym(owner)) == (user and pseudonym(user))
+
+        scoped = user_scoped(cid, user and pseudonym(user))
+        if scoped in self._owners or not same(self._owners.setdefault(cid, user)):
+            if not same(self._owners.setdefault(scoped, user)):
+                raise ValueError(f"conversation id {scoped!r} belongs to another user")
+            return scoped
+        return cid
 
     def due(self) -> bool:
         """Whether the open batch is full or has waited `max_batch_seconds`."""

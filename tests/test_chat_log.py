@@ -117,6 +117,23 @@ def test_two_users_sending_the_same_conversation_id_keep_two_conversations(tmp_p
     assert [t["content"] for t in logged["bob"]["conversation"]] == ["Hello from my-chat-1.", "Bob's answer."]
 
 
+def test_a_user_scoped_conversation_stays_one_after_the_other_user_is_forgotten(tmp_path, redactor):
+    from pipelines.tools.forget import remove_from_chat_log
+
+    log = writer(tmp_path, redactor)
+    log.add(turn("my-chat-1", user="alice"))
+    log.add(turn("my-chat-1", user="bob", reply="Bob's answer."))
+    log.close()
+    assert remove_from_chat_log(tmp_path, "alice") == 1
+    log = writer(tmp_path, redactor)      # a restart: who held the id is read from the parts
+    log.add(turn("my-chat-1", user="bob", reply="More.", minute=5,
+                 messages=[{"role": "user", "content": "Hello from my-chat-1."},
+                           {"role": "assistant", "content": "Bob's answer."}, {"role": "user", "content": "And?"}]))
+    log.close()
+    [bob] = [r for part in rows(tmp_path) for r in part]
+    assert bob["conversation_hash"].startswith("my-chat-1:") and len(bob["conversation"]) == 4
+
+
 def test_a_batch_is_due_when_full_or_old(tmp_path, redactor):
     now = [0.0]
     log = writer(tmp_path, redactor, max_batch_conversations=2, max_batch_seconds=5,

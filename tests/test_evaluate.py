@@ -301,3 +301,30 @@ def test_the_stage_measures_the_same_in_a_ray_task(ray_session, small_run, tiny_
     # Two users' first and follow-up turns (max_turns 2 each), trained == base: all ties.
     assert [(j.kind, j.winner) for j in there[1]] == [("first", "tie")] * 2 + [("followup", "tie")] * 2
     assert in_ray_task(lambda: os.getpid()) != os.getpid()   # it ran in a worker
+
+
+def test_run_evaluate_sends_a_stage_with_a_gpu_model_to_a_gpu_task(small_run, tiny_models, monkeypatch):
+    """The stage itself routes: with a vLLM judge it calls in_ray_task with one GPU (here the
+    task runs the CPU twin of the config in this process: no GPU on this machine)."""
+    from pipelines.stages.evaluate import stage as evaluate_stage
+
+    tiny = {"id": str(tiny_models.causal_lm), "engine": "transformers", "max_context_tokens": 1024}
+    settings = {"max_turns": 1, "max_new_tokens": 4, "bootstrap_samples": 20, "criteria": ["overall"],
+                "judge_checks": 0, **{bench: {"path": path, "n": 0} for bench, path in (
+                    ("gsm8k", "data/eval/gsm8k_test.jsonl"), ("math500", "data/eval/math500_test.jsonl"),
+                    ("arena_hard", "data/eval/arena-hard-v0.1_question.jsonl"))}}
+    on_gpu = parse_config({"run_dir": str(small_run), "models": {"policy": tiny, "judge": {**tiny, "engine": "vllm"}},
+                           "evaluate": settings})
+    on_cpu = parse_config({"run_dir": str(small_run), "models": {"policy": tiny, "judge": tiny}, "evaluate": settings})
+    calls = []
+
+    def task(fn, config, num_gpus=0.0):
+        calls.append((fn.__name__, config.models.judge.engine, num_gpus))
+        return fn(on_cpu)
+
+    monkeypatch.setattr(evaluate_stage, "in_ray_task", task)
+    evaluate_stage.run_evaluate(on_gpu)
+    assert calls == [("measure", "vllm", 1.0)]
+    calls.clear()
+    evaluate_stage.run_evaluate(on_cpu)      # all on CPU: in the driver
+    assert calls == []

@@ -224,6 +224,24 @@ def test_training_in_a_ray_task_gives_the_same_model(ray_session, trained_run, t
             == (run_dir / "reward_model" / "model" / "model.safetensors").stat().st_size)
 
 
+def test_an_encoder_on_cuda_trains_in_a_gpu_task(tiny_models, tmp_path, monkeypatch):
+    from pipelines.stages import train_reward_model as stage
+
+    write_run(tmp_path, list(TOPICS), kept_for=set(TOPICS))
+    config = stage_config(tmp_path, tiny_models)
+    on_gpu = config.model_copy(update={"reward_model": config.reward_model.model_copy(
+        update={"encoder": config.reward_model.encoder.model_copy(update={"device": "cuda"})})})
+    calls = []
+
+    def task(fn, run_config, train, held_out, folder, num_gpus=0.0):
+        calls.append((fn.__name__, run_config.reward_model.encoder.device, num_gpus))
+        return fn(config, train, held_out, folder)     # the CPU twin: no GPU on this machine
+
+    monkeypatch.setattr(stage, "in_ray_task", task)
+    summary = stage.run_reward_model(on_gpu)
+    assert calls == [("train_into", "cuda", 1.0)] and summary["train_pairs"] > 0
+
+
 def test_zero_training_pairs_is_a_clear_error_and_publishes_nothing(tiny_models, tmp_path):
     from pipelines.stages.train_reward_model import run_reward_model
 

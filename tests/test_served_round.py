@@ -10,6 +10,7 @@ functions in test_served_ledger.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -158,6 +159,8 @@ def served_round(ray_session, pipeline_run, tiny_models, tmp_path_factory):
     out["versions"] = {row["conversation_hash"]: [t["header"]["user-agent"] for t in row["conversation"]
                                                   if t["role"] == "assistant"]
                        for row in pq.read_table(log).to_pylist()}
+    out["log_users"] = {ip for row in pq.read_table(log).to_pylist()
+                        for ip in [row["hashed_ip"], *(t["hashed_ip"] for t in row["conversation"])] if ip}
     out["run_dir"], out["config"] = run_dir, before
     return out
 
@@ -193,6 +196,10 @@ def test_the_round_learned_from_the_new_feedback_only_and_kept_the_earlier_split
     assert len(served_users - set(earlier)) >= 4       # the users who chatted are new to the history
     assert served_round["results"]["round-1/train"]["counts"]["train_pairs"] > 0
     assert (run_dir / "round-1" / "train" / "model" / "model.safetensors").is_file()
+
+
+def test_the_chat_log_keeps_the_hash_of_each_users_key_never_the_key(served_round):
+    assert served_round["log_users"] == {hashlib.sha256(user.encode()).hexdigest() for user in USERS}
 
 
 def test_the_new_policy_went_live_under_load_and_no_request_failed(served_round):

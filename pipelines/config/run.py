@@ -47,8 +47,8 @@ class Filters(_Section):
     max_chars: PositiveInt = 200_000
     """Drop conversations whose turns hold more characters in total."""
     max_conversations_per_user: PositiveInt = 10_000
-    """Keep at most this many conversations per user (the first in input order). Real
-    WildChat has shared IPs with thousands of conversations."""
+    """Keep at most this many conversations per user (the earliest by timestamp, input order
+    breaking ties). Real WildChat has shared IPs with thousands of conversations."""
 
 
 class IngestConfig(_Section):

@@ -26,9 +26,9 @@ What it records:
   forgotten user), so resume logic can tell that the stage's `counts` and summary describe
   the tables before rows were removed, and that its outputs were edited after commit;
 - `<run_dir>/forget.jsonl` gains one line per call: the user id, the time, the rows
-  removed per table and the weights listed. The id is stored as given: in this project it
-  is already a pseudonym (a hash of WildChat's hashed IP and request headers, see
-  pipelines/stages/ingest/sources.py), and the log must let an operator show which id was forgotten.
+  removed per table and the weights listed. The id is stored as tables hold it
+  (`pipelines.schema.pseudonym`: a key that is not a hash already is stored as its SHA-256),
+  so the log names which user was forgotten without carrying an e-mail or a name.
 """
 from __future__ import annotations
 

@@ -304,7 +304,7 @@ def train_section(run: Run) -> list[str]:
         if curves[k] and summary.get("eval_reward_accuracy") is not None:
             evals[k] = (curves[k][-1]["step"], summary["eval_reward_accuracy"])
         rows.append([k, summary.get("train_pairs"), summary.get("steps"), summary.get("final_loss"),
-                     summary.get("last_step_reward_accuracy"), summary.get("eval_reward_accuracy"),
+                     summary.get("last_step_reward_accuracy", summary.get("train_reward_accuracy")), summary.get("eval_reward_accuracy"),
                      summary.get("eval_loss")])
     if not rows:
         return lines + [NOT_RUN, ""]
