@@ -3,7 +3,8 @@
 Rows are WildChat's Hub schema exactly (serve/chat_log.py writes them with `SCHEMA` from
 sim/generate.py, read from the bundled sample), so `ingest.inputs: [<folder>]` reads them back. What each field holds:
 `conversation_hash` the conversation_id; `model` the policy id; `timestamp` the latest
-turn's; `hashed_ip` the latest request's `user` (null without one: ingest then rejects the
+turn's; `hashed_ip` the latest request's `user` as its `pseudonym` (a key that is not a hash
+already is kept as its SHA-256; null without one: ingest then rejects the
 row as missing_user); per turn: `content` redacted, `redacted` whether it was, `hashed_ip`
 the user (user turns), `timestamp` when the request arrived (user turns) or the answer was
 made (assistant turns); for assistant turns `header.user-agent` holds the **policy
