@@ -7,11 +7,21 @@ output columns to the batch in the format it came in.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, Sized
 
 import numpy as np
 
 Batch = Any  # dict[str, np.ndarray] | pyarrow.Table
+
+
+def regroup(flat: Sequence[Any], groups: Sequence[Sized]) -> list[list[Any]]:
+    """`flat` (one value per item of every group, in order) cut back into one list per group:
+    the results of one model call over many requests' items, handed back per request."""
+    out, k = [], 0
+    for group in groups:
+        out.append(list(flat[k:k + len(group)]))
+        k += len(group)
+    return out
 
 
 def to_python(value: Any) -> Any:

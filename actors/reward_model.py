@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Sequence
 
-from actors.batch import Batch, map_batch
+from actors.batch import Batch, map_batch, regroup
 from actors.engines import GenerationEngine, make_engine, normalize
 from actors.engines.base import Message
 from actors.engines.reward_scorer import Row, SequenceRewardScorer
@@ -75,11 +75,7 @@ class RewardModel:
             scores = self._judge(flat)
         else:
             scores = self.scorer.score_encoded(self._encode(flat))
-        out, k = [], 0
-        for cands in candidates:
-            out.append(scores[k:k + len(cands)])
-            k += len(cands)
-        return out
+        return regroup(scores, candidates)
 
     @property
     def encodes(self) -> bool:

@@ -66,10 +66,10 @@ def _is_phone_candidate(text: str, start: int, end: int) -> bool:
         return False
     if max(map(len, groups)) > 8 or ("." in number and (len(groups) < 3 or min(map(len, groups)) < 2)):
         return False  # phones written with dots have three groups or more, none of one digit
-    if _RANGE.fullmatch(number) and len(groups[0]) == len(groups[1]) and (
-            int(groups[0]) < int(groups[1]) <= int(groups[0]) + 10 ** (len(groups[0]) - 1)
-            or (_ROUND_RANGE.fullmatch(number) and int(groups[0]) < int(groups[1]))):
-        return False  # '3000-4000 words', 'ports 3000-3005', '1995-2005': a range, not a phone
+    if _RANGE.fullmatch(number) and len(groups[0]) == len(groups[1]):
+        gap = int(groups[1]) - int(groups[0])
+        if gap > 0 and (gap <= 10 ** (len(groups[0]) - 1) or _ROUND_RANGE.fullmatch(number)):
+            return False  # '3000-4000 words', 'ports 3000-3005', '1995-2005': a range, not a phone
     return not (_SPACED_DIGITS.fullmatch(number) and _in_table_of_numbers(text, start, end))
 
 

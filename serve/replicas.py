@@ -21,6 +21,7 @@ from typing import Any
 
 from ray import serve
 
+from actors.batch import regroup
 from actors.engines import SamplingParams
 from actors.models import ModelSpec, resolve_model
 from pipelines.schema import pseudonym
@@ -80,11 +81,7 @@ class RewardReplica:
         """Each request is its candidates' judge prompts; all go into one model call."""
         scores = await asyncio.to_thread(self.model.score_judge_prompts,
                                          [prompt for prompts in requests for prompt in prompts])
-        out, k = [], 0
-        for prompts in requests:
-            out.append(scores[k:k + len(prompts)])
-            k += len(prompts)
-        return out
+        return regroup(scores, requests)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01,
                  batch_size_fn=lambda requests: sum(r.slots for r in requests))
@@ -92,11 +89,7 @@ class RewardReplica:
         """Tokenized requests; all their rows go into one model call."""
         scores = await asyncio.to_thread(self.model.score_encoded,
                                          [row for r in requests for row in r.rows])
-        out, k = [], 0
-        for r in requests:
-            out.append(scores[k:k + len(r.rows)])
-            k += len(r.rows)
-        return out
+        return regroup(scores, [r.rows for r in requests])
 
 
 @serve.deployment(name="rewrite")

@@ -275,16 +275,11 @@ def test_bare_hugging_face_github_google_and_anthropic_keys_are_redacted(redacto
 @pytest.mark.parametrize("text, redacted", [
     ("WhatsApp +44 7911 123456 24/7", "WhatsApp <REDACTED_PHONE> 24/7"),
     ("+44 7911 123456 2 pm", "<REDACTED_PHONE> 2 pm"),
-    ("call me 415-555-2671 24/7", "call me <REDACTED_PHONE> 24/7")])
-def test_a_phone_number_followed_by_another_number_is_found(redactor, text, redacted):
-    assert redactor.redact(text) == (redacted, {"phone": 1})
-
-
-@pytest.mark.parametrize("text, redacted", [
+    ("call me 415-555-2671 24/7", "call me <REDACTED_PHONE> 24/7"),
     ("room 12 415-555-2671", "room 12 <REDACTED_PHONE>"),
     ("I am 25 415-555-2671 is my number", "I am 25 <REDACTED_PHONE> is my number"),
     ("order 7 (415)555-2671", "order 7 <REDACTED_PHONE>")])
-def test_a_phone_number_after_another_number_is_found(redactor, text, redacted):
+def test_a_phone_number_beside_another_number_is_found(redactor, text, redacted):
     assert redactor.redact(text) == (redacted, {"phone": 1})
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Sequence
 
+from actors.batch import regroup
 from actors.engines.base import Completion, Message, SamplingParams, cut_at_stop
 from actors.models import ModelSpec, load_model, load_tokenizer, pick_device
 
@@ -118,11 +119,7 @@ class TransformersEngine:
                 # Token t is predicted at position t-1: continuation tokens are
                 # n_prompt..len(ids)-1, predicted at n_prompt-1..len(ids)-2.
                 scores.append(float(token_lp[j, n_prompt - 1:len(ids) - 1].sum()))
-        out, k = [], 0
-        for conts in continuations:
-            out.append(scores[k:k + len(conts)])
-            k += len(conts)
-        return out
+        return regroup(scores, continuations)
 
     # ------------------------------------------------------------------ helpers
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from actors.batch import regroup
 from actors.engines.base import Completion, Message, SamplingParams
 from actors.engines.transformers_engine import chat_token_ids, continuation_rows
 from actors.models import ModelSpec, load_tokenizer, resolve_model
@@ -66,11 +67,7 @@ class VLLMEngine:
                                     use_tqdm=False)
         scores = [sum(_logprob(out.prompt_logprobs[t], ids[t]) for t in range(n, len(ids)))
                   for out, (ids, n) in zip(outputs, rows)]
-        result, k = [], 0
-        for conts in continuations:
-            result.append(scores[k:k + len(conts)])
-            k += len(conts)
-        return result
+        return regroup(scores, continuations)
 
     def _prompt(self, messages: Sequence[Message]) -> dict[str, Any]:
         return {"prompt_token_ids": chat_token_ids(self.tokenizer, messages)}

@@ -160,12 +160,13 @@ def remove_from_chat_log(folder: Path, user_id: str) -> int:
     rewritten atomically; the number of conversations removed."""
     from serve.chat_log import SCHEMA, folder_lock, part_paths, write_table
 
+    wanted = {user_id, pseudonym(user_id)}   # the key as given, or the id ingest makes of it
     removed = 0
     with folder_lock(folder):
         for path in part_paths(folder):
             table = pq.read_table(path, schema=SCHEMA)
             rows = table.select(["hashed_ip", "conversation"]).to_pylist()
-            drop = [any(user_id in {ip} | chat_log_user_ids(ip) or pseudonym(user_id) in chat_log_user_ids(ip)
+            drop = [any(not wanted.isdisjoint({ip} | chat_log_user_ids(ip))
                         for ip in (row["hashed_ip"], *(t["hashed_ip"] for t in row["conversation"])))
                     for row in rows]
             if any(drop):

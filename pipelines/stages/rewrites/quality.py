@@ -73,10 +73,13 @@ def length_ratio(rewrite_tokens: int, rejected_tokens: int) -> float:
 
 
 def cheap_reason(rewrite: str, rejected: str, tokenize: Tokenize,
-                 settings: QualityFilterConfig) -> str | None:
-    """The first model-free reason to drop the pair, or None if it passes them all."""
+                 settings: QualityFilterConfig, truncated: bool = False) -> str | None:
+    """The first model-free reason to drop the pair, or None if it passes them all.
+    `truncated`: the rewriter stopped at its token limit (finish reason "length")."""
     if not normalize_whitespace(rewrite):
         return "empty"
+    if truncated and settings.drop_truncated:
+        return "truncated"
     if normalize_whitespace(rewrite) == normalize_whitespace(rejected):
         return "identical"
     if settings.drop_refusal_to_compliance and refusal_to_compliance(rewrite, rejected):

@@ -104,11 +104,8 @@ def rewrite_rows(rows: Sequence[dict[str, Any]], *, sampler, rewriter, judge,
     messages = [None if from_scratch else r["message"] for r in rows]
     out = rewriter.rewrite_batch(personas, contexts, rejected, messages)
     rewrites = [r.text for r in out]
-    reasons = [quality.cheap_reason(c, j, tokenize, settings.filter) for c, j in zip(rewrites, rejected)]
-    # A rewrite cut at the token limit is dropped unless blank (reasons in quality.REASONS order).
-    if settings.filter.drop_truncated:
-        reasons = ["truncated" if r.finish_reason == "length" and reason != "empty" else reason
-                   for r, reason in zip(out, reasons)]
+    reasons = [quality.cheap_reason(r.text, j, tokenize, settings.filter, truncated=r.finish_reason == "length")
+               for r, j in zip(out, rejected)]
     margins: list[float | None] = [None] * len(rows)
     if settings.filter.judge:
         passed = [i for i, reason in enumerate(reasons) if reason is None]

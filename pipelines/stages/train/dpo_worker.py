@@ -72,7 +72,8 @@ def load_pair_datasets(pairs_dir: str, sources: list[str], tokenizer, max_length
     fields = ("prompt", "chosen", "rejected")
     # TRL tokenizes each row with its chat_template_kwargs: control tokens a user typed stay
     # plain text, as when the policy sampled the answer and as it will be served.
-    kwargs = {"chat_template_kwargs": sanitizing(tokenizer)} if sanitizing(tokenizer) else {}
+    sanitize = sanitizing(tokenizer)
+    kwargs = {"chat_template_kwargs": sanitize} if sanitize else {}
     train_set = Dataset.from_list([{**{k: r[k] for k in fields}, "pair_index": r["pair_index"], **kwargs}
                                    for r in train]) if train else None
     eval_set = Dataset.from_list([{**{k: r[k] for k in fields}, **kwargs} for r in evaluation]) if evaluation else None
